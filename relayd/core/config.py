@@ -1,0 +1,68 @@
+"""Every limit of the multiplexer core in one place, each with a safe default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relayd.errors import ConfigError
+
+#: yamux fixes the initial window of every stream at 256 KiB on both sides;
+#: a peer assumes it, so it is a protocol constant, not a setting.
+INITIAL_WINDOW = 256 * 1024
+MAX_WINDOW_LIMIT = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class MuxConfig:
+    """Limits and timers of one yamux session.
+
+    The sans-I/O session uses the limits; the timers (``ping_interval``,
+    ``ping_timeout``, ``open_timeout``) are read by the I/O layer, which owns
+    the clock.
+    """
+
+    #: Receive windows start at 256 KiB and grow toward this when the
+    #: application consumes fast enough that the window, not the link, limits
+    #: throughput (bandwidth-delay product).
+    max_window: int = 16 * 1024 * 1024
+    #: A data frame longer than this is a protocol error (FrameTooLarge).
+    max_frame_payload: int = 16 * 1024 * 1024
+    #: Outbound data is cut into frames of at most this many bytes.
+    max_send_frame: int = 256 * 1024
+    #: Streams open at once on one session (both directions together).
+    max_streams: int = 8192
+    #: Streams the peer opened that the application has not accepted yet.
+    accept_backlog: int = 256
+    #: Pongs queued and not yet taken by data_to_send(); beyond: ping flood.
+    max_pending_pongs: int = 256
+    #: Streams refused (RST) and not yet flushed; beyond: SYN flood.
+    max_refused_streams: int = 1024
+    #: Locally reset stream ids remembered so that the peer's in-flight data
+    #: for them is dropped quietly instead of treated as a protocol error.
+    reset_memory: int = 4096
+    #: Seconds between keepalive pings on an idle link (I/O layer).
+    ping_interval: float = 10.0
+    #: Seconds a ping may go unanswered before the link counts as dead.
+    ping_timeout: float = 15.0
+    #: Seconds an opened stream may wait for the peer's ACK (I/O layer).
+    open_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"mux.{name}: {why} (got {getattr(self, name)!r})")
+
+        need(INITIAL_WINDOW <= self.max_window <= MAX_WINDOW_LIMIT, "max_window",
+             f"must be between {INITIAL_WINDOW} and {MAX_WINDOW_LIMIT}")
+        need(INITIAL_WINDOW <= self.max_frame_payload <= MAX_WINDOW_LIMIT, "max_frame_payload",
+             f"must be between {INITIAL_WINDOW} and {MAX_WINDOW_LIMIT}")
+        need(1024 <= self.max_send_frame <= INITIAL_WINDOW, "max_send_frame",
+             f"must be between 1024 and {INITIAL_WINDOW}")
+        need(1 <= self.max_streams <= 1 << 20, "max_streams", "must be between 1 and 1048576")
+        need(1 <= self.accept_backlog <= self.max_streams, "accept_backlog",
+             "must be between 1 and max_streams")
+        need(1 <= self.max_pending_pongs <= 1 << 20, "max_pending_pongs", "must be positive")
+        need(1 <= self.max_refused_streams <= 1 << 20, "max_refused_streams", "must be positive")
+        need(0 <= self.reset_memory <= 1 << 20, "reset_memory", "must not be negative")
+        for name in ("ping_interval", "ping_timeout", "open_timeout"):
+            need(0 < getattr(self, name) <= 3600, name, "must be between 0 and 3600 seconds")

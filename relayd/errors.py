@@ -1,0 +1,92 @@
+"""The error hierarchy of relayd.
+
+Errors are values: the sans-I/O core reports a peer's protocol violation as an
+event carrying one of these (and answers with a GoAway), it does not raise it
+into the caller's I/O loop. Commands a local caller issues wrongly (writing to
+a closed stream, opening a stream after GoAway) raise, because that is a bug
+in the caller, not bad input from the network.
+
+Messages name what was wrong and where (frame type, stream id, sizes), never
+payload bytes or secrets, so they are safe to log.
+"""
+
+from __future__ import annotations
+
+
+class RelaydError(Exception):
+    """Base of every error relayd raises or reports."""
+
+
+class ConfigError(RelaydError, ValueError):
+    """A limit or option has an invalid value."""
+
+
+class ProtocolError(RelaydError):
+    """The peer broke the wire protocol; the session answers with GoAway."""
+
+    #: yamux GoAway code sent when this error ends a session.
+    goaway_code = 1
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.args == other.args  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
+class BadVersion(ProtocolError):
+    """A frame header carried a version other than 0."""
+
+
+class UnknownFrameType(ProtocolError):
+    """A frame header carried a type outside Data/WindowUpdate/Ping/GoAway."""
+
+
+class InvalidFlags(ProtocolError):
+    """A flag combination that no valid frame can carry."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A data frame longer than the configured maximum payload."""
+
+
+class FlowControlError(ProtocolError):
+    """Data beyond the advertised window, or a window update that overflows."""
+
+
+class StreamIdError(ProtocolError):
+    """A stream id of the wrong parity, zero where it may not be, or reused."""
+
+
+class UnknownStreamError(ProtocolError):
+    """A frame for a stream that was never opened."""
+
+
+class StreamClosedError(ProtocolError):
+    """Data or FIN on a stream the peer had already closed."""
+
+
+class FloodError(ProtocolError):
+    """The peer makes us queue more replies (pongs, refusals) than allowed."""
+
+
+class InternalError(RelaydError):
+    """A bug in relayd itself; the session ends with GoAway internal-error."""
+
+    goaway_code = 2
+
+
+class StreamError(RelaydError):
+    """A local command on a stream that cannot take it."""
+
+
+class StreamResetError(StreamError):
+    """The stream was reset (by the peer or locally)."""
+
+
+class SessionClosedError(RelaydError):
+    """The session has ended (GoAway, protocol error or transport closed)."""
+
+
+class AuthError(RelaydError):
+    """An identity, token or certificate was refused."""
