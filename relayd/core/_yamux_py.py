@@ -837,7 +837,7 @@ class Session:
             raise StreamIdError(f"GoAway frame on stream {sid}, must be 0")
         if flags != 0:
             raise InvalidFlags(f"GoAway frame with flags {flags:#06x}")
-        if code > GO_AWAY_INTERNAL_ERROR:
+        if code > 2:
             raise ProtocolError(f"GoAway with unknown code {code}")
         self._remote_go_away = code
         events.append(GoAwayReceived(code))

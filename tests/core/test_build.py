@@ -1,0 +1,52 @@
+"""The compiled build really is compiled, with the .pxd applied.
+
+If Cython could not find ``_ext/relayd/core/_yamux_c.pxd`` (wrong path, no
+``__init__.pxd``), it would still compile the module, but as ordinary Python
+classes with instance dicts and boxed attributes: fast-looking, slow in fact.
+"""
+
+import pytest
+
+from relayd import _build
+from tests.conftest import BUILDS
+
+pytestmark = pytest.mark.skipif("compiled" not in BUILDS, reason="RELAYD_NO_EXTENSIONS=1: no compiled build to check")
+
+Py_TPFLAGS_HEAPTYPE = 1 << 9
+
+
+def test_compiled_module_is_an_extension():
+    from relayd.core import _yamux_c
+
+    assert _build.is_compiled(_yamux_c)
+    assert _yamux_c.__file__.endswith(".so")
+
+
+@pytest.mark.parametrize("name", ["Session", "_Stream", "DataReceived", "StreamOpened", "FrameHeader", "ProtocolErrorEvent"])
+def test_classes_are_extension_types(name):
+    from relayd.core import _yamux_c
+
+    cls = getattr(_yamux_c, name)
+    # Cython extension types are static types without a per-instance dict.
+    assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE, f"{name} is a heap (Python) class"
+    assert cls.__dictoffset__ == 0, f"{name} instances have a __dict__"
+
+
+def test_session_attributes_are_c_fields():
+    from relayd.core import _yamux_c
+
+    s = _yamux_c.Session(True)
+    assert not hasattr(s, "__dict__")
+    assert not hasattr(s, "_streams")  # a private cdef field, invisible to Python
+    with pytest.raises(AttributeError):
+        s.anything = 1
+    ev = _yamux_c.DataReceived(1, b"x")
+    with pytest.raises(AttributeError):
+        ev.stream_id = 2
+
+
+def test_facade_selects_compiled_by_default():
+    from relayd.core import yamux
+
+    assert yamux.COMPILED
+    assert _build.report() == {"relayd.core._yamux": "compiled"}
