@@ -434,28 +434,22 @@ class Session:
             n = st.send_window
         pos: cython.Py_ssize_t = 0
         chunk: cython.Py_ssize_t
-        flags: cython.int
-        fin: cython.bint = end_stream and n == total
-        while True:
+        while pos < n:
             chunk = n - pos
             if chunk > self._max_send_frame:
                 chunk = self._max_send_frame
-            flags = self._ack_flag(st)
-            if fin and pos + chunk == n:
-                flags |= FLAG_FIN
-            if chunk == 0 and flags == 0:
-                break
-            self._frame(TYPE_DATA, flags, st.stream_id, chunk)
-            if chunk:
-                if pos == 0 and chunk == total:
-                    self._out += data
-                else:
-                    self._out += data[pos : pos + chunk]
+            self._frame(TYPE_DATA, self._ack_flag(st), st.stream_id, chunk)
+            if pos == 0 and chunk == total:
+                self._out += data
+            else:
+                self._out += data[pos : pos + chunk]
             pos += chunk
-            if pos >= n:
-                break
         st.send_window -= n
-        if fin:
+        if end_stream and n == total:
+            # FIN goes in a frame of its own, never on the last data frame:
+            # hashicorp/yamux before v0.1.2 can wake its reader on such a FIN
+            # before copying that frame's data, losing the stream's tail.
+            self._frame(TYPE_WINDOW_UPDATE, self._ack_flag(st) | FLAG_FIN, st.stream_id, 0)
             self._transition(st, SEND_FIN)
         return n
 

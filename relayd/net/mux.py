@@ -1,0 +1,528 @@
+"""yamux over a real transport: the asyncio/uvloop glue around the core.
+
+``MuxConnection`` is an ``asyncio.Protocol``: every chunk the transport
+delivers goes straight into the sans-I/O ``Session``; the events that come
+out are dispatched to ``MuxStream`` objects; whatever the session queued is
+written back at once. There is no reader task and no asyncio streams in the
+way (see DESIGN.md: Protocol-based I/O is 2-3x cheaper per byte).
+
+Back-pressure, end to end:
+
+* inbound: a stream's received bytes count as unconsumed until the
+  application reads them (``MuxStream.read``), so a slow reader stops its
+  sender after one window. A stream buffers at most its receive window.
+* outbound: ``MuxStream.write`` waits for the peer's window and, when the
+  transport's write buffer is above its high-water mark, for it to drain.
+
+Keepalive: a ping every ``ping_interval``; a ping unanswered after
+``ping_timeout`` means the link is dead and the transport is aborted, so both
+ends notice a silent peer. Pong times feed the session's RTT estimate, which
+drives receive-window growth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Awaitable, Callable
+
+from relayd.core import yamux
+from relayd.core.config import MuxConfig
+from relayd.errors import ProtocolError, SessionClosedError, StreamError, StreamResetError
+
+log = logging.getLogger("relayd.mux")
+
+_DataReceived = yamux.DataReceived
+_WindowUpdated = yamux.WindowUpdated
+
+
+class MuxStream:
+    """One yamux stream: an ordered, flow-controlled byte pipe both ways."""
+
+    __slots__ = (
+        "_conn", "stream_id", "_chunks", "_buffered", "_eof", "_reset", "_local_closed",
+        "_read_waiter", "_write_waiter", "_accepted", "_open_timer", "__weakref__",
+    )
+
+    def __init__(self, conn: "MuxConnection", stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._reset = False
+        self._local_closed = False
+        self._read_waiter: asyncio.Future | None = None
+        self._write_waiter: asyncio.Future | None = None
+        self._accepted: asyncio.Future | None = None
+        self._open_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self.stream_id} {self._conn.session.stream_state(self.stream_id)}>"
+
+    # -- events from the connection ----------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_writer(self, exc: BaseException | None = None) -> None:
+        w = self._write_waiter
+        if w is not None and not w.done():
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+    def _on_end(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _on_reset(self) -> None:
+        self._reset = True
+        self._eof = True
+        self._wake_reader()
+        self._wake_writer(StreamResetError(f"stream {self.stream_id} was reset"))
+        self._settle_accept(StreamResetError(f"stream {self.stream_id} was refused or reset"))
+
+    def _settle_accept(self, exc: BaseException | None) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        f = self._accepted
+        if f is not None and not f.done():
+            if exc is None:
+                f.set_result(None)
+            else:
+                f.set_exception(exc)
+                f.exception()  # retrieved: nobody may be waiting for it
+
+    # -- reading -----------------------------------------------------------------------
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` bytes; b"" once the peer half-closed.
+
+        Raises StreamResetError if the stream was reset before all data
+        was read, SessionClosedError if the connection died.
+        """
+        while not self._chunks:
+            if self._reset:
+                raise StreamResetError(f"stream {self.stream_id} was reset")
+            if self._eof:
+                return b""
+            if self._conn._closed:
+                raise SessionClosedError("connection closed")
+            self._read_waiter = self._conn._loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        chunk = self._chunks.popleft()
+        if len(chunk) > max_bytes > 0:
+            self._chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        n = len(chunk)
+        self._buffered -= n
+        self._conn._consume(self.stream_id, n)
+        return chunk
+
+    async def readexactly(self, n: int) -> bytes:
+        parts = []
+        while n > 0:
+            part = await self.read(n)
+            if not part:
+                raise asyncio.IncompleteReadError(b"".join(parts), n)
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def write(self, data) -> None:
+        """Send all of ``data``, waiting for window and transport as needed."""
+        conn = self._conn
+        view = memoryview(data)
+        while True:
+            if self._reset:
+                raise StreamResetError(f"stream {self.stream_id} was reset")
+            if conn._closed:
+                raise SessionClosedError("connection closed")
+            n = conn.session.send_data(self.stream_id, view)
+            if n:
+                conn._flush()
+                view = view[n:]
+            if not view:
+                break
+            if n == 0:
+                # Out of window: wait for the peer's WindowUpdate.
+                self._write_waiter = conn._loop.create_future()
+                try:
+                    await self._write_waiter
+                finally:
+                    self._write_waiter = None
+        if conn._write_paused:
+            await conn._drain()
+
+    def write_eof(self) -> None:
+        """Half-close: FIN. Reading goes on until the peer closes too."""
+        if self._local_closed or self._reset or self._conn._closed:
+            return
+        self._local_closed = True
+        self._conn.session.send_eof(self.stream_id)
+        self._conn._flush()
+        self._conn._maybe_forget(self)
+
+    def reset(self) -> None:
+        """Abort both directions (RST); buffered data is dropped."""
+        if self._reset:
+            return
+        self._reset = True
+        self._eof = True
+        self._chunks.clear()
+        self._buffered = 0
+        conn = self._conn
+        if not conn._closed:
+            conn.session.reset_stream(self.stream_id)
+            conn._flush()
+        conn._forget(self.stream_id)
+        self._wake_reader()
+        self._wake_writer(StreamResetError(f"stream {self.stream_id} was reset"))
+
+    async def wait_accepted(self, timeout: float | None = None) -> None:
+        """Wait for the peer's ACK of a stream we opened."""
+        if self._accepted is None:
+            return
+        await asyncio.wait_for(asyncio.shield(self._accepted), timeout)
+
+
+class MuxConnection(asyncio.Protocol):
+    """A yamux session over one transport (TCP, TLS or a WebSocket shim)."""
+
+    def __init__(
+        self,
+        client: bool,
+        config: MuxConfig | None = None,
+        *,
+        on_stream: Callable[[MuxStream], Awaitable[None]] | None = None,
+        keepalive: bool = True,
+        name: str = "",
+    ) -> None:
+        self.config = config or MuxConfig()
+        self.session = yamux.Session(client, self.config)
+        self.name = name
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, MuxStream] = {}
+        self._accept_queue: collections.deque[MuxStream] = collections.deque()
+        self._accept_waiter: asyncio.Future | None = None
+        self._on_stream = on_stream
+        self._handler_tasks: set[asyncio.Task] = set()
+        self._pings: dict[int, tuple[float, asyncio.Future]] = {}
+        self._keepalive = keepalive
+        self._keepalive_task: asyncio.Task | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._closed = False
+        self.closed_future: asyncio.Future = self._loop.create_future()
+        self.error: BaseException | None = None
+        self.rtt: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        if self._keepalive:
+            self._keepalive_task = self._loop.create_task(self._keepalive_loop())
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        events = self.session.receive_data(data)
+        streams = self._streams
+        for ev in events:
+            cls = type(ev)
+            if cls is _DataReceived:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st._feed(ev.data)
+                else:  # nobody will read it: give the credit back
+                    self.session.consume(ev.stream_id, len(ev.data))
+            elif cls is _WindowUpdated:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st._wake_writer()
+            else:
+                self._control_event(ev)
+        self._flush()
+
+    def _control_event(self, ev) -> None:
+        cls = type(ev)
+        sid = getattr(ev, "stream_id", None)
+        st = self._streams.get(sid) if sid is not None else None
+        if cls is yamux.StreamOpened:
+            st = MuxStream(self, ev.stream_id)
+            self._streams[ev.stream_id] = st
+            if self._on_stream is not None:
+                self.session.accept_stream(ev.stream_id)
+                task = self._loop.create_task(self._run_handler(st))
+                self._handler_tasks.add(task)
+                task.add_done_callback(self._handler_tasks.discard)
+            else:
+                self._accept_queue.append(st)
+                w = self._accept_waiter
+                if w is not None and not w.done():
+                    w.set_result(None)
+        elif cls is yamux.StreamAccepted:
+            if st is not None:
+                st._settle_accept(None)
+        elif cls is yamux.StreamEnded:
+            if st is not None:
+                st._on_end()
+                self._maybe_forget(st)
+        elif cls is yamux.StreamReset:
+            if st is not None:
+                st._on_reset()
+                self._streams.pop(ev.stream_id, None)
+        elif cls is yamux.PongReceived:
+            entry = self._pings.pop(ev.opaque, None)
+            if entry is not None:
+                sent, fut = entry
+                rtt = time.monotonic() - sent
+                self.rtt = rtt
+                self.session.set_rtt(rtt)
+                if not fut.done():
+                    fut.set_result(rtt)
+        elif cls is yamux.GoAwayReceived:
+            log.info("peer sent GoAway", extra={"conn": self.name, "code": ev.code})
+            w = self._accept_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+        elif cls is yamux.ProtocolErrorEvent:
+            self.error = ev.error
+            log.warning(
+                "protocol error from peer: %s: %s", type(ev.error).__name__, ev.error,
+                extra={"conn": self.name},
+            )
+            self._flush()  # the GoAway
+            self._close_transport()
+
+    async def _run_handler(self, st: MuxStream) -> None:
+        try:
+            await self._on_stream(st)
+        except (StreamError, SessionClosedError, ConnectionError) as exc:
+            log.debug("stream %d handler ended: %s", st.stream_id, exc)
+            st.reset()
+        except Exception:
+            log.exception("stream %d handler failed", st.stream_id)
+            st.reset()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        self._closed = True
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        err = SessionClosedError("connection lost" + (f": {exc}" if exc else ""))
+        for st in list(self._streams.values()):
+            if not st._eof:
+                st._reset = True
+                st._eof = True
+            st._wake_reader()
+            st._wake_writer(err)
+            st._settle_accept(err)
+        self._streams.clear()
+        for _, fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()
+        self._pings.clear()
+        self.resume_writing()
+        w = self._accept_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if not self.closed_future.done():
+            self.closed_future.set_result(self.error)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        if out and self._transport is not None and not self._closed:
+            self.bytes_out += len(out)
+            self._transport.write(out)
+
+    def _consume(self, stream_id: int, n: int) -> None:
+        self.session.consume(stream_id, n, time.monotonic())
+        self._flush()
+        st = self._streams.get(stream_id)
+        if st is not None:
+            self._maybe_forget(st)
+
+    def _maybe_forget(self, st: MuxStream) -> None:
+        # A stream whose both directions are done and whose data is read
+        # leaves the table; its object lives on only in the application.
+        if st._eof and not st._chunks and self.session.stream_state(st.stream_id) == "closed":
+            self._streams.pop(st.stream_id, None)
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    async def _drain(self) -> None:
+        if not self._write_paused or self._closed:
+            return
+        fut = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def _close_transport(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    async def _keepalive_loop(self) -> None:
+        cfg = self.config
+        try:
+            # One ping right away: the RTT estimate drives window growth.
+            await self.ping(timeout=cfg.ping_timeout)
+            while not self._closed:
+                await asyncio.sleep(cfg.ping_interval)
+                await self.ping(timeout=cfg.ping_timeout)
+        except asyncio.TimeoutError:
+            log.warning("keepalive: no pong within %.1fs, dropping link", cfg.ping_timeout,
+                        extra={"conn": self.name})
+            self.error = SessionClosedError("keepalive timeout")
+            if self._transport is not None:
+                self._transport.abort()
+        except (SessionClosedError, asyncio.CancelledError):
+            pass
+
+    # -- public API ----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    async def open_stream(self) -> MuxStream:
+        """Open a stream; it may be written to at once (yamux needs no wait).
+
+        If the peer neither accepts nor refuses it within ``open_timeout``
+        the stream is reset.
+        """
+        if self._closed:
+            raise SessionClosedError("connection closed")
+        sid = self.session.open_stream(time.monotonic())
+        st = MuxStream(self, sid)
+        st._accepted = self._loop.create_future()
+        st._open_timer = self._loop.call_later(self.config.open_timeout, self._open_timed_out, st)
+        self._streams[sid] = st
+        self._flush()
+        return st
+
+    def _open_timed_out(self, st: MuxStream) -> None:
+        st._open_timer = None
+        if st._accepted is not None and not st._accepted.done():
+            log.warning("stream %d: no ACK within %.1fs, resetting", st.stream_id, self.config.open_timeout)
+            st._settle_accept(asyncio.TimeoutError(f"stream {st.stream_id} open timed out"))
+            st.reset()
+
+    async def accept_stream(self) -> MuxStream:
+        """The next stream the peer opened (ACKed now that it is taken)."""
+        while not self._accept_queue:
+            if self._closed:
+                raise SessionClosedError("connection closed")
+            if self.session.remote_go_away is not None and not self._streams:
+                raise SessionClosedError("peer sent GoAway")
+            self._accept_waiter = self._loop.create_future()
+            try:
+                await self._accept_waiter
+            finally:
+                self._accept_waiter = None
+        st = self._accept_queue.popleft()
+        if not st._reset:
+            self.session.accept_stream(st.stream_id)
+            self._flush()
+        return st
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time of one ping, in seconds."""
+        if self._closed:
+            raise SessionClosedError("connection closed")
+        opaque = self.session.ping()
+        fut = self._loop.create_future()
+        self._pings[opaque] = (time.monotonic(), fut)
+        self._flush()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(opaque, None)
+
+    def go_away(self, code: int = yamux.GO_AWAY_NORMAL) -> None:
+        """No more streams from the peer; existing ones go on."""
+        if not self._closed:
+            self.session.go_away(code)
+            self._flush()
+
+    async def close(self, code: int = yamux.GO_AWAY_NORMAL) -> None:
+        """GoAway, then close the transport once written."""
+        self.go_away(code)
+        self._close_transport()
+        await asyncio.shield(self.closed_future)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+async def connect(
+    host: str, port: int, *, config: MuxConfig | None = None, ssl=None,
+    on_stream=None, keepalive: bool = True, server_hostname: str | None = None,
+) -> MuxConnection:
+    """Dial ``host:port`` and run the client side of a yamux session."""
+    loop = asyncio.get_running_loop()
+    kwargs = {} if ssl is None else {"ssl": ssl, "server_hostname": server_hostname}
+    _, proto = await loop.create_connection(
+        lambda: MuxConnection(True, config, on_stream=on_stream, keepalive=keepalive, name=f"{host}:{port}"),
+        host, port, **kwargs,
+    )
+    return proto
+
+
+async def serve(
+    host: str, port: int, on_connection: Callable[[MuxConnection], None], *,
+    config: MuxConfig | None = None, ssl=None, on_stream=None, keepalive: bool = True,
+) -> asyncio.AbstractServer:
+    """Listen on ``host:port``; each connection is the server side of a session."""
+    loop = asyncio.get_running_loop()
+
+    def factory():
+        conn = MuxConnection(False, config, on_stream=on_stream, keepalive=keepalive)
+        loop.call_soon(on_connection, conn)
+        return conn
+
+    return await loop.create_server(factory, host, port, ssl=ssl)
+
+
+__all__ = ["MuxConnection", "MuxStream", "connect", "serve", "ProtocolError"]
