@@ -290,7 +290,9 @@ class Session:
         self._out = bytearray()
         self._hdr = b""
         self._next_sid = 1 if client else 2
-        self._last_peer_sid = 0
+        # Highest id the peer has opened (its first id is 1 or 2).
+        self._last_peer_sid = 0 if client else -1
+        self._peer_gaps = {}
         self._unaccepted = 0
         self._pending_pongs = 0
         self._refused = 0
@@ -688,7 +690,7 @@ class Session:
                 raise UnknownStreamError(
                     f"{TYPE_NAMES[typ]} frame for stream {sid}, which this side never opened"
                 )
-        elif sid > self._last_peer_sid:
+        elif sid > self._last_peer_sid or sid in self._peer_gaps:
             raise UnknownStreamError(f"{TYPE_NAMES[typ]} frame for stream {sid} without SYN")
         return None
 
@@ -698,9 +700,25 @@ class Session:
             raise StreamIdError(
                 f"peer opened stream {sid}: its streams must be {'even' if self.client else 'odd'}"
             )
-        if sid <= self._last_peer_sid:
-            raise StreamIdError(f"peer reused stream id {sid} (last was {self._last_peer_sid})")
-        self._last_peer_sid = sid
+        # Peers allocate ids in order but may send SYNs out of order (Go opens
+        # streams from concurrent goroutines), so ids skipped over are kept as
+        # gaps that may still arrive once; anything else below the highest id
+        # is a reuse. Gaps are bounded by max_streams.
+        if sid > self._last_peer_sid:
+            skipped: cython.longlong = (sid - self._last_peer_sid) // 2 - 1
+            if skipped > self._max_streams:
+                raise StreamIdError(f"peer stream id jumped by {skipped} ids to {sid}")
+            gap: cython.longlong = self._last_peer_sid + 2
+            while gap < sid:
+                self._peer_gaps[gap] = None
+                gap += 2
+            while len(self._peer_gaps) > self._max_streams:
+                del self._peer_gaps[next(iter(self._peer_gaps))]
+            self._last_peer_sid = sid
+        elif sid in self._peer_gaps:
+            del self._peer_gaps[sid]
+        else:
+            raise StreamIdError(f"peer reused stream id {sid}")
         if (
             self._local_go_away >= 0
             or len(self._streams) >= self._max_streams

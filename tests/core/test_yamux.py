@@ -282,6 +282,16 @@ def test_existing_streams_survive_go_away(ymx):
     assert describe(pump(c, s)[0]) == ("DataReceived", sid, b"still here")
 
 
+def test_out_of_order_syns_are_accepted(ymx):
+    """Go allocates ids in order but its SYNs may arrive out of order."""
+    s = ymx.Session(False)
+    evs = s.receive_data(syn(9) + syn(3) + syn(1) + syn(7) + syn(5))
+    assert [describe(e) for e in evs] == [("StreamOpened", i) for i in (9, 3, 1, 7, 5)]
+    c = ymx.Session(True)
+    evs = c.receive_data(syn(4) + syn(2))
+    assert [describe(e) for e in evs] == [("StreamOpened", 4), ("StreamOpened", 2)]
+
+
 def test_accept_backlog_refuses_with_rst(ymx):
     s = ymx.Session(False, MuxConfig(accept_backlog=2, max_streams=10))
     evs = s.receive_data(syn(1) + syn(3) + syn(5) + data(5, b"dropped"))
@@ -358,7 +368,10 @@ BAD_INPUT = [
     ("data on stream 0", data(0, b"x"), errors.StreamIdError),
     ("window update on stream 0", wnd(0, 5), errors.StreamIdError),
     ("wrong parity SYN", syn(2), errors.StreamIdError),
-    ("reused stream id", syn(3) + syn(1), errors.StreamIdError),
+    ("reused stream id", syn(1) + wnd(1, 0, K.FLAG_RST) + syn(1), errors.StreamIdError),
+    ("reused gap id", syn(5) + syn(1) + wnd(1, 0, K.FLAG_RST) + syn(1), errors.StreamIdError),
+    ("stream id jump", syn(1) + syn(1 + 2 * 10000), errors.StreamIdError),
+    ("data for a skipped id", syn(5) + data(3, b"x"), errors.UnknownStreamError),
     ("duplicate SYN", syn(1) + syn(1), errors.StreamIdError),
     ("data without SYN", data(1, b"x"), errors.UnknownStreamError),
     ("update for a stream never opened", wnd(5, 1), errors.UnknownStreamError),

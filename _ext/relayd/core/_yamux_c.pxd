@@ -94,6 +94,7 @@ cdef class Session:
     cdef Py_ssize_t _reset_memory
     cdef dict _streams
     cdef dict _recently_reset
+    cdef dict _peer_gaps
     cdef bytearray _out
     cdef bytes _hdr
     cdef long long _next_sid
@@ -128,6 +129,7 @@ cdef class Session:
     cdef void _check_stream_flags(self, int typ, int flags, unsigned int sid) except *
     @cython.locals(ours=bint)
     cdef _Stream _lookup(self, int typ, int flags, unsigned int sid, list events)
+    @cython.locals(skipped="long long", gap="long long")
     cdef _Stream _incoming_stream(self, unsigned int sid, list events)
     cdef bint _stream_flags(self, _Stream st, int flags, list events) except -1
     @cython.locals(avail=Py_ssize_t)
