@@ -60,6 +60,7 @@ setup(
         [_prepare(m) for m in HOT_MODULES],
         compiler_directives=directives,
         include_path=[os.path.join(HERE, "_ext")],
-        force=DEBUG,
+        # Always regenerate: the C file must match this build mode (debug or not).
+        force=True,
     ),
 )

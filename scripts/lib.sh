@@ -1,0 +1,54 @@
+# Shared by scripts/run.sh and scripts/test.sh: a fresh Debian machine to a
+# ready .venv. Sourced, not run.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RELAYD_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+
+# Install Debian packages that are not installed yet (root or sudo).
+need_debs() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    log "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pick_python() {
+    local c
+    for c in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+        [ -n "$c" ] || continue
+        if command -v "$c" >/dev/null && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$c"; return 0
+        fi
+    done
+    return 1
+}
+
+# Create .venv and install relayd into it (editable: the Cython build runs
+# and any compile error stops here). $1 = "test" adds the test extras.
+setup_venv() {
+    local extras="${1:-}" python
+    command -v cc >/dev/null || need_debs build-essential
+    python="$(pick_python)" || { need_debs python3 python3-venv python3-dev; python="$(pick_python)"; }
+    if [ ! -x "$PY" ]; then
+        log "creating $VENV with $python"
+        "$python" -m venv "$VENV" 2>/dev/null || { need_debs python3-venv python3-dev; rm -rf "$VENV"; "$python" -m venv "$VENV"; }
+    fi
+    "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || need_debs python3-dev
+    log "installing relayd (compiling the Cython core)"
+    "$PY" -m pip install -q --upgrade pip setuptools wheel "cython>=3.0.10,<4" >/dev/null
+    if [ "$extras" = test ]; then
+        "$PY" -m pip install -q -e ".[test]"
+    else
+        "$PY" -m pip install -q -e .
+    fi
+}

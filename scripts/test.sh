@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Quickstart 2: set up and run the whole test suite.
+#
+#  1. Debian packages the tests need (Go and hashicorp/yamux for the interop
+#     tests), a .venv with relayd built from source and the test tools.
+#  2. The suite against the compiled build.
+#  3. The suite against the pure-Python twins (RELAYD_NO_EXTENSIONS=1).
+#  4. The core tests against a debug build (bounds checks, C asserts, -O0),
+#     then the optimised build is restored.
+# Fails when any run fails or when a run collected no test. Extra args go to
+# every pytest run (e.g. -x, -k yamux).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+need_debs golang-go golang-github-hashicorp-yamux-dev
+setup_venv test
+
+run_pytest() {
+    local label="$1"; shift
+    log "pytest: $label"
+    set +e
+    "$PY" -m pytest "$@"
+    local rc=$?
+    set -e
+    if [ $rc -eq 5 ]; then
+        echo "FAIL: $label collected no tests" >&2; exit 1
+    elif [ $rc -ne 0 ]; then
+        echo "FAIL: $label (pytest exit $rc)" >&2; exit $rc
+    fi
+}
+
+"$VENV/bin/relayd" version
+run_pytest "compiled build" -p no:cacheprovider "$@"
+RELAYD_NO_EXTENSIONS=1 run_pytest "pure-Python twins (RELAYD_NO_EXTENSIONS=1)" -p no:cacheprovider "$@"
+
+log "debug build of the extensions"
+RELAYD_DEBUG_BUILD=1 "$PY" setup.py -q build_ext --inplace --force >/dev/null 2>&1 \
+    || { RELAYD_DEBUG_BUILD=1 "$PY" setup.py build_ext --inplace --force; exit 1; }
+run_pytest "debug build: core" -p no:cacheprovider tests/core "$@"
+log "restoring the optimised build"
+"$PY" setup.py -q build_ext --inplace --force >/dev/null 2>&1 || { "$PY" setup.py build_ext --inplace --force; exit 1; }
+log "all test runs passed"
