@@ -85,6 +85,7 @@ GO_AWAY_PROTOCOL_ERROR = 1
 GO_AWAY_INTERNAL_ERROR = 2
 
 _MAX_U32 = 0xFFFFFFFF
+_CACHE_SLOTS = 64  # a power of two
 _HEADER = struct.Struct(">BBHII")
 
 TYPE_NAMES = ("Data", "WindowUpdate", "Ping", "GoAway")
@@ -194,6 +195,27 @@ class DataReceived:
 
     stream_id: int
     data: bytes
+
+
+def _slice(buf: bytes, start: cython.Py_ssize_t, n: cython.Py_ssize_t) -> bytes:
+    # Compiled, a bytes slice would go through slice objects and boxed ints;
+    # copying from the char buffer makes the same bytes directly.
+    if cython.compiled:
+        return cython.cast(cython.p_char, buf)[start : start + n]
+    else:
+        return buf[start : start + n]
+
+
+def _data_event(sid: cython.uint, data: bytes) -> DataReceived:
+    # The one event made per data frame: compiled, skip the generic
+    # constructor call (argument parsing) and fill the C fields directly.
+    if cython.compiled:
+        ev: DataReceived = DataReceived.__new__(DataReceived)
+        ev.stream_id = sid
+        ev.data = data
+        return ev
+    else:
+        return DataReceived(sid, data)
 
 
 @cython.dataclasses.dataclass(frozen=True)
@@ -307,9 +329,9 @@ class Session:
         self._cur_sid = 0
         self._cur_stream = None
         self._cur_flags = 0
-        # One-entry cache: consecutive frames mostly belong to one stream.
-        self._last_sid = 0
-        self._last_stream = None
+        # Direct-mapped cache of live streams by id, in front of the dict:
+        # data frames need their stream, and a few streams carry most data.
+        self._cache = [None] * _CACHE_SLOTS
 
     # -- properties ----------------------------------------------------------
 
@@ -548,9 +570,9 @@ class Session:
         if st.owe_ack:
             st.owe_ack = False
             self._unaccepted -= 1
-        if self._last_sid == sid:
-            self._last_sid = 0
-            self._last_stream = None
+        slot: cython.Py_ssize_t = (sid >> 1) & (_CACHE_SLOTS - 1)
+        if self._cache[slot] is st:
+            self._cache[slot] = None
         if locally_reset and self._reset_memory > 0:
             # The peer may have data in flight for a stream we reset; drop
             # it quietly. Remember a bounded number of such ids.
@@ -596,7 +618,7 @@ class Session:
                 if n > self._payload_left:
                     n = self._payload_left
                 if self._cur_stream is not None:
-                    events.append(DataReceived(self._cur_sid, data[pos : pos + n]))
+                    events.append(_data_event(self._cur_sid, _slice(data, pos, n)))
                 pos += n
                 self._payload_left -= n
                 if self._payload_left == 0:
@@ -674,15 +696,16 @@ class Session:
 
         None means the frame is for a stream that ended in a way that makes
         late frames legitimate, so they are dropped."""
-        if flags == 0 and sid == self._last_sid and sid != 0:
-            return self._last_stream
+        slot: cython.Py_ssize_t = (sid >> 1) & (_CACHE_SLOTS - 1)
+        st: _Stream = self._cache[slot]
+        if flags == 0 and st is not None and st.stream_id == sid:
+            return st
         self._check_stream_flags(typ, flags, sid)
         if flags & FLAG_SYN:
             return self._incoming_stream(sid, events)
         st = self._streams.get(sid)
         if st is not None:
-            self._last_sid = sid
-            self._last_stream = st
+            self._cache[slot] = st
             return st
         ours: cython.bint = (sid & 1) == (1 if self.client else 0)
         if ours:
@@ -737,8 +760,7 @@ class Session:
         st.owe_ack = True
         self._unaccepted += 1
         self._streams[sid] = st
-        self._last_sid = sid
-        self._last_stream = st
+        self._cache[(sid >> 1) & (_CACHE_SLOTS - 1)] = st
         events.append(StreamOpened(sid))
         return st
 
@@ -792,7 +814,7 @@ class Session:
             # Fast path: the whole payload is in this chunk.
             if st is not None:
                 if length:
-                    events.append(DataReceived(sid, buf[p : p + length]))
+                    events.append(_data_event(sid, _slice(buf, p, length)))
                 if flags & FLAG_FIN:
                     self._transition(st, RECV_FIN)
                     events.append(StreamEnded(sid))

@@ -14,6 +14,7 @@ cdef int GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR
 cdef int OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED, RESET
 cdef int SEND_FIN, RECV_FIN, SEND_RST, RECV_RST
 cdef long long _MAX_U32
+cdef Py_ssize_t _CACHE_SLOTS
 cdef long long INITIAL_WINDOW
 
 cdef bytes _pack_header(int typ, int flags, unsigned int sid, unsigned int length)
@@ -35,9 +36,15 @@ cdef class StreamAccepted:
     cdef readonly unsigned int stream_id
 
 @cython.dataclasses.dataclass(frozen=True)
+@cython.freelist(512)
+@cython.no_gc
+@cython.final
 cdef class DataReceived:
     cdef readonly unsigned int stream_id
     cdef readonly bytes data
+
+cdef DataReceived _data_event(unsigned int sid, bytes data)
+cdef bytes _slice(bytes buf, Py_ssize_t start, Py_ssize_t n)
 
 @cython.dataclasses.dataclass(frozen=True)
 cdef class StreamEnded:
@@ -69,6 +76,7 @@ cdef class ProtocolErrorEvent:
     cdef readonly object error
 
 
+@cython.final
 cdef class _Stream:
     cdef public unsigned int stream_id
     cdef public int state
@@ -81,6 +89,7 @@ cdef class _Stream:
     cdef public double epoch_start
 
 
+@cython.final
 cdef class Session:
     cdef readonly object config
     cdef readonly bint client
@@ -112,14 +121,14 @@ cdef class Session:
     cdef unsigned int _cur_sid
     cdef _Stream _cur_stream
     cdef int _cur_flags
-    cdef unsigned int _last_sid
-    cdef _Stream _last_stream
+    cdef list _cache
 
     cdef void _frame(self, int typ, int flags, unsigned int sid, unsigned int length) except *
     cdef void _check_alive(self) except *
     cdef int _ack_flag(self, _Stream st) noexcept
     cdef _Stream _get(self, stream_id)
     cdef void _transition(self, _Stream st, int event) except *
+    @cython.locals(slot=Py_ssize_t)
     cdef void _remove(self, _Stream st, bint locally_reset) except *
     cdef void _fail(self, err, list events) except *
     @cython.locals(hdr=bytes)
@@ -127,7 +136,7 @@ cdef class Session:
     @cython.locals(version=int, typ=int, flags=int, sid="unsigned int", length="unsigned int")
     cdef Py_ssize_t _header(self, bytes buf, Py_ssize_t p, list events) except -1
     cdef void _check_stream_flags(self, int typ, int flags, unsigned int sid) except *
-    @cython.locals(ours=bint)
+    @cython.locals(ours=bint, slot=Py_ssize_t, st=_Stream)
     cdef _Stream _lookup(self, int typ, int flags, unsigned int sid, list events)
     @cython.locals(skipped="long long", gap="long long")
     cdef _Stream _incoming_stream(self, unsigned int sid, list events)
