@@ -308,13 +308,18 @@ class Session:
         self._reset_memory = config.reset_memory
 
         self._streams = {}
-        self._recently_reset = {}
+        # Ids of streams we reset, so the peer's frames still in flight for
+        # them are dropped quietly: a set for lookup plus a ring (grown
+        # lazily up to reset_memory entries) that evicts the oldest in O(1).
+        self._recently_reset = set()
+        self._reset_ring = []
+        self._reset_pos = 0
         self._out = bytearray()
         self._hdr = b""
         self._next_sid = 1 if client else 2
         # Highest id the peer has opened (its first id is 1 or 2).
         self._last_peer_sid = 0 if client else -1
-        self._peer_gaps = {}
+        self._peer_gaps = set()
         self._unaccepted = 0
         self._pending_pongs = 0
         self._refused = 0
@@ -573,12 +578,19 @@ class Session:
         slot: cython.Py_ssize_t = (sid >> 1) & (_CACHE_SLOTS - 1)
         if self._cache[slot] is st:
             self._cache[slot] = None
-        if locally_reset and self._reset_memory > 0:
-            # The peer may have data in flight for a stream we reset; drop
-            # it quietly. Remember a bounded number of such ids.
-            self._recently_reset[sid] = None
-            if len(self._recently_reset) > self._reset_memory:
-                del self._recently_reset[next(iter(self._recently_reset))]
+        if locally_reset:
+            self._remember_reset(sid)
+
+    def _remember_reset(self, sid: cython.uint) -> None:
+        if self._reset_memory <= 0:
+            return
+        if len(self._reset_ring) < self._reset_memory:
+            self._reset_ring.append(sid)
+        else:
+            self._recently_reset.discard(self._reset_ring[self._reset_pos])
+            self._reset_ring[self._reset_pos] = sid
+            self._reset_pos = (self._reset_pos + 1) % self._reset_memory
+        self._recently_reset.add(sid)
 
     # -- input ------------------------------------------------------------------------
 
@@ -726,20 +738,21 @@ class Session:
         # Peers allocate ids in order but may send SYNs out of order (Go opens
         # streams from concurrent goroutines), so ids skipped over are kept as
         # gaps that may still arrive once; anything else below the highest id
-        # is a reuse. Gaps are bounded by max_streams.
+        # is a reuse. Outstanding gaps are capped at max_streams, so each id
+        # costs O(1) amortised and the memory is bounded.
         if sid > self._last_peer_sid:
             skipped: cython.longlong = (sid - self._last_peer_sid) // 2 - 1
-            if skipped > self._max_streams:
-                raise StreamIdError(f"peer stream id jumped by {skipped} ids to {sid}")
+            if skipped + len(self._peer_gaps) > self._max_streams:
+                raise StreamIdError(
+                    f"peer stream id {sid} skips {skipped} ids ({len(self._peer_gaps)} still unopened)"
+                )
             gap: cython.longlong = self._last_peer_sid + 2
             while gap < sid:
-                self._peer_gaps[gap] = None
+                self._peer_gaps.add(gap)
                 gap += 2
-            while len(self._peer_gaps) > self._max_streams:
-                del self._peer_gaps[next(iter(self._peer_gaps))]
             self._last_peer_sid = sid
         elif sid in self._peer_gaps:
-            del self._peer_gaps[sid]
+            self._peer_gaps.discard(sid)
         else:
             raise StreamIdError(f"peer reused stream id {sid}")
         if (
@@ -751,10 +764,7 @@ class Session:
             if self._refused > self._max_refused:
                 raise FloodError(f"peer opened streams faster than refusals drain ({self._refused})")
             self._frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0)
-            if self._reset_memory > 0:
-                self._recently_reset[sid] = None
-                if len(self._recently_reset) > self._reset_memory:
-                    del self._recently_reset[next(iter(self._recently_reset))]
+            self._remember_reset(sid)
             return None
         st = _Stream(sid, 0.0)
         st.owe_ack = True

@@ -39,7 +39,7 @@ class MuxConfig:
     max_refused_streams: int = 1024
     #: Locally reset stream ids remembered so that the peer's in-flight data
     #: for them is dropped quietly instead of treated as a protocol error.
-    reset_memory: int = 4096
+    reset_memory: int = 1024
     #: Seconds between keepalive pings on an idle link (I/O layer).
     ping_interval: float = 10.0
     #: Seconds a ping may go unanswered before the link counts as dead.

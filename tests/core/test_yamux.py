@@ -465,3 +465,35 @@ def test_many_streams_then_all_freed(ymx):
     evs = pump(s, c)
     assert c.stream_count() == 0 and s.stream_count() == 0
     assert sum(1 for e in evs if type(e).__name__ == "StreamAccepted") == 500
+
+
+def test_memory_flat_across_stream_churn(ymx):
+    """Every per-stream structure is freed on close: 2 x 20k open/data/close
+    cycles, the second batch must not grow the heap."""
+    import tracemalloc
+
+    s = ymx.Session(False)
+    sid = 1
+
+    def batch(n):
+        nonlocal sid
+        for _ in range(n):
+            s.receive_data(syn(sid) + data(sid, b"abc") + wnd(sid, 0, K.FLAG_FIN))
+            s.consume(sid, 3)
+            if sid % 4 == 1:
+                s.reset_stream(sid)  # half of them reset locally
+            else:
+                s.send_eof(sid)
+            s.data_to_send()
+            sid += 2
+
+    tracemalloc.start()
+    try:
+        batch(20000)  # fills the bounded memories (reset ids) to their cap
+        before = tracemalloc.get_traced_memory()[0]
+        batch(20000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert s.stream_count() == 0 and not s.failed
+    assert grown < 64 * 1024, grown

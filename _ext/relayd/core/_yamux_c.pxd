@@ -102,8 +102,10 @@ cdef class Session:
     cdef Py_ssize_t _max_refused
     cdef Py_ssize_t _reset_memory
     cdef dict _streams
-    cdef dict _recently_reset
-    cdef dict _peer_gaps
+    cdef set _recently_reset
+    cdef list _reset_ring
+    cdef Py_ssize_t _reset_pos
+    cdef set _peer_gaps
     cdef bytearray _out
     cdef bytes _hdr
     cdef long long _next_sid
@@ -130,6 +132,7 @@ cdef class Session:
     cdef void _transition(self, _Stream st, int event) except *
     @cython.locals(slot=Py_ssize_t)
     cdef void _remove(self, _Stream st, bint locally_reset) except *
+    cdef void _remember_reset(self, unsigned int sid) except *
     cdef void _fail(self, err, list events) except *
     @cython.locals(hdr=bytes)
     cdef void _parse(self, bytes data, list events) except *
