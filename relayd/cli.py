@@ -1,18 +1,22 @@
-"""The ``relayd`` command line."""
+"""The ``relayd`` command line (see DESIGN.md: keep these interfaces stable)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import os
+import logging
 import platform
+import signal
 import ssl
 import sys
 import time
+from pathlib import Path
+
+import orjson
 
 import relayd
 from relayd import _build
+from relayd.errors import AuthError, ConfigError
 
 
 def version_lines() -> list[str]:
@@ -38,106 +42,222 @@ def version_lines() -> list[str]:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    print("\n".join(version_lines()))
-    return 0 if "MISSING" not in " ".join(version_lines()) else 1
+    lines = version_lines()
+    print("\n".join(lines))
+    return 1 if any(line.endswith("MISSING") for line in lines) else 0
 
 
-async def _demo(streams: int, mib: int, chunk: int) -> dict:
-    """A yamux session over a real loopback socket, echoing through N streams."""
-    from relayd.net import mux
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"relayd: error: {msg}", file=sys.stderr)
+    return code
 
+
+def _signals_to(event: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, event.set)
 
-    async def echo_service(st: mux.MuxStream) -> None:
-        while True:
-            data = await st.read(chunk)
-            if not data:
-                break
-            await st.write(data)
-        st.write_eof()
 
-    server_conn = loop.create_future()
-    server = await mux.serve("127.0.0.1", 0, server_conn.set_result, on_stream=echo_service)
-    port = server.sockets[0].getsockname()[1]
-    client = await mux.connect("127.0.0.1", port)
-    rtt = await client.ping(timeout=5)
-    per_stream = mib * 1024 * 1024 // streams
-    block = os.urandom(chunk)
+# -- serve ---------------------------------------------------------------------------
 
-    async def one() -> tuple[int, bool]:
-        st = await client.open_stream()
-        sent_hash, got_hash = hashlib.sha256(), hashlib.sha256()
 
-        async def send() -> None:
-            left = per_stream
-            while left:
-                piece = block[: min(left, chunk)]
-                sent_hash.update(piece)
-                await st.write(piece)
-                left -= len(piece)
-            st.write_eof()
+def serve_config(args: argparse.Namespace):
+    from relayd import config as C
 
-        async def recv() -> int:
-            n = 0
-            while True:
-                data = await st.read(chunk)
-                if not data:
-                    return n
-                got_hash.update(data)
-                n += len(data)
+    cfg = C.load_serve(Path(args.config) if args.config else None)
+    if args.data:
+        cfg.data = Path(args.data)
+    if args.agents:
+        cfg.agents = C.parse_hostport(args.agents, "--agents")
+    if args.public:
+        cfg.public = C.parse_hostport(args.public, "--public")
+    if args.hostname:
+        cfg.hostname = args.hostname
+    if args.metrics:
+        cfg.metrics = C.parse_hostport(args.metrics, "--metrics")
+    if args.grace is not None:
+        cfg.grace = C.parse_duration(args.grace, "--grace")
+    if args.agent_cert_ttl is not None:
+        cfg.agent_cert_ttl = C.parse_duration(args.agent_cert_ttl, "--agent-cert-ttl")
+    for item in args.tcp or []:
+        name, hp = C.parse_endpoint_flag(item, "--tcp")
+        cfg.tcp[name] = hp
+    return cfg.validate()
 
-        _, n = await asyncio.gather(send(), recv())
-        return n, sent_hash.digest() == got_hash.digest()
 
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    results = await asyncio.gather(*(one() for _ in range(streams)))
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    await client.close()
-    server.close()
-    await server.wait_closed()
-    moved = sum(n for n, _ in results)
-    return {
-        "port": port,
-        "streams": streams,
-        "bytes_each_way": moved,
-        "verified": all(ok for _, ok in results),
-        "seconds": elapsed,
-        "cpu_seconds": cpu,
-        "rtt_us": rtt * 1e6,
-    }
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relayd import log as rlog
+    from relayd.net import run
+    from relayd.relay import RelayNode
+
+    cfg = serve_config(args)
+    rlog.setup(cfg.log_level)
+    logging.getLogger("relayd").info("starting relay", extra={"version": relayd.__version__, **_build.report()})
+
+    async def run_relay() -> int:
+        node = RelayNode(cfg)
+        stop = asyncio.Event()
+        _signals_to(stop)
+        await node.start()
+        await stop.wait()
+        await node.stop()
+        return 0
+
+    return run(run_relay())
+
+
+# -- agent ---------------------------------------------------------------------------
+
+
+def agent_config(args: argparse.Namespace):
+    from relayd import config as C
+
+    cfg = C.load_agent(Path(args.config) if args.config else None)
+    if args.data:
+        cfg.data = Path(args.data)
+    if args.join:
+        cfg.join = args.join
+    if args.transport:
+        cfg.transport = args.transport
+    if args.proxy:
+        cfg.proxy = args.proxy
+    for item in args.endpoint or []:
+        name, hp = C.parse_endpoint_flag(item, "--endpoint")
+        cfg.endpoints[name] = hp
+    return cfg.validate()
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from relayd import log as rlog
+    from relayd.agent import AgentNode
+    from relayd.net import run
+
+    cfg = agent_config(args)
+    rlog.setup(cfg.log_level)
+    logging.getLogger("relayd").info("starting agent", extra={"version": relayd.__version__, **_build.report()})
+
+    async def run_agent() -> int:
+        node = AgentNode(cfg)
+        stop = asyncio.Event()
+        _signals_to(stop)
+        await node.start()
+        waiter = asyncio.ensure_future(node.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        await node.stop()
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
+            raise waiter.exception()
+        return 0
+
+    return run(run_agent())
+
+
+# -- admin ---------------------------------------------------------------------------
+
+
+def _open_relay_data(data: str):
+    from relayd.control.ca import CertificateAuthority
+    from relayd.control.store import Store
+
+    d = Path(data)
+    if not (d / "relay.json").exists() or not (d / "ca" / "ca.crt").exists():
+        raise ConfigError(f"{d} is not a relay data directory: start `relayd serve --data {d}` once first")
+    return d, CertificateAuthority.load_or_create(d / "ca"), Store(d / "relayd.db")
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from relayd.config import parse_duration
+    from relayd.control.jointoken import JoinToken
+
+    d, ca, store = _open_relay_data(args.data)
+    try:
+        if args.admin == "join-token":
+            info = orjson.loads((d / "relay.json").read_bytes())
+            ttl = parse_duration(args.ttl, "--ttl")
+            if ttl <= 0:
+                raise ConfigError("--ttl must be positive")
+            token_id, secret = store.create_join_token(args.endpoint or [], ttl)
+            print(JoinToken(info["advertised"], ca.pin, token_id, secret).encode())
+        elif args.admin == "ca-cert":
+            sys.stdout.write(ca.cert_pem.decode())
+        elif args.admin == "agents":
+            print(f"{'ID':<16} {'ENDPOINTS':<20} {'STATUS':<8} {'CONNECTED SINCE':<20} {'ADDRESS':<22} "
+                  f"{'BYTES IN':>12} {'BYTES OUT':>12}")
+            for a in store.list_agents():
+                status = "revoked" if a["revoked_at"] else ("online" if a["connected_since"] else "offline")
+                since = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["connected_since"]))
+                         if a["connected_since"] else "-")
+                print(f"{a['id']:<16} {','.join(a['endpoints']) or '*':<20} {status:<8} {since:<20} "
+                      f"{a['address'] or '-':<22} {a['bytes_in']:>12} {a['bytes_out']:>12}")
+        elif args.admin == "revoke-agent":
+            if not store.revoke_agent(args.id):
+                return _fail(f"no agent {args.id!r}", 1)
+            print(f"revoked {args.id}: a running relay cuts its link within a second")
+    finally:
+        store.close()
+    return 0
+
+
+# -- demo (the README's first command) -------------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from relayd.demo import run_demo
     from relayd.net import run
 
-    print("\n".join(version_lines()))
-    print(
-        f"\ndemo: one yamux session over a loopback TCP socket; {args.streams} streams "
-        f"echo {args.mib} MiB through an echo service behind the session ..."
-    )
-    res = run(_demo(args.streams, args.mib, args.chunk))
-    gbit = res["bytes_each_way"] * 2 * 8 / res["seconds"] / 1e9
-    print(
-        f"  session on 127.0.0.1:{res['port']}, ping RTT {res['rtt_us']:.0f} us\n"
-        f"  {res['streams']} streams, {res['bytes_each_way'] / 2**20:.0f} MiB each way in "
-        f"{res['seconds']:.2f} s = {gbit:.2f} Gbit/s through the mux (both directions, one process "
-        f"doing both ends), {res['cpu_seconds'] / (res['bytes_each_way'] * 2 / 1e9):.2f} CPU s/GB\n"
-        f"  SHA-256 of every stream checked both ways: {'OK' if res['verified'] else 'MISMATCH'}"
-    )
-    return 0 if res["verified"] else 1
+    logging.basicConfig(level=logging.CRITICAL)
+    print("\n".join(version_lines()) + "\n")
+    return run(run_demo(once=args.once, mib=args.mib))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayd", description="Self-hosted secure relay and zero-trust access gateway.")
     sub = p.add_subparsers(dest="command", required=True)
+
     v = sub.add_parser("version", help="versions of relayd, Python, uvloop, OpenSSL and which builds are active")
     v.set_defaults(func=cmd_version)
-    d = sub.add_parser("demo", help="stream data through a yamux session over a loopback socket")
-    d.add_argument("--streams", type=int, default=8, help="concurrent streams (default 8)")
-    d.add_argument("--mib", type=int, default=256, help="MiB echoed in total (default 256)")
-    d.add_argument("--chunk", type=int, default=256 * 1024, help="write size in bytes")
+
+    s = sub.add_parser("serve", help="run a relay node")
+    s.add_argument("--config", help="TOML config file")
+    s.add_argument("--data", help="data directory (created on first start: CA, database)")
+    s.add_argument("--agents", help="HOST:PORT where agents dial in (TLS)")
+    s.add_argument("--public", help="agent address written into join tokens (default: --agents)")
+    s.add_argument("--hostname", help="name on the relay's TLS certificate")
+    s.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
+    s.add_argument("--tcp", action="append", metavar="NAME=HOST:PORT", help="public TCP endpoint (repeatable)")
+    s.add_argument("--grace", help="hold public connections this long while no agent serves them (default 0s)")
+    s.add_argument("--agent-cert-ttl", help="lifetime of agent certificates (default 30d)")
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("agent", help="run an agent: dial out to the relay, serve local endpoints")
+    a.add_argument("--config", help="TOML config file")
+    a.add_argument("--data", help="agent data directory (identity)")
+    a.add_argument("--join", help="join token from `relayd admin join-token` (first start only)")
+    a.add_argument("--endpoint", action="append", metavar="NAME=HOST:PORT", help="local service (repeatable)")
+    a.add_argument("--transport", choices=["tls", "wss", "auto"], help="agent link transport (default tls)")
+    a.add_argument("--proxy", help="forward proxy URL")
+    a.set_defaults(func=cmd_agent)
+
+    ad = sub.add_parser("admin", help="manage a relay's data directory")
+    asub = ad.add_subparsers(dest="admin", required=True)
+    jt = asub.add_parser("join-token", help="print a single-use join token")
+    jt.add_argument("--data", required=True)
+    jt.add_argument("--endpoint", action="append", metavar="NAME",
+                    help="restrict the agent to this endpoint (repeatable)")
+    jt.add_argument("--ttl", default="15m", help="validity (default 15m)")
+    cc = asub.add_parser("ca-cert", help="print the relay's CA certificate (PEM)")
+    cc.add_argument("--data", required=True)
+    ag = asub.add_parser("agents", help="list agents")
+    ag.add_argument("--data", required=True)
+    rv = asub.add_parser("revoke-agent", help="revoke an agent: cuts its live link, refuses its certificate")
+    rv.add_argument("id")
+    rv.add_argument("--data", required=True)
+    ad.set_defaults(func=cmd_admin)
+
+    d = sub.add_parser("demo", help="relay + enrolled agent + sample services on loopback, traffic through the tunnel")
+    d.add_argument("--once", action="store_true", help="exit after the traffic instead of waiting for Ctrl-C")
+    d.add_argument("--mib", type=int, default=256, help="MiB echoed through the tunnel (default 256)")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -146,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except AuthError as exc:
+        return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130
 

@@ -43,7 +43,8 @@ class MuxStream:
 
     __slots__ = (
         "_conn", "stream_id", "_chunks", "_buffered", "_eof", "_reset", "_local_closed",
-        "_read_waiter", "_write_waiter", "_accepted", "_open_timer", "__weakref__",
+        "_read_waiter", "_write_waiter", "_accepted", "_open_timer", "_sink", "opened_at",
+        "__weakref__",
     )
 
     def __init__(self, conn: "MuxConnection", stream_id: int) -> None:
@@ -58,6 +59,8 @@ class MuxStream:
         self._write_waiter: asyncio.Future | None = None
         self._accepted: asyncio.Future | None = None
         self._open_timer: asyncio.TimerHandle | None = None
+        self._sink = None
+        self.opened_at = 0.0
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self._conn.session.stream_state(self.stream_id)}>"
@@ -65,6 +68,9 @@ class MuxStream:
     # -- events from the connection ----------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.stream_data(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         self._wake_reader()
@@ -85,11 +91,21 @@ class MuxStream:
     def _on_end(self) -> None:
         self._eof = True
         self._wake_reader()
+        if self._sink is not None:
+            self._sink.stream_eof()
+
+    def _on_window(self) -> None:
+        if self._sink is not None:
+            self._sink.stream_window()
+        else:
+            self._wake_writer()
 
     def _on_reset(self) -> None:
         self._reset = True
         self._eof = True
         self._wake_reader()
+        if self._sink is not None:
+            self._sink.stream_reset()
         self._wake_writer(StreamResetError(f"stream {self.stream_id} was reset"))
         self._settle_accept(StreamResetError(f"stream {self.stream_id} was refused or reset"))
 
@@ -200,6 +216,55 @@ class MuxStream:
         self._wake_reader()
         self._wake_writer(StreamResetError(f"stream {self.stream_id} was reset"))
 
+    # -- callback mode (splicing) ------------------------------------------------------------
+
+    def attach(self, sink) -> None:
+        """Deliver everything from now on to ``sink`` instead of ``read()``.
+
+        ``sink`` has ``stream_data(bytes)``, ``stream_eof()``,
+        ``stream_reset()`` and ``stream_window()``; it must call
+        ``consumed(n)`` once it has passed data on (that returns window to
+        the peer) and use ``send_nowait`` to write. Bytes already buffered
+        are handed over first.
+        """
+        self._sink = sink
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
+            sink.stream_data(chunk)
+        if self._reset:
+            sink.stream_reset()
+        elif self._eof:
+            sink.stream_eof()
+
+    def consumed(self, n: int) -> None:
+        """The sink has passed on ``n`` bytes (returns window to the peer)."""
+        self._conn._consume(self.stream_id, n)
+
+    def send_nowait(self, data) -> int:
+        """Queue what the window allows of ``data``; returns bytes taken.
+
+        Taking less than all means: wait for ``stream_window()``.
+        """
+        conn = self._conn
+        if self._reset:
+            raise StreamResetError(f"stream {self.stream_id} was reset")
+        if conn._closed:
+            raise SessionClosedError("connection closed")
+        n = conn.session.send_data(self.stream_id, data)
+        if n:
+            conn._flush()
+        return n
+
+    @property
+    def link_write_paused(self) -> bool:
+        """True while the connection's transport is above its high-water mark."""
+        return self._conn._write_paused
+
+    def on_link_resume(self, callback) -> None:
+        """Call ``callback()`` once the connection's transport drains."""
+        self._conn._resume_callbacks.append(callback)
+
     async def wait_accepted(self, timeout: float | None = None) -> None:
         """Wait for the peer's ACK of a stream we opened."""
         if self._accepted is None:
@@ -234,6 +299,7 @@ class MuxConnection(asyncio.Protocol):
         self._keepalive_task: asyncio.Task | None = None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
+        self._resume_callbacks: list = []
         self._closed = False
         self.closed_future: asyncio.Future = self._loop.create_future()
         self.error: BaseException | None = None
@@ -263,7 +329,7 @@ class MuxConnection(asyncio.Protocol):
             elif cls is _WindowUpdated:
                 st = streams.get(ev.stream_id)
                 if st is not None:
-                    st._wake_writer()
+                    st._on_window()
             else:
                 self._control_event(ev)
         self._flush()
@@ -338,6 +404,9 @@ class MuxConnection(asyncio.Protocol):
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+        callbacks, self._resume_callbacks = self._resume_callbacks, []
+        for cb in callbacks:
+            cb()
 
     def connection_lost(self, exc) -> None:
         self._closed = True
@@ -348,6 +417,8 @@ class MuxConnection(asyncio.Protocol):
             if not st._eof:
                 st._reset = True
                 st._eof = True
+                if st._sink is not None:
+                    st._sink.stream_reset()
             st._wake_reader()
             st._wake_writer(err)
             st._settle_accept(err)
@@ -431,10 +502,15 @@ class MuxConnection(asyncio.Protocol):
         If the peer neither accepts nor refuses it within ``open_timeout``
         the stream is reset.
         """
+        return self.open_stream_nowait()
+
+    def open_stream_nowait(self) -> MuxStream:
+        """``open_stream`` for callers outside a coroutine."""
         if self._closed:
             raise SessionClosedError("connection closed")
         sid = self.session.open_stream(time.monotonic())
         st = MuxStream(self, sid)
+        st.opened_at = time.monotonic()
         st._accepted = self._loop.create_future()
         st._open_timer = self._loop.call_later(self.config.open_timeout, self._open_timed_out, st)
         self._streams[sid] = st

@@ -1,0 +1,290 @@
+"""``relayd agent``: dials out to the relay and serves its endpoints.
+
+First start, with a join token: fetch the relay's CA certificate over TLS,
+check its SHA-256 against the pin in the token (a mismatch aborts), generate
+a key pair locally, then over TLS verified against that CA send the token's
+secret with a CSR and store the certificate the relay's CA signed. The
+private key never leaves this machine.
+
+From then on: mTLS to the relay, a ``tunnel`` request naming the endpoints,
+and a yamux session over which the relay opens one stream per public
+connection. Each stream starts with a msgpack header naming the endpoint; the
+agent dials that local service and splices. Keepalive pings detect a dead
+link; reconnects back off exponentially with full jitter. The certificate
+renews itself when two thirds of its lifetime have passed, over a separate
+connection, so traffic never stops for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import time
+from pathlib import Path
+
+import msgpack
+import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from relayd import metrics
+from relayd.config import AgentConfig, format_hostport, parse_hostport
+from relayd.control.ca import cert_info, generate_key_and_csr, pin_of, write_private
+from relayd.control.jointoken import JoinToken
+from relayd.errors import AuthError, ConfigError, RelaydError
+from relayd.net import tls
+from relayd.net.mux import MuxConnection, MuxStream
+from relayd.net.preamble import ClientPreamble
+from relayd.net.splice import TcpSplice
+
+log = logging.getLogger("relayd.agent")
+
+CONNECT_TIMEOUT = 10.0
+STABLE_AFTER = 10.0  # a link that lived this long resets the backoff
+
+
+class EnrollmentError(AuthError):
+    """Enrollment failed; the message says why."""
+
+
+class AgentNode:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg.validate()
+        self.data = Path(cfg.data)
+        self.identity: dict | None = None
+        self.conn: MuxConnection | None = None
+        self.connected = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+        self._renew_task: asyncio.Task | None = None
+        self.reconnects = 0
+        self.streams_served = 0
+
+    # -- identity ------------------------------------------------------------------
+
+    @property
+    def _id_file(self) -> Path:
+        return self.data / "identity.json"
+
+    def load_identity(self) -> dict | None:
+        try:
+            ident = orjson.loads(self._id_file.read_bytes())
+        except FileNotFoundError:
+            return None
+        except orjson.JSONDecodeError:
+            raise ConfigError(f"{self._id_file} is corrupt; remove the agent data directory and enroll again") from None
+        for f in ("agent.key", "agent.crt", "ca.crt"):
+            if not (self.data / f).exists():
+                raise ConfigError(f"{self.data / f} is missing; remove the agent data directory and enroll again")
+        return ident
+
+    async def enroll(self, token_text: str) -> dict:
+        """Join the relay named in the token; store and return the identity."""
+        token = JoinToken.decode(token_text)
+        host, port = parse_hostport(token.address, "join token address")
+        loop = asyncio.get_running_loop()
+
+        async def ask(ctx, request: dict) -> dict:
+            pre = ClientPreamble(request)
+            try:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: pre, host, port, ssl=ctx, server_hostname=host),
+                    CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise EnrollmentError(f"cannot reach the relay at {token.address}: {exc}") from None
+            try:
+                return await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+            finally:
+                transport.close()
+
+        # 1. Whose CA is this? Nothing secret is sent on this connection.
+        reply = await ask(tls.unverified_client_context(), {"op": "ca"})
+        ca_pem = reply.get("ca")
+        if not isinstance(ca_pem, str):
+            raise EnrollmentError("the relay did not send its CA certificate")
+        try:
+            ca_der = x509.load_pem_x509_certificate(ca_pem.encode()).public_bytes(Encoding.DER)
+        except ValueError:
+            raise EnrollmentError("the relay sent an unreadable CA certificate") from None
+        if not hmac.compare_digest(pin_of(ca_der), token.pin):
+            raise EnrollmentError(
+                f"CA pin mismatch: the relay at {token.address} is not the one that issued this token "
+                "(or something is intercepting the connection); refusing to enroll")
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.data.chmod(0o700)
+        ca_file = self.data / "ca.crt"
+        ca_file.write_text(ca_pem)
+        # 2. Key pair here, secret + CSR over TLS verified against that CA.
+        key_pem, csr_pem = generate_key_and_csr("relayd-agent")
+        ctx = tls.client_context(str(ca_file))
+        reply = await ask(ctx, {"op": "enroll", "id": token.token_id, "secret": token.secret,
+                                "csr": csr_pem.decode(), "endpoints": sorted(self.cfg.endpoints)})
+        if not reply.get("ok"):
+            raise EnrollmentError(f"enrollment refused: {reply.get('error', 'no reason given')}")
+        write_private(self.data / "agent.key", key_pem)
+        (self.data / "agent.crt").write_text(reply["cert"])
+        ident = {"agent_id": reply["agent_id"], "relay": token.address, "server_hostname": host}
+        self._id_file.write_bytes(orjson.dumps(ident))
+        log.info("enrolled", extra={"agent": ident["agent_id"], "relay": token.address})
+        return ident
+
+    # -- running ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        ident = self.load_identity()
+        if ident is None:
+            if not self.cfg.join:
+                raise ConfigError(f"{self.data} holds no agent identity: enroll once with --join TOKEN")
+            ident = await self.enroll(self.cfg.join)
+        elif self.cfg.join:
+            log.info("already enrolled; ignoring the join token", extra={"agent": ident["agent_id"]})
+        self.identity = ident
+        if not self.cfg.endpoints:
+            raise ConfigError("the agent serves no endpoint: give --endpoint NAME=HOST:PORT")
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in (self._task, self._renew_task):
+            if t is not None:
+                t.cancel()
+        if self.conn is not None:
+            self.conn.abort()
+        for t in (self._task, self._renew_task):
+            if t is not None:
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def _tls(self):
+        return tls.client_context(str(self.data / "ca.crt"), cert_file=str(self.data / "agent.crt"),
+                                  key_file=str(self.data / "agent.key"))
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except AuthError as exc:
+                log.error("relay refused this agent: %s", exc)
+                if "revoked" in str(exc):
+                    raise
+            except (OSError, asyncio.TimeoutError, RelaydError) as exc:
+                log.warning("link failed: %s", exc or type(exc).__name__)
+            if self._stopping:
+                break
+            if time.monotonic() - started > STABLE_AFTER:
+                attempt = 0
+            # Full jitter: spread a fleet of agents after a relay restart.
+            delay = random.uniform(0, min(self.cfg.reconnect_max, 0.5 * 2 ** attempt))
+            attempt += 1
+            self.reconnects += 1
+            metrics.AGENT_RECONNECTS.inc()
+            log.info("reconnecting", extra={"in_s": round(delay, 2), "attempt": attempt})
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = parse_hostport(self.identity["relay"], "relay")
+        pre = ClientPreamble(
+            {"op": "tunnel", "endpoints": sorted(self.cfg.endpoints)},
+            make_protocol=lambda reply: MuxConnection(True, self.cfg.mux, on_stream=self._on_stream,
+                                                      name=self.identity["agent_id"]),
+        )
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: pre, host, port, ssl=self._tls(),
+                                   server_hostname=self.identity.get("server_hostname", host)),
+            CONNECT_TIMEOUT)
+        try:
+            reply = await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+        except BaseException:
+            transport.abort()
+            raise
+        if not reply.get("ok"):
+            transport.close()
+            raise AuthError(reply.get("error", "refused"))
+        conn: MuxConnection = pre.protocol
+        self.conn = conn
+        self.connected.set()
+        log.info("connected", extra={"agent": self.identity["agent_id"], "relay": self.identity["relay"],
+                                     "endpoints": ",".join(sorted(self.cfg.endpoints))})
+        try:
+            await asyncio.shield(conn.closed_future)
+        finally:
+            self.connected.clear()
+            self.conn = None
+            conn.abort()
+        log.warning("link to relay lost", extra={"error": str(conn.error) if conn.error else None})
+
+    async def _on_stream(self, stream: MuxStream) -> None:
+        raw = await asyncio.wait_for(stream.readexactly(4), CONNECT_TIMEOUT)
+        n = int.from_bytes(raw, "big")
+        if n > 16 * 1024:
+            stream.reset()
+            return
+        meta = msgpack.unpackb(await asyncio.wait_for(stream.readexactly(n), CONNECT_TIMEOUT), raw=False)
+        endpoint = meta.get("e") if isinstance(meta, dict) else None
+        target = self.cfg.endpoints.get(endpoint) if isinstance(endpoint, str) else None
+        if target is None:
+            log.warning("stream for an endpoint this agent does not serve", extra={"endpoint": str(endpoint)[:64]})
+            stream.reset()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: TcpSplice(stream), *target), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("local service unreachable", extra={"endpoint": endpoint, "target": format_hostport(target),
+                                                           "error": str(exc), "trace": meta.get("t")})
+            stream.reset()
+            return
+        self.streams_served += 1
+
+    # -- certificate renewal ----------------------------------------------------------
+
+    def cert_lifetime(self) -> tuple[float, float]:
+        info = cert_info((self.data / "agent.crt").read_bytes())
+        return info["not_before"].timestamp(), info["not_after"].timestamp()
+
+    async def _renew_loop(self) -> None:
+        while not self._stopping:
+            nb, na = self.cert_lifetime()
+            renew_at = nb + (na - nb) * 2 / 3
+            delay = max(1.0, renew_at - time.time())
+            await asyncio.sleep(delay)
+            try:
+                await self.renew()
+            except (OSError, asyncio.TimeoutError, RelaydError) as exc:
+                log.warning("certificate renewal failed, retrying: %s", exc)
+                await asyncio.sleep(min(30.0, max(1.0, (na - time.time()) / 10)))
+
+    async def renew(self) -> None:
+        host, port = parse_hostport(self.identity["relay"], "relay")
+        key_pem, csr_pem = generate_key_and_csr("relayd-agent")
+        pre = ClientPreamble({"op": "renew", "csr": csr_pem.decode()})
+        loop = asyncio.get_running_loop()
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: pre, host, port, ssl=self._tls(),
+                                   server_hostname=self.identity.get("server_hostname", host)),
+            CONNECT_TIMEOUT)
+        try:
+            reply = await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+        finally:
+            transport.close()
+        if not reply.get("ok"):
+            raise AuthError(f"renewal refused: {reply.get('error')}")
+        # Key first, then certificate: a crash in between leaves a pair that
+        # fails loudly at the next TLS setup rather than a silent mismatch.
+        write_private(self.data / "agent.key.new", key_pem)
+        (self.data / "agent.crt.new").write_text(reply["cert"])
+        (self.data / "agent.key.new").replace(self.data / "agent.key")
+        (self.data / "agent.crt.new").replace(self.data / "agent.crt")
+        log.info("certificate renewed", extra={"agent": self.identity["agent_id"]})

@@ -1,0 +1,290 @@
+"""Configuration of ``relayd serve`` and ``relayd agent``: a TOML file and
+flags, flags winning. Everything a flag can say the file can say too.
+
+    [serve]
+    data = "/var/lib/relayd"
+    agents = "0.0.0.0:7000"          # where agents dial in (TLS)
+    public = "relay.example.com:7000" # agent address written into join tokens
+    hostname = "relay.example.com"    # name on the relay's TLS certificate
+    metrics = "127.0.0.1:9100"
+    grace = "0s"                      # hold public connections while no agent
+    agent_cert_ttl = "30d"
+    [serve.tcp]
+    web = "0.0.0.0:8080"              # endpoint name = public TCP listener
+
+    [agent]
+    data = "/var/lib/relayd-agent"
+    join = "relayd1...."              # only needed once
+    transport = "tls"
+    reconnect_max = "30s"
+    [agent.endpoints]
+    web = "127.0.0.1:80"
+
+    [mux]                             # relayd.core.config.MuxConfig
+    max_window = 16777216
+    ping_interval = "10s"
+
+    [log]
+    level = "info"
+
+A malformed or contradictory file fails at start with a ConfigError naming
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relayd.core.config import MuxConfig
+from relayd.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value, key: str = "duration") -> float:
+    """'30s', '15m', '2h', '7d', '1h30m', '250ms' or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected a duration like '15m', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(text):
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ConfigError(f"config key '{key}': {value!r} is not a duration like '15m'") from None
+    else:
+        raise ConfigError(f"config key '{key}': expected a duration like '15m', got {value!r}")
+    if not seconds >= 0:
+        raise ConfigError(f"config key '{key}': duration must not be negative")
+    return seconds
+
+
+def parse_hostport(value, key: str) -> tuple[str, int]:
+    """'host:port', '[::1]:port' or ':port' (all interfaces)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"config key '{key}': expected HOST:PORT, got {value!r}")
+    host, _, port_s = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': {host!r} is not an IPv6 address") from None
+    host = host or "0.0.0.0"
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"config key '{key}': port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"config key '{key}': port {port} is out of range")
+    if not host or any(c.isspace() for c in host):
+        raise ConfigError(f"config key '{key}': bad host {host!r}")
+    return host, port
+
+
+def format_hostport(hp: tuple[str, int]) -> str:
+    host, port = hp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_name(name: str, key: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"config key '{key}': endpoint name {name!r} must be 1-63 of A-Z a-z 0-9 _ . -")
+    return name
+
+
+@dataclass
+class ServeConfig:
+    data: Path = Path("relayd-data")
+    agents: tuple[str, int] = ("0.0.0.0", 7000)
+    public: tuple[str, int] | None = None
+    hostname: str | None = None
+    metrics: tuple[str, int] | None = None
+    grace: float = 0.0
+    agent_cert_ttl: float = 30 * 86400.0
+    tcp: dict[str, tuple[str, int]] = field(default_factory=dict)
+    mux: MuxConfig = field(default_factory=MuxConfig)
+    log_level: str = "info"
+
+    @property
+    def advertised(self) -> tuple[str, int]:
+        """The agent address written into join tokens."""
+        if self.public is not None:
+            return self.public
+        host, port = self.agents
+        return ("127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host), port
+
+    def validate(self) -> "ServeConfig":
+        seen = {self.agents: "serve.agents"}
+        if self.metrics is not None:
+            seen.setdefault(self.metrics, "serve.metrics")
+            if seen[self.metrics] != "serve.metrics":
+                raise ConfigError("config keys 'serve.metrics' and 'serve.agents' use the same address")
+        for name, hp in self.tcp.items():
+            key = f"serve.tcp.{name}"
+            if hp[1] != 0 and hp in seen:
+                raise ConfigError(f"config keys '{seen[hp]}' and '{key}' both listen on {format_hostport(hp)}")
+            seen[hp] = key
+        if self.agent_cert_ttl < 60:
+            raise ConfigError("config key 'serve.agent_cert_ttl': must be at least 60s")
+        if self.grace > 60:
+            raise ConfigError("config key 'serve.grace': at most 60s (clients should not hang)")
+        return self
+
+
+@dataclass
+class AgentConfig:
+    data: Path = Path("relayd-agent")
+    join: str | None = None
+    endpoints: dict[str, tuple[str, int]] = field(default_factory=dict)
+    transport: str = "tls"
+    proxy: str | None = None
+    reconnect_max: float = 30.0
+    mux: MuxConfig = field(default_factory=MuxConfig)
+    log_level: str = "info"
+
+    def validate(self) -> "AgentConfig":
+        if self.transport not in ("tls", "wss", "auto"):
+            raise ConfigError(f"config key 'agent.transport': must be tls, wss or auto, not {self.transport!r}")
+        if self.transport != "tls":
+            raise ConfigError(f"config key 'agent.transport': {self.transport!r} is not available yet (tls only)")
+        if self.proxy is not None:
+            raise ConfigError("config key 'agent.proxy': forward proxies are not available yet")
+        if not 1 <= self.reconnect_max <= 3600:
+            raise ConfigError("config key 'agent.reconnect_max': must be between 1s and 1h")
+        return self
+
+
+_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "grace", "agent_cert_ttl", "tcp"}
+_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints"}
+_DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _known(table, allowed: set[str], prefix: str) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"config key '{prefix}': expected a table")
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(f"config key '{prefix}.{k}' is not known (expected one of: {', '.join(sorted(allowed))})")
+    return table
+
+
+def _str(value, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config key '{key}': expected a non-empty string, got {value!r}")
+    return value
+
+
+def _mux(table) -> MuxConfig:
+    fields = {f.name for f in dataclasses.fields(MuxConfig)}
+    table = _known(table, fields, "mux")
+    kwargs = {}
+    for k, v in table.items():
+        key = f"mux.{k}"
+        if k in _DURATION_MUX:
+            kwargs[k] = parse_duration(v, key)
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {v!r}")
+        else:
+            kwargs[k] = v
+    try:
+        return MuxConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"config key {exc}") from None
+
+
+def _common(doc: dict, cfg) -> None:
+    top = _known(doc, {"serve", "agent", "mux", "log"}, "<top>") if doc else {}
+    if "mux" in top:
+        cfg.mux = _mux(top["mux"])
+    if "log" in top:
+        lg = _known(top["log"], {"level"}, "log")
+        if "level" in lg:
+            level = _str(lg["level"], "log.level").lower()
+            if level not in ("debug", "info", "warning", "error"):
+                raise ConfigError(f"config key 'log.level': {level!r} is not debug, info, warning or error")
+            cfg.log_level = level
+
+
+def load_serve(path: Path | None) -> ServeConfig:
+    cfg = ServeConfig()
+    if path is None:
+        return cfg
+    doc = _load_toml(path)
+    _common(doc, cfg)
+    s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
+    if "data" in s:
+        cfg.data = Path(_str(s["data"], "serve.data"))
+    for k in ("agents", "public", "metrics"):
+        if k in s:
+            setattr(cfg, k, parse_hostport(s[k], f"serve.{k}"))
+    if "hostname" in s:
+        cfg.hostname = _str(s["hostname"], "serve.hostname")
+    if "grace" in s:
+        cfg.grace = parse_duration(s["grace"], "serve.grace")
+    if "agent_cert_ttl" in s:
+        cfg.agent_cert_ttl = parse_duration(s["agent_cert_ttl"], "serve.agent_cert_ttl")
+    tcp = s.get("tcp", {})
+    if not isinstance(tcp, dict):
+        raise ConfigError("config key 'serve.tcp': expected a table of NAME = \"HOST:PORT\"")
+    for name, v in tcp.items():
+        cfg.tcp[_check_name(name, f"serve.tcp.{name}")] = parse_hostport(v, f"serve.tcp.{name}")
+    return cfg
+
+
+def load_agent(path: Path | None) -> AgentConfig:
+    cfg = AgentConfig()
+    if path is None:
+        return cfg
+    doc = _load_toml(path)
+    _common(doc, cfg)
+    a = _known(doc.get("agent", {}), _AGENT_KEYS, "agent")
+    if "data" in a:
+        cfg.data = Path(_str(a["data"], "agent.data"))
+    if "join" in a:
+        cfg.join = _str(a["join"], "agent.join")
+    if "transport" in a:
+        cfg.transport = _str(a["transport"], "agent.transport")
+    if "proxy" in a:
+        cfg.proxy = _str(a["proxy"], "agent.proxy")
+    if "reconnect_max" in a:
+        cfg.reconnect_max = parse_duration(a["reconnect_max"], "agent.reconnect_max")
+    eps = a.get("endpoints", {})
+    if not isinstance(eps, dict):
+        raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")
+    for name, v in eps.items():
+        cfg.endpoints[_check_name(name, f"agent.endpoints.{name}")] = parse_hostport(v, f"agent.endpoints.{name}")
+    return cfg
+
+
+def parse_endpoint_flag(text: str, flag: str) -> tuple[str, tuple[str, int]]:
+    """NAME=HOST:PORT from the command line."""
+    name, sep, addr = text.partition("=")
+    if not sep:
+        raise ConfigError(f"{flag} {text!r}: expected NAME=HOST:PORT")
+    return _check_name(name, flag), parse_hostport(addr, flag)

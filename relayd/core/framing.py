@@ -1,0 +1,59 @@
+"""Length-prefixed msgpack messages: stream-open headers and link handshakes.
+
+Every stream the relay opens toward an agent starts with one header message
+(endpoint, trace id, client address); the agent link and enrollment start
+with one request and one reply. Each message is a 4-byte big-endian length
+and a msgpack map. Sans-I/O: ``MessageReader.feed`` takes bytes and returns
+the message once complete, plus whatever bytes followed it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from relayd.errors import ProtocolError
+
+_LEN = struct.Struct(">I")
+MAX_MESSAGE = 64 * 1024
+
+
+class FramingError(ProtocolError):
+    """A length-prefixed message that is too large or not a msgpack map."""
+
+
+def encode_message(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return _LEN.pack(len(body)) + body
+
+
+class MessageReader:
+    """Collects one message from arbitrary splits of the byte stream."""
+
+    def __init__(self, limit: int = MAX_MESSAGE) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> tuple[dict | None, bytes]:
+        """Returns (message, rest) once complete, else (None, b"")."""
+        self._buf += data
+        if len(self._buf) < 4:
+            return None, b""
+        (n,) = _LEN.unpack_from(self._buf, 0)
+        if n > self._limit:
+            raise FramingError(f"message of {n} bytes exceeds the limit of {self._limit}")
+        if len(self._buf) < 4 + n:
+            return None, b""
+        body = bytes(self._buf[4 : 4 + n])
+        rest = bytes(self._buf[4 + n :])
+        self._buf.clear()
+        try:
+            message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:
+            raise FramingError(f"message is not valid msgpack ({type(exc).__name__})") from None
+        if not isinstance(message, dict):
+            raise FramingError(f"message is a {type(message).__name__}, not a map")
+        return message, rest

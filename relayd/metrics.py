@@ -1,0 +1,52 @@
+"""Prometheus metrics. Names follow Azure Relay's metrics where one exists
+(listener = agent link, sender = public client), plus latency histograms.
+Labels are bounded: endpoint names come from the relay's config, agent ids
+from its own enrollment table."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+LISTENER_CONNECTIONS = Counter(
+    "relayd_listener_connections_total", "Agent link attempts, by result", ["result"])
+ACTIVE_LISTENERS = Gauge("relayd_active_listeners", "Agents connected now")
+AGENT_ONLINE = Gauge("relayd_agent_online", "1 while the agent is connected", ["agent"])
+SENDER_CONNECTIONS = Counter(
+    "relayd_sender_connections_total", "Public connections, by endpoint and result", ["endpoint", "result"])
+ACTIVE_CONNECTIONS = Gauge("relayd_active_connections", "Public connections open now", ["endpoint"])
+STREAMS_OPENED = Counter("relayd_streams_opened_total", "Streams opened to agents", ["endpoint", "agent"])
+STREAMS_FAILED = Counter("relayd_streams_failed_total", "Streams that could not be opened", ["endpoint", "reason"])
+STREAMS_ACTIVE = Gauge("relayd_streams_active", "Streams open now", ["endpoint", "agent"])
+BYTES = Counter("relayd_bytes_total", "Bytes carried, counted as they flow",
+                ["endpoint", "agent", "direction"])
+ENROLLMENTS = Counter("relayd_enrollments_total", "Agent enrollments and renewals, by result", ["kind", "result"])
+STREAM_OPEN_SECONDS = Histogram(
+    "relayd_stream_open_seconds", "Public accept to agent ACK",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+PROTOCOL_ERRORS = Counter("relayd_protocol_errors_total", "Links ended by a peer's protocol error", ["kind"])
+AGENT_RECONNECTS = Counter("relayd_agent_reconnects_total", "Agent-side reconnect attempts")
+
+
+async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 endpoint for ``GET /metrics``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            line = head.split(b"\r\n", 1)[0].split()
+            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                body = generate_latest()
+                status, ctype = b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype +
+                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

@@ -1,0 +1,137 @@
+"""One request and one reply before a link turns into a yamux session.
+
+The relay's agent port serves several things on one TLS listener: fetching
+the CA certificate (bootstrap), enrollment with a join token, certificate
+renewal, and the tunnel itself. The client speaks first with one
+length-prefixed msgpack request; the server answers with one reply; for a
+tunnel both sides then hand the transport to a ``MuxConnection``, passing on
+any bytes that already followed the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from relayd.core.framing import FramingError, MessageReader, encode_message
+
+log = logging.getLogger("relayd.preamble")
+
+
+class ServerPreamble(asyncio.Protocol):
+    """Server side: ``handler(request, transport)`` returns
+    ``(reply, protocol_or_None)``; a protocol takes the transport over."""
+
+    def __init__(self, handler: Callable[[dict, asyncio.Transport], Awaitable[tuple[dict, asyncio.Protocol | None]]],
+                 timeout: float = 10.0) -> None:
+        self._handler = handler
+        self._reader = MessageReader()
+        self._transport = None
+        self._timer = None
+        self._timeout = timeout
+        self._busy = False
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def _expire(self) -> None:
+        log.info("preamble timed out", extra={"peer": _peer(self._transport)})
+        self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._busy:
+            self._transport.abort()  # the client must wait for the reply
+            return
+        try:
+            msg, rest = self._reader.feed(data)
+        except FramingError as exc:
+            log.warning("bad preamble: %s", exc, extra={"peer": _peer(self._transport)})
+            self._transport.abort()
+            return
+        if msg is None:
+            return
+        if rest:
+            log.warning("client spoke before the reply", extra={"peer": _peer(self._transport)})
+            self._transport.abort()
+            return
+        self._busy = True
+        self._transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._handle(msg))
+
+    async def _handle(self, msg: dict) -> None:
+        t = self._transport
+        try:
+            reply, proto = await self._handler(msg, t)
+        except Exception:
+            log.exception("preamble handler failed")
+            t.abort()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if t.is_closing():
+            return
+        t.write(encode_message(reply))
+        if proto is None:
+            t.close()
+            return
+        t.set_protocol(proto)
+        proto.connection_made(t)
+        t.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class ClientPreamble(asyncio.Protocol):
+    """Client side: sends ``request``; ``reply`` resolves with the answer.
+
+    With ``make_protocol``, an ``ok`` reply hands the transport over at once
+    to ``make_protocol(reply)`` (bytes after the reply go to it too).
+    """
+
+    def __init__(self, request: dict, make_protocol: Callable[[dict], asyncio.Protocol] | None = None) -> None:
+        self._request = request
+        self._make = make_protocol
+        self._reader = MessageReader()
+        self.reply: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.protocol: asyncio.Protocol | None = None
+        self._transport = None
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        transport.write(encode_message(self._request))
+
+    def data_received(self, data: bytes) -> None:
+        if self.reply.done():
+            return
+        try:
+            msg, rest = self._reader.feed(data)
+        except FramingError as exc:
+            self.reply.set_exception(exc)
+            self._transport.abort()
+            return
+        if msg is None:
+            return
+        if self._make is not None and msg.get("ok"):
+            proto = self._make(msg)
+            self.protocol = proto
+            self._transport.set_protocol(proto)
+            proto.connection_made(self._transport)
+            if rest:
+                proto.data_received(rest)
+        self.reply.set_result(msg)
+
+    def connection_lost(self, exc) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(ConnectionError(f"connection closed before the reply ({exc or 'EOF'})"))
+
+
+def _peer(transport) -> str:
+    try:
+        p = transport.get_extra_info("peername")
+        return f"{p[0]}:{p[1]}" if p else "?"
+    except Exception:
+        return "?"

@@ -1,0 +1,193 @@
+"""Splicing a TCP connection and a mux stream, with back-pressure both ways.
+
+``TcpSplice`` is the ``asyncio.Protocol`` of the TCP side (a public client at
+the relay, the local service at the agent) and the sink of the mux stream:
+
+* TCP -> stream: bytes go out as far as the stream's send window allows; the
+  rest waits and TCP reading pauses until a WindowUpdate, or while the agent
+  link's own transport is above its high-water mark.
+* stream -> TCP: bytes are written to the TCP transport; their window credit
+  goes back to the peer only once that transport is below its high-water
+  mark. A slow TCP reader therefore holds at most one window plus the
+  transport's buffer, whatever the sender does.
+* FIN both ways as half-closes; a reset or a lost link aborts the TCP side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from relayd.errors import RelaydError
+
+log = logging.getLogger("relayd.splice")
+
+
+class TcpSplice(asyncio.Protocol):
+    __slots__ = (
+        "stream", "transport", "_pending", "_reading_paused", "_write_paused", "_deferred",
+        "_tcp_eof", "_stream_eof", "_fin_sent", "_done", "on_close", "on_bytes", "bytes_up", "bytes_down",
+    )
+
+    def __init__(self, stream=None, *, on_close: Callable | None = None, on_bytes: Callable | None = None) -> None:
+        self.stream = None
+        self.transport: asyncio.Transport | None = None
+        self._pending: bytes | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._deferred = 0
+        self._tcp_eof = False
+        self._stream_eof = False
+        self._fin_sent = False
+        self._done = False
+        self.on_close = on_close
+        # on_bytes(up, down): called as bytes flow (metrics), never with payload.
+        self.on_bytes = on_bytes
+        self.bytes_up = 0
+        self.bytes_down = 0
+        if stream is not None:
+            self.stream = stream
+
+    # -- binding -----------------------------------------------------------------
+
+    def bind(self, stream) -> None:
+        """Join ``stream``; starts reading the TCP side."""
+        self.stream = stream
+        stream.attach(self)
+        if self.transport is not None and not self._done:
+            self._resume_reading()
+
+    # -- TCP side ------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.stream is None:
+            self._pause_reading()  # until bind()
+        else:
+            self.stream.attach(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending is not None:
+            self._pending += data
+            return
+        self._send(data)
+
+    def _send(self, data) -> None:
+        try:
+            n = self.stream.send_nowait(data)
+        except RelaydError:
+            self._abort()
+            return
+        self.bytes_up += n
+        if self.on_bytes is not None and n:
+            self.on_bytes(n, 0)
+        if n < len(data):
+            self._pending = bytes(data[n:])
+            self._pause_reading()
+        elif self.stream.link_write_paused:
+            self._pause_reading()
+            self.stream.on_link_resume(self._link_resumed)
+
+    def _link_resumed(self) -> None:
+        if self._pending is None and not self._done:
+            self._resume_reading()
+
+    def eof_received(self) -> bool:
+        self._tcp_eof = True
+        if self._pending is None:
+            self._send_fin()
+        return True  # keep our writing side open (half-close)
+
+    def _send_fin(self) -> None:
+        if self._fin_sent or self.stream is None:
+            return
+        self._fin_sent = True
+        try:
+            self.stream.write_eof()
+        except RelaydError:
+            pass
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._deferred and self.stream is not None:
+            n, self._deferred = self._deferred, 0
+            self.stream.consumed(n)
+
+    def connection_lost(self, exc) -> None:
+        was_done = self._done
+        self._done = True
+        if self.stream is not None and not was_done:
+            if exc is not None or not self._tcp_eof:
+                self.stream.reset()
+            else:
+                self._send_fin()
+        if self.on_close is not None:
+            cb, self.on_close = self.on_close, None
+            cb(self)
+
+    # -- stream side (sink) ---------------------------------------------------------
+
+    def stream_data(self, data: bytes) -> None:
+        if self._done:
+            self.stream.consumed(len(data))
+            return
+        self.transport.write(data)
+        n = len(data)
+        self.bytes_down += n
+        if self.on_bytes is not None:
+            self.on_bytes(0, n)
+        if self._write_paused:
+            self._deferred += n
+        else:
+            self.stream.consumed(n)
+
+    def stream_window(self) -> None:
+        if self._pending is None or self._done:
+            return
+        data, self._pending = self._pending, None
+        self._send(data)
+        if self._pending is None:
+            if self._tcp_eof:
+                self._send_fin()
+            elif not self.stream.link_write_paused:
+                self._resume_reading()
+
+    def stream_eof(self) -> None:
+        self._stream_eof = True
+        if self._done:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_finish()
+
+    def stream_reset(self) -> None:
+        self._abort()
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _maybe_finish(self) -> None:
+        if self._fin_sent and self._stream_eof and not self._done:
+            self.transport.close()
+        elif self._stream_eof and not self.transport.can_write_eof() and not self._done:
+            # TLS transports cannot half-close: finish once we are done too.
+            if self._fin_sent:
+                self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self._done:
+            self.transport.abort()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()

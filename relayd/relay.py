@@ -1,0 +1,424 @@
+"""``relayd serve``: the relay node.
+
+Agents dial in over TLS on the agents port. One listener serves four
+requests (see relayd.net.preamble): ``ca`` (bootstrap: the CA certificate,
+whose pin the agent checks against its join token), ``enroll`` (join token +
+CSR -> certificate), ``renew`` (current certificate + CSR -> new
+certificate) and ``tunnel`` (mTLS; the link becomes a yamux session).
+
+Each public TCP endpoint is a listener; every connection to it becomes one
+yamux stream to an agent serving that endpoint (the one with the fewest open
+streams), opened with a length-prefixed msgpack header (endpoint, trace id,
+client address), then spliced with back-pressure (relayd.net.splice).
+
+The control plane (SQLite store, CA) is consulted when a link or stream
+opens, never per byte. Revocations are noticed by polling the store's
+revision counter, so ``relayd admin revoke-agent`` from another process cuts
+a live link within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from relayd import metrics
+from relayd.config import ServeConfig, format_hostport
+from relayd.control.ca import CertificateAuthority, cert_info, write_private
+from relayd.control.store import Store
+from relayd.core.framing import encode_message
+from relayd.errors import AuthError, RelaydError
+from relayd.net import tls
+from relayd.net.mux import MuxConnection
+from relayd.net.preamble import ServerPreamble
+from relayd.net.splice import TcpSplice
+
+log = logging.getLogger("relayd.relay")
+
+REVOCATION_POLL = 0.5
+STATUS_INTERVAL = 2.0
+
+
+@dataclass(eq=False)
+class AgentSession:
+    agent_id: str
+    serial: int
+    endpoints: list[str]
+    conn: MuxConnection
+    address: str
+    connected_since: float = field(default_factory=time.time)
+
+
+class RelayNode:
+    """One relay process: agent listener, public endpoints, control plane."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg.validate()
+        self.data = Path(cfg.data)
+        self.store: Store | None = None
+        self.ca: CertificateAuthority | None = None
+        self.sessions: dict[str, AgentSession] = {}
+        self.by_endpoint: dict[str, list[AgentSession]] = {name: [] for name in cfg.tcp}
+        self.agents_port: int | None = None
+        self.tcp_ports: dict[str, int] = {}
+        self.metrics_port: int | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task] = []
+        self._waiting: dict[str, list] = {name: [] for name in cfg.tcp}
+        self._public: set[TcpSplice] = set()
+        self._revision = -1
+        self.stopped = asyncio.Event()
+
+    # -- life cycle -----------------------------------------------------------
+
+    def _prepare_data_dir(self) -> ssl.SSLContext:
+        self.data.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data, 0o700)
+        self.ca = CertificateAuthority.load_or_create(self.data / "ca")
+        self.store = Store(self.data / "relayd.db")
+        self.store.clear_all_status()
+        names = ["localhost", "127.0.0.1", "::1"]
+        adv_host = self.cfg.advertised[0]
+        for n in (self.cfg.hostname, adv_host, self.cfg.agents[0]):
+            if n and n not in ("0.0.0.0", "::") and n not in names:
+                names.insert(0, n)
+        chain, key = self.ca.issue_server_cert(names)
+        (self.data / "server.crt").write_bytes(chain)
+        write_private(self.data / "server.key", key)
+        info = {"advertised": format_hostport(self.cfg.advertised), "hostname": self.cfg.hostname or adv_host}
+        (self.data / "relay.json").write_bytes(orjson.dumps(info))
+        return tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
+                                  client_ca=str(self.ca_path))
+
+    @property
+    def ca_path(self) -> Path:
+        return self.data / "ca" / "ca.crt"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self._prepare_data_dir()
+        host, port = self.cfg.agents
+        srv = await loop.create_server(lambda: ServerPreamble(self._on_request), host, port, ssl=ctx,
+                                       ssl_handshake_timeout=10)
+        self._servers.append(srv)
+        self.agents_port = srv.sockets[0].getsockname()[1]
+        if self.cfg.advertised[1] == 0:
+            # Bound to port 0 (tests): write the real port into relay.json.
+            adv = (self.cfg.advertised[0], self.agents_port)
+            info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0]}
+            (self.data / "relay.json").write_bytes(orjson.dumps(info))
+        for name, (h, p) in self.cfg.tcp.items():
+            s = await loop.create_server(lambda name=name: self._public_protocol(name), h, p, backlog=1024)
+            self._servers.append(s)
+            self.tcp_ports[name] = s.sockets[0].getsockname()[1]
+        if self.cfg.metrics is not None:
+            ms = await metrics.serve_metrics(*self.cfg.metrics)
+            self._servers.append(ms)
+            self.metrics_port = ms.sockets[0].getsockname()[1]
+        self._tasks.append(loop.create_task(self._watch_revocations()))
+        self._tasks.append(loop.create_task(self._write_status()))
+        log.info("relay listening", extra={
+            "agents": format_hostport((host, self.agents_port)),
+            "endpoints": ",".join(f"{n}={format_hostport((h, self.tcp_ports[n]))}" for n, (h, _) in self.cfg.tcp.items()),
+        })
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for s in self._servers:
+            s.close()
+        for sess in list(self.sessions.values()):
+            sess.conn.abort()
+        for sp in list(self._public):
+            sp._abort()
+        for s in self._servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+        if self.store is not None:
+            self._flush_status()
+            self.store.close()
+            self.store = None
+        self.stopped.set()
+
+    # -- agent port ---------------------------------------------------------------
+
+    async def _on_request(self, msg: dict, transport) -> tuple[dict, asyncio.Protocol | None]:
+        op = msg.get("op")
+        peer = _peer(transport)
+        try:
+            if op == "ca":
+                return {"ok": True, "ca": self.ca.cert_pem.decode()}, None
+            if op == "enroll":
+                return await self._enroll(msg, peer), None
+            ident = self._peer_identity(transport)
+            if op == "renew":
+                return await self._renew(msg, ident, peer), None
+            if op == "tunnel":
+                return self._tunnel(msg, ident, peer)
+            raise AuthError(f"unknown request {str(op)[:32]!r}")
+        except AuthError as exc:
+            kind = {"enroll": "enroll", "renew": "renew"}.get(op)
+            if kind:
+                metrics.ENROLLMENTS.labels(kind, "refused").inc()
+            if op == "tunnel":
+                metrics.LISTENER_CONNECTIONS.labels("refused").inc()
+            log.warning("agent request refused: %s", exc, extra={"op": str(op)[:16], "peer": peer})
+            return {"ok": False, "error": str(exc)}, None
+
+    def _peer_identity(self, transport) -> tuple[str, int]:
+        sslobj = transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der:
+            raise AuthError("this request needs the agent's client certificate")
+        info = cert_info(der)
+        agent_id = info.get("agent_id") or info.get("common_name")
+        if not agent_id:
+            raise AuthError("client certificate names no agent")
+        if self.store.is_revoked(agent_id, info["serial"]):
+            raise AuthError(f"agent {agent_id}: certificate revoked or unknown")
+        return agent_id, info["serial"]
+
+    async def _enroll(self, msg: dict, peer: str) -> dict:
+        token_id, secret, csr = msg.get("id"), msg.get("secret"), msg.get("csr")
+        if not (isinstance(token_id, str) and isinstance(secret, str) and isinstance(csr, str)):
+            raise AuthError("enroll request needs id, secret and csr")
+        endpoints = await asyncio.to_thread(self.store.redeem_join_token, token_id, secret)
+        agent_id = "ag-" + secrets.token_hex(6)
+        cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
+        info = cert_info(cert)
+        self.store.add_agent(agent_id, list(endpoints), info["serial"], info["not_after"].timestamp())
+        metrics.ENROLLMENTS.labels("enroll", "success").inc()
+        log.info("agent enrolled", extra={"agent": agent_id, "peer": peer, "allowed": ",".join(endpoints) or "*"})
+        return {"ok": True, "agent_id": agent_id, "cert": cert.decode(), "ca": self.ca.cert_pem.decode()}
+
+    async def _renew(self, msg: dict, ident: tuple[str, int], peer: str) -> dict:
+        agent_id, _ = ident
+        csr = msg.get("csr")
+        if not isinstance(csr, str):
+            raise AuthError("renew request needs csr")
+        cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
+        info = cert_info(cert)
+        self.store.update_agent_cert(agent_id, info["serial"], info["not_after"].timestamp())
+        metrics.ENROLLMENTS.labels("renew", "success").inc()
+        log.info("agent certificate renewed", extra={"agent": agent_id, "peer": peer})
+        return {"ok": True, "cert": cert.decode()}
+
+    def _tunnel(self, msg: dict, ident: tuple[str, int], peer: str) -> tuple[dict, asyncio.Protocol]:
+        agent_id, serial = ident
+        wanted = msg.get("endpoints")
+        if not isinstance(wanted, list) or not all(isinstance(e, str) for e in wanted):
+            raise AuthError("tunnel request needs a list of endpoints")
+        record = self.store.get_agent(agent_id)
+        allowed = set(record["endpoints"]) if record else set()
+        if allowed and not set(wanted) <= allowed:
+            raise AuthError(f"agent {agent_id} may not serve {sorted(set(wanted) - allowed)}")
+        unknown = [e for e in wanted if e not in self.cfg.tcp]
+        conn = MuxConnection(False, self.cfg.mux, on_stream=_refuse_stream, name=agent_id)
+        sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.cfg.tcp], conn, peer)
+        old = self.sessions.get(agent_id)
+        if old is not None:
+            # The same agent authenticated again: its old link is stale.
+            log.info("agent reconnected: replacing its previous link", extra={"agent": agent_id})
+            self._unregister(old)
+            old.conn.abort()
+        self.sessions[agent_id] = sess
+        for e in sess.endpoints:
+            self.by_endpoint[e].append(sess)
+        conn.closed_future.add_done_callback(lambda _f, s=sess: self._on_link_closed(s))
+        metrics.LISTENER_CONNECTIONS.labels("success").inc()
+        metrics.ACTIVE_LISTENERS.set(len(self.sessions))
+        metrics.AGENT_ONLINE.labels(agent_id).set(1)
+        log.info("agent connected", extra={"agent": agent_id, "peer": peer, "endpoints": ",".join(sess.endpoints),
+                                           "unknown_endpoints": ",".join(unknown)})
+        self._set_status(sess, connected=True)
+        asyncio.get_running_loop().call_soon(self._serve_waiting, sess)
+        return {"ok": True, "agent_id": agent_id, "unknown_endpoints": unknown}, conn
+
+    def _on_link_closed(self, sess: AgentSession) -> None:
+        if self.sessions.get(sess.agent_id) is sess:
+            self._unregister(sess)
+            err = sess.conn.error
+            if err is not None:
+                metrics.PROTOCOL_ERRORS.labels(type(err).__name__).inc()
+            log.info("agent disconnected", extra={"agent": sess.agent_id, "error": str(err) if err else None})
+
+    def _unregister(self, sess: AgentSession) -> None:
+        if self.sessions.get(sess.agent_id) is sess:
+            del self.sessions[sess.agent_id]
+            metrics.AGENT_ONLINE.labels(sess.agent_id).set(0)
+        for e in sess.endpoints:
+            lst = self.by_endpoint.get(e, [])
+            if sess in lst:
+                lst.remove(sess)
+        metrics.ACTIVE_LISTENERS.set(len(self.sessions))
+        self._set_status(sess, connected=False)
+
+    # -- public endpoints -------------------------------------------------------------
+
+    def _public_protocol(self, endpoint: str) -> TcpSplice:
+        relay = self
+
+        class PublicConnection(TcpSplice):
+            def connection_made(self, transport) -> None:
+                super().connection_made(transport)
+                relay._route(self, endpoint)
+
+        sp = PublicConnection(on_close=self._public_closed)
+        return sp
+
+    def _route(self, sp: TcpSplice, endpoint: str) -> None:
+        self._public.add(sp)
+        metrics.ACTIVE_CONNECTIONS.labels(endpoint).inc()
+        sp.endpoint = endpoint  # type: ignore[attr-defined]
+        sess = self._pick(endpoint)
+        if sess is not None:
+            self._open(sp, endpoint, sess)
+        elif self.cfg.grace > 0:
+            waiting = self._waiting[endpoint]
+            timer = asyncio.get_running_loop().call_later(self.cfg.grace, self._give_up, sp, endpoint)
+            waiting.append((sp, timer))
+        else:
+            self._refuse(sp, endpoint, "no_agent")
+
+    def _pick(self, endpoint: str) -> AgentSession | None:
+        live = [s for s in self.by_endpoint.get(endpoint, ()) if not s.conn.closed]
+        if not live:
+            return None
+        return min(live, key=lambda s: s.conn.stream_count())
+
+    def _serve_waiting(self, sess: AgentSession) -> None:
+        for endpoint in sess.endpoints:
+            waiting, self._waiting[endpoint] = self._waiting.get(endpoint, []), []
+            for sp, timer in waiting:
+                timer.cancel()
+                if sp._done:
+                    continue
+                target = self._pick(endpoint)
+                if target is None:
+                    self._refuse(sp, endpoint, "no_agent")
+                else:
+                    self._open(sp, endpoint, target)
+
+    def _give_up(self, sp: TcpSplice, endpoint: str) -> None:
+        waiting = self._waiting.get(endpoint, [])
+        self._waiting[endpoint] = [(s, t) for s, t in waiting if s is not sp]
+        self._refuse(sp, endpoint, "no_agent")
+
+    def _refuse(self, sp: TcpSplice, endpoint: str, reason: str) -> None:
+        metrics.SENDER_CONNECTIONS.labels(endpoint, reason).inc()
+        metrics.STREAMS_FAILED.labels(endpoint, reason).inc()
+        log.info("public connection refused", extra={"endpoint": endpoint, "reason": reason,
+                                                     "client": _peer(sp.transport)})
+        sp._abort()
+
+    def _open(self, sp: TcpSplice, endpoint: str, sess: AgentSession) -> None:
+        try:
+            st = sess.conn.open_stream_nowait()
+        except RelaydError as exc:
+            self._refuse(sp, endpoint, type(exc).__name__)
+            return
+        trace = secrets.token_hex(8)
+        client = _peer(sp.transport)
+        st.send_nowait(encode_message({"e": endpoint, "t": trace, "c": client}))
+        agent = sess.agent_id
+        up = metrics.BYTES.labels(endpoint, agent, "in")
+        down = metrics.BYTES.labels(endpoint, agent, "out")
+
+        def on_bytes(n_up: int, n_down: int) -> None:
+            if n_up:
+                up.inc(n_up)
+            if n_down:
+                down.inc(n_down)
+
+        sp.on_bytes = on_bytes
+        sp.agent = agent  # type: ignore[attr-defined]
+        metrics.SENDER_CONNECTIONS.labels(endpoint, "success").inc()
+        metrics.STREAMS_OPENED.labels(endpoint, agent).inc()
+        metrics.STREAMS_ACTIVE.labels(endpoint, agent).inc()
+        t0 = time.monotonic()
+
+        def accepted(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                metrics.STREAM_OPEN_SECONDS.observe(time.monotonic() - t0)
+            else:
+                metrics.STREAMS_FAILED.labels(endpoint, "agent_refused").inc()
+
+        st._accepted.add_done_callback(accepted)
+        log.debug("stream opened", extra={"endpoint": endpoint, "agent": agent, "trace": trace,
+                                          "stream": st.stream_id, "client": client})
+        sp.bind(st)
+
+    def _public_closed(self, sp: TcpSplice) -> None:
+        self._public.discard(sp)
+        endpoint = getattr(sp, "endpoint", None)
+        if endpoint is not None:
+            metrics.ACTIVE_CONNECTIONS.labels(endpoint).dec()
+            agent = getattr(sp, "agent", None)
+            if agent is not None:
+                metrics.STREAMS_ACTIVE.labels(endpoint, agent).dec()
+
+    # -- background ------------------------------------------------------------------
+
+    async def _watch_revocations(self) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_POLL)
+            try:
+                rev = self.store.revision()
+                if rev == self._revision:
+                    continue
+                self._revision = rev
+                for sess in list(self.sessions.values()):
+                    if self.store.is_revoked(sess.agent_id, sess.serial):
+                        log.warning("agent revoked: cutting its link", extra={"agent": sess.agent_id})
+                        self._unregister(sess)
+                        sess.conn.abort()
+            except Exception:
+                log.exception("revocation check failed")
+
+    def _set_status(self, sess: AgentSession, connected: bool) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.set_agent_status(
+                sess.agent_id,
+                connected_since=sess.connected_since if connected else None,
+                address=sess.address,
+                bytes_in=sess.conn.bytes_in,
+                bytes_out=sess.conn.bytes_out,
+            )
+        except Exception:
+            log.exception("status update failed")
+
+    def _flush_status(self) -> None:
+        for sess in self.sessions.values():
+            self._set_status(sess, connected=False)
+
+    async def _write_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            for sess in list(self.sessions.values()):
+                self._set_status(sess, connected=True)
+
+
+async def _refuse_stream(stream) -> None:
+    # Agents do not open streams toward the relay (yet): refuse them.
+    stream.reset()
+
+
+def _peer(transport) -> str:
+    try:
+        p = transport.get_extra_info("peername")
+        return format_hostport((p[0], p[1])) if p else "?"
+    except Exception:
+        return "?"
+
