@@ -140,8 +140,8 @@ class ServeConfig:
             if hp[1] != 0 and hp in seen:
                 raise ConfigError(f"config keys '{seen[hp]}' and '{key}' both listen on {format_hostport(hp)}")
             seen[hp] = key
-        if self.agent_cert_ttl < 60:
-            raise ConfigError("config key 'serve.agent_cert_ttl': must be at least 60s")
+        if self.agent_cert_ttl < 5:
+            raise ConfigError("config key 'serve.agent_cert_ttl': must be at least 5s")
         if self.grace > 60:
             raise ConfigError("config key 'serve.grace': at most 60s (clients should not hang)")
         return self

@@ -1,0 +1,1 @@
+"""relayd's control plane: CA, join tokens, storage (pure Python, no event loop)."""

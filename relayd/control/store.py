@@ -1,0 +1,435 @@
+"""The control plane's embedded database (SQLite, stdlib ``sqlite3``).
+
+Theory of operation
+-------------------
+One SQLite file in the node's data directory holds join tokens, agents and
+the serials of every certificate issued to them. Two kinds of process open it
+at once: the relay (long-lived) and ``relayd admin ...`` commands. So:
+
+* WAL mode: readers never block the writer and vice versa; the relay's 0.5 s
+  ``revision()`` poll costs one indexed read and takes no write lock.
+* ``busy_timeout`` of 5 s: a writer waits for another process's short
+  transaction instead of failing with "database is locked".
+* Every method is one short transaction. Anything that reads and then writes
+  starts with ``BEGIN IMMEDIATE``, which takes the write lock before the
+  read, so the check and the update cannot interleave with another process
+  (this is what makes join tokens single-use across processes).
+* ``synchronous=FULL``: a redeemed token or a revocation must survive a power
+  cut; losing it would re-open a door that was closed.
+* The connection runs in autocommit mode (``isolation_level=None``) so the
+  transactions are exactly the ones written here, not the ones the
+  ``sqlite3`` module would open implicitly. A lock makes one ``Store`` safe
+  to share between threads.
+
+``revision()`` is a counter bumped in the same transaction as every change to
+an agent or a revocation; the relay polls it and re-checks its live sessions
+only when it moved. Connection status (``set_agent_status``) changes often
+and does not bump it.
+
+Join token secrets are stored only as SHA-256 hashes (they are 256-bit random
+values, so a fast hash is enough) and compared in constant time. Certificate
+serials are 128-bit, beyond SQLite's 64-bit integers, so they are stored as
+lowercase hex text.
+
+The schema version lives in ``meta``; opening a database migrates it forward
+inside one transaction and refuses a newer one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from relayd.errors import AuthError, ConfigError
+
+__all__ = ["SCHEMA_VERSION", "Store"]
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+#: Spent or expired join tokens are kept this long (so that a late attempt
+#: gets "expired"/"already used" rather than "unknown"), then purged.
+TOKEN_RETENTION = 7 * 86400.0
+
+# Each entry migrates from version i to i + 1.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE join_tokens (
+        id            TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        endpoints     TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        expires_at    REAL NOT NULL,
+        used_at       REAL
+    );
+    CREATE TABLE agents (
+        id              TEXT PRIMARY KEY,
+        endpoints       TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        revoked_at      REAL,
+        cert_serial     TEXT NOT NULL,
+        cert_not_after  REAL NOT NULL,
+        connected_since REAL,
+        address         TEXT,
+        bytes_in        INTEGER NOT NULL DEFAULT 0,
+        bytes_out       INTEGER NOT NULL DEFAULT 0,
+        last_seen       REAL
+    );
+    CREATE TABLE certificates (
+        serial     TEXT PRIMARY KEY,
+        agent_id   TEXT NOT NULL REFERENCES agents(id),
+        not_after  REAL NOT NULL,
+        issued_at  REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX certificates_agent ON certificates(agent_id);
+    INSERT INTO meta(key, value) VALUES ('revision', 0);
+    """,
+]
+
+_AGENT_COLUMNS = (
+    "id, endpoints, created_at, revoked_at, cert_serial, cert_not_after,"
+    " connected_since, address, bytes_in, bytes_out, last_seen"
+)
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _serial_text(serial: int) -> str:
+    if not isinstance(serial, int) or serial < 0:
+        raise ConfigError("certificate serial must be a non-negative integer")
+    return f"{serial:x}"
+
+
+def _endpoints_json(endpoints: list[str]) -> str:
+    if isinstance(endpoints, str) or not all(isinstance(e, str) for e in endpoints):
+        raise ConfigError("endpoints must be a list of names")
+    return json.dumps(list(endpoints))
+
+
+def _agent_row(row: tuple) -> dict[str, Any]:
+    return {
+        "id": row[0],
+        "endpoints": json.loads(row[1]),
+        "created_at": row[2],
+        "revoked_at": row[3],
+        "cert_serial": int(row[4], 16),
+        "cert_not_after": row[5],
+        "connected_since": row[6],
+        "address": row[7],
+        "bytes_in": row[8],
+        "bytes_out": row[9],
+        "last_seen": row[10],
+    }
+
+
+class Store:
+    """The control-plane database in one SQLite file (thread and process safe)."""
+
+    def __init__(self, path: os.PathLike | str) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        # The file holds agent identities and token hashes: create it private.
+        # SQLite gives its -wal and -shm files the same permissions.
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise ConfigError(f"cannot open database {self.path}: {exc.strerror}") from None
+        try:
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open database {self.path}: {exc}") from None
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise ConfigError(f"database {self.path} cannot use WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ConfigError(f"cannot open database {self.path}: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = 0 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"database {self.path} has schema version {version}, newer than"
+                    f" this relayd supports ({SCHEMA_VERSION}); upgrade relayd"
+                )
+            for script in _MIGRATIONS[version:]:
+                # executescript() would COMMIT first; run statement by statement
+                # so that a migration is all or nothing.
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (SCHEMA_VERSION,),
+            )
+
+    class _Txn:
+        """``with store._write() as db``: BEGIN IMMEDIATE ... COMMIT/ROLLBACK."""
+
+        def __init__(self, store: Store) -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._db
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                if exc_type is None:
+                    self.store._db.execute("COMMIT")
+                else:
+                    self.store._db.execute("ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _write(self) -> Store._Txn:
+        return Store._Txn(self)
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- join tokens ------------------------------------------------------
+
+    def create_join_token(
+        self, endpoints: list[str], ttl_seconds: float, *, now: float | None = None
+    ) -> tuple[str, str]:
+        """Record a new single-use join token; returns ``(token_id, secret)``."""
+        if not (isinstance(ttl_seconds, (int, float)) and math.isfinite(ttl_seconds)
+                and ttl_seconds > 0):
+            raise ConfigError("join token lifetime must be a positive number of seconds")
+        endpoints_json = _endpoints_json(endpoints)
+        now = time.time() if now is None else now
+        secret = secrets.token_urlsafe(32)
+        with self._write() as db:
+            db.execute("DELETE FROM join_tokens WHERE expires_at < ?", (now - TOKEN_RETENTION,))
+            while True:
+                token_id = secrets.token_urlsafe(9)  # 12 characters
+                try:
+                    db.execute(
+                        "INSERT INTO join_tokens"
+                        " (id, secret_sha256, endpoints, created_at, expires_at, used_at)"
+                        " VALUES (?, ?, ?, ?, ?, NULL)",
+                        (token_id, _hash_secret(secret), endpoints_json, now, now + ttl_seconds),
+                    )
+                    break
+                except sqlite3.IntegrityError:
+                    continue  # 72-bit id collision: astronomically rare, retry
+        return token_id, secret
+
+    def redeem_join_token(self, token_id: str, secret: str, *, now: float | None = None) -> list[str]:
+        """Spend a join token; returns its endpoints, AuthError if refused.
+
+        Exactly one of any number of concurrent redeemers (threads or
+        processes) succeeds. A wrong secret does not spend the token and its
+        error says nothing about the token's state.
+        """
+        if not isinstance(token_id, str) or not isinstance(secret, str):
+            raise AuthError("unknown join token")
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = db.execute(
+                "SELECT secret_sha256, endpoints, expires_at, used_at FROM join_tokens"
+                " WHERE id = ?",
+                (token_id,),
+            ).fetchone()
+            if row is None:
+                raise AuthError("unknown join token")
+            stored_hash, endpoints, expires_at, used_at = row
+            # The secret first: without it, nobody learns whether the token
+            # is spent or expired.
+            if not hmac.compare_digest(stored_hash, _hash_secret(secret)):
+                raise AuthError("join token secret does not match")
+            if used_at is not None:
+                raise AuthError("join token already used")
+            if now >= expires_at:
+                raise AuthError("join token expired")
+            cur = db.execute(
+                "UPDATE join_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                (now, token_id),
+            )
+            if cur.rowcount != 1:
+                raise AuthError("join token already used")
+        return json.loads(endpoints)
+
+    # -- agents -----------------------------------------------------------
+
+    def add_agent(
+        self, agent_id: str, endpoints: list[str], cert_serial: int, cert_not_after: float
+    ) -> None:
+        """Record a newly enrolled agent and its first certificate."""
+        endpoints_json = _endpoints_json(endpoints)
+        serial = _serial_text(cert_serial)
+        now = time.time()
+        with self._write() as db:
+            try:
+                db.execute(
+                    f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES"
+                    " (?, ?, ?, NULL, ?, ?, NULL, NULL, 0, 0, NULL)",
+                    (agent_id, endpoints_json, now, serial, cert_not_after),
+                )
+                db.execute(
+                    "INSERT INTO certificates (serial, agent_id, not_after, issued_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (serial, agent_id, cert_not_after, now),
+                )
+            except sqlite3.IntegrityError:
+                raise ConfigError(f"agent {agent_id} or its certificate serial already exists") from None
+            self._bump(db)
+
+    def update_agent_cert(self, agent_id: str, cert_serial: int, cert_not_after: float) -> None:
+        """Record a renewed certificate; earlier ones stay valid until they expire.
+
+        ConfigError for an unknown agent, AuthError for a revoked one.
+        """
+        serial = _serial_text(cert_serial)
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT revoked_at FROM agents WHERE id = ?", (agent_id,)).fetchone()
+            if row is None:
+                raise ConfigError(f"unknown agent {agent_id}")
+            if row[0] is not None:
+                raise AuthError(f"agent {agent_id} is revoked")
+            try:
+                db.execute(
+                    "INSERT INTO certificates (serial, agent_id, not_after, issued_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (serial, agent_id, cert_not_after, now),
+                )
+            except sqlite3.IntegrityError:
+                raise ConfigError("certificate serial already recorded") from None
+            db.execute(
+                "UPDATE agents SET cert_serial = ?, cert_not_after = ? WHERE id = ?",
+                (serial, cert_not_after, agent_id),
+            )
+            self._bump(db)
+
+    def get_agent(self, agent_id: str) -> dict[str, Any] | None:
+        """One agent as a dict (see ``list_agents``), or None."""
+        rows = self._read(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE id = ?", (agent_id,))
+        return _agent_row(rows[0]) if rows else None
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        """Every agent, oldest first.
+
+        Keys: id, endpoints, created_at, revoked_at, cert_serial (current),
+        cert_not_after, connected_since, address, bytes_in, bytes_out,
+        last_seen.
+        """
+        rows = self._read(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY created_at, id")
+        return [_agent_row(r) for r in rows]
+
+    def revoke_agent(self, agent_id: str) -> bool:
+        """Revoke an agent and every certificate issued to it; False if unknown."""
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE agents SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (now, agent_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "UPDATE certificates SET revoked_at = ?"
+                " WHERE agent_id = ? AND revoked_at IS NULL",
+                (now, agent_id),
+            )
+            self._bump(db)
+        return True
+
+    def is_revoked(self, agent_id: str, cert_serial: int) -> bool:
+        """Whether a certificate must be refused.
+
+        True if the agent is unknown or revoked, or the serial is revoked or
+        was never recorded as issued to this agent (deny by default: a
+        certificate the database does not know is not trusted).
+        """
+        if not isinstance(cert_serial, int) or cert_serial < 0:
+            return True
+        rows = self._read(
+            "SELECT a.revoked_at, c.revoked_at FROM agents a"
+            " JOIN certificates c ON c.agent_id = a.id"
+            " WHERE a.id = ? AND c.serial = ?",
+            (agent_id, _serial_text(cert_serial)),
+        )
+        return not rows or rows[0][0] is not None or rows[0][1] is not None
+
+    def revision(self) -> int:
+        """A counter that moves whenever an agent or revocation changes."""
+        return int(self._read("SELECT value FROM meta WHERE key = 'revision'")[0][0])
+
+    # -- live status --------------------------------------------------------
+
+    def set_agent_status(
+        self,
+        agent_id: str,
+        *,
+        connected_since: float | None,
+        address: str | None,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """Record an agent's connection status (does not bump ``revision``)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE agents SET connected_since = ?, address = ?, bytes_in = ?,"
+                " bytes_out = ?, last_seen = ? WHERE id = ?",
+                (connected_since, address, bytes_in, bytes_out, time.time(), agent_id),
+            )
+
+    def clear_all_status(self) -> None:
+        """Mark every agent disconnected (the relay calls this when it starts)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE agents SET connected_since = NULL, address = NULL"
+                " WHERE connected_since IS NOT NULL OR address IS NOT NULL"
+            )
