@@ -23,6 +23,10 @@ from relayd.errors import RelaydError
 
 log = logging.getLogger("relayd.splice")
 
+#: Bytes held from the TCP side while reading is paused (only what was in
+#: flight when the pause took effect can arrive); beyond this, abort.
+MAX_PENDING = 4 * 1024 * 1024
+
 
 class TcpSplice(asyncio.Protocol):
     __slots__ = (
@@ -55,7 +59,9 @@ class TcpSplice(asyncio.Protocol):
         """Join ``stream``; starts reading the TCP side."""
         self.stream = stream
         stream.attach(self)
-        if self.transport is not None and not self._done:
+        if self._pending is not None:
+            self.stream_window()  # bytes that arrived before the stream existed
+        elif self.transport is not None and not self._done:
             self._resume_reading()
 
     # -- TCP side ------------------------------------------------------------------
@@ -68,8 +74,12 @@ class TcpSplice(asyncio.Protocol):
             self.stream.attach(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._pending is not None:
-            self._pending += data
+        if self._pending is not None or self.stream is None:
+            # Reading is paused; only what was already in flight lands here.
+            self._pending = data if self._pending is None else self._pending + data
+            if len(self._pending) > MAX_PENDING:
+                log.warning("peer kept sending while paused; closing", extra={"pending": len(self._pending)})
+                self._abort()
             return
         self._send(data)
 
@@ -95,7 +105,7 @@ class TcpSplice(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._tcp_eof = True
-        if self._pending is None:
+        if self._pending is None and self.stream is not None:
             self._send_fin()
         return True  # keep our writing side open (half-close)
 
