@@ -75,6 +75,7 @@ class RelayNode:
         self._waiting: dict[str, list] = {name: [] for name in cfg.tcp}
         self._public: set[TcpSplice] = set()
         self._revision = -1
+        self._status_writes: set[asyncio.Task] = set()
         self.stopped = asyncio.Event()
 
     # -- life cycle -----------------------------------------------------------
@@ -144,6 +145,8 @@ class RelayNode:
                 await asyncio.wait_for(s.wait_closed(), 2)
             except asyncio.TimeoutError:
                 pass
+        if self._status_writes:
+            await asyncio.gather(*self._status_writes, return_exceptions=True)
         if self.store is not None:
             self._flush_status()
             self.store.close()
@@ -196,7 +199,8 @@ class RelayNode:
         agent_id = "ag-" + secrets.token_hex(6)
         cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
         info = cert_info(cert)
-        self.store.add_agent(agent_id, list(endpoints), info["serial"], info["not_after"].timestamp())
+        await asyncio.to_thread(self.store.add_agent, agent_id, list(endpoints), info["serial"],
+                                info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("enroll", "success").inc()
         log.info("agent enrolled", extra={"agent": agent_id, "peer": peer, "allowed": ",".join(endpoints) or "*"})
         return {"ok": True, "agent_id": agent_id, "cert": cert.decode(), "ca": self.ca.cert_pem.decode()}
@@ -208,7 +212,7 @@ class RelayNode:
             raise AuthError("renew request needs csr")
         cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
         info = cert_info(cert)
-        self.store.update_agent_cert(agent_id, info["serial"], info["not_after"].timestamp())
+        await asyncio.to_thread(self.store.update_agent_cert, agent_id, info["serial"], info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("renew", "success").inc()
         log.info("agent certificate renewed", extra={"agent": agent_id, "peer": peer})
         return {"ok": True, "cert": cert.decode()}
@@ -386,28 +390,30 @@ class RelayNode:
                 log.exception("revocation check failed")
 
     def _set_status(self, sess: AgentSession, connected: bool) -> None:
+        """Connect/disconnect: written at once, in a worker thread."""
         if self.store is None:
             return
-        try:
-            self.store.set_agent_status(
-                sess.agent_id,
-                connected_since=sess.connected_since if connected else None,
-                address=sess.address,
-                bytes_in=sess.conn.bytes_in,
-                bytes_out=sess.conn.bytes_out,
-            )
-        except Exception:
-            log.exception("status update failed")
+        row = (sess.agent_id, sess.connected_since if connected else None, sess.address,
+               sess.conn.bytes_in, sess.conn.bytes_out)
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.set_agent_statuses, [row]))
+        self._status_writes.add(task)
+        task.add_done_callback(self._status_writes.discard)
 
     def _flush_status(self) -> None:
-        for sess in self.sessions.values():
-            self._set_status(sess, connected=False)
+        self.store.set_agent_statuses([(s.agent_id, None, s.address, s.conn.bytes_in, s.conn.bytes_out)
+                                       for s in self.sessions.values()])
 
     async def _write_status(self) -> None:
+        # One transaction for all agents, off the event loop: the store
+        # fsyncs every commit, and a loop stalled on disk stalls every link.
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            for sess in list(self.sessions.values()):
-                self._set_status(sess, connected=True)
+            rows = [(s.agent_id, s.connected_since, s.address, s.conn.bytes_in, s.conn.bytes_out)
+                    for s in self.sessions.values()]
+            try:
+                await asyncio.to_thread(self.store.set_agent_statuses, rows)
+            except Exception:
+                log.exception("status update failed")
 
 
 async def _refuse_stream(stream) -> None:

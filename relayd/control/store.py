@@ -426,6 +426,19 @@ class Store:
                 (connected_since, address, bytes_in, bytes_out, time.time(), agent_id),
             )
 
+    def set_agent_statuses(self, rows: list[tuple[str, float | None, str | None, int, int]]) -> None:
+        """``set_agent_status`` for many agents in one transaction (one fsync):
+        rows of (agent_id, connected_since, address, bytes_in, bytes_out)."""
+        if not rows:
+            return
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "UPDATE agents SET connected_since = ?, address = ?, bytes_in = ?,"
+                " bytes_out = ?, last_seen = ? WHERE id = ?",
+                [(since, addr, bin_, bout, now, aid) for aid, since, addr, bin_, bout in rows],
+            )
+
     def clear_all_status(self) -> None:
         """Mark every agent disconnected (the relay calls this when it starts)."""
         with self._write() as db:
