@@ -103,8 +103,12 @@ async def role_agents(relay_data: str, n: int, service_port: int, ready_file: st
 # -- orchestration --------------------------------------------------------------------------
 
 
-def spawn(args, **kw):
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+def spawn(args, log: Path, **kw):
+    # Logs go to a file: an undrained pipe would block a chatty process.
+    f = open(log, "wb")
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f, **kw)
+    p.log_path = log
+    return p
 
 
 def stop(p) -> None:
@@ -123,7 +127,7 @@ def wait_file(path: Path, timeout: float, proc) -> str:
         if path.exists() and path.read_text():
             return path.read_text()
         if proc.poll() is not None:
-            raise RuntimeError(f"process died: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"process died: {proc.log_path.read_text()[-2000:]}")
         time.sleep(0.1)
     raise RuntimeError(f"timed out waiting for {path}")
 
@@ -158,8 +162,8 @@ def main() -> None:
     agents_port, public_port = free_port(), free_port()
     env = dict(os.environ, **({"RELAYD_NO_EXTENSIONS": "1"} if args.pure else {}))
     relay = spawn([py, "-m", "relayd.cli", "serve", "--data", str(tmp / "relay"), "--agents",
-                   f"127.0.0.1:{agents_port}", "--tcp", f"svc=127.0.0.1:{public_port}"], env=env,
-                  preexec_fn=raise_nofile)
+                   f"127.0.0.1:{agents_port}", "--tcp", f"svc=127.0.0.1:{public_port}"], tmp / "relay.log",
+                  env=env, preexec_fn=raise_nofile)
     procs = [relay]
     try:
         deadline = time.time() + 20
@@ -169,14 +173,15 @@ def main() -> None:
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise RuntimeError(relay.stderr.read().decode()[-2000:])
+                    raise RuntimeError(relay.log_path.read_text()[-2000:])
                 time.sleep(0.1)
         base = settle_rss(relay.pid, 1.0)
-        svc = spawn([py, __file__, "--role", "service", "--file", str(tmp / "svc.port")])
+        svc = spawn([py, __file__, "--role", "service", "--file", str(tmp / "svc.port")], tmp / "svc.log")
         procs.append(svc)
         service_port = int(wait_file(tmp / "svc.port", 20, svc))
         ag = spawn([py, __file__, "--role", "agents", "--agents", str(args.agents), "--relay-data",
-                    str(tmp / "relay"), "--service-port", str(service_port), "--file", str(tmp / "agents.ready")])
+                    str(tmp / "relay"), "--service-port", str(service_port), "--file", str(tmp / "agents.ready")],
+                   tmp / "agents.log")
         procs.append(ag)
         enroll_s = float(wait_file(tmp / "agents.ready", 600, ag))
         with_agents = settle_rss(relay.pid)

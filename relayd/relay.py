@@ -270,20 +270,11 @@ class RelayNode:
     # -- public endpoints -------------------------------------------------------------
 
     def _public_protocol(self, endpoint: str) -> TcpSplice:
-        relay = self
-
-        class PublicConnection(TcpSplice):
-            def connection_made(self, transport) -> None:
-                super().connection_made(transport)
-                relay._route(self, endpoint)
-
-        sp = PublicConnection(on_close=self._public_closed)
-        return sp
+        return PublicConnection(self, endpoint)
 
     def _route(self, sp: TcpSplice, endpoint: str) -> None:
         self._public.add(sp)
         metrics.ACTIVE_CONNECTIONS.labels(endpoint).inc()
-        sp.endpoint = endpoint  # type: ignore[attr-defined]
         sess = self._pick(endpoint)
         if sess is not None:
             self._open(sp, endpoint, sess)
@@ -345,7 +336,7 @@ class RelayNode:
                 down.inc(n_down)
 
         sp.on_bytes = on_bytes
-        sp.agent = agent  # type: ignore[attr-defined]
+        sp.agent = agent
         metrics.SENDER_CONNECTIONS.labels(endpoint, "success").inc()
         metrics.STREAMS_OPENED.labels(endpoint, agent).inc()
         metrics.STREAMS_ACTIVE.labels(endpoint, agent).inc()
@@ -414,6 +405,20 @@ class RelayNode:
                 await asyncio.to_thread(self.store.set_agent_statuses, rows)
             except Exception:
                 log.exception("status update failed")
+
+
+class PublicConnection(TcpSplice):
+    """A client of a public endpoint; routed to an agent once connected."""
+
+    def __init__(self, relay: RelayNode, endpoint: str) -> None:
+        super().__init__(on_close=relay._public_closed)
+        self.relay = relay
+        self.endpoint = endpoint
+        self.agent: str | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.relay._route(self, self.endpoint)
 
 
 async def _refuse_stream(stream) -> None:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -28,7 +29,10 @@ def free_port():
 
 class Proc:
     def __init__(self, args, **kw):
-        self.p = subprocess.Popen(RELAYD + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+        # Output goes to temp files: an undrained pipe would block the process.
+        self.out = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()
+        self.p = subprocess.Popen(RELAYD + args, stdout=self.out, stderr=self.err, **kw)
 
     def stop(self):
         if self.p.poll() is None:
@@ -38,7 +42,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.kill(self.p.pid, signal.SIGKILL)
                 self.p.wait(5)
-        return self.p.stdout.read().decode(), self.p.stderr.read().decode()
+        self.out.seek(0)
+        self.err.seek(0)
+        return self.out.read().decode(), self.err.read().decode()
 
     def rss(self):
         with open(f"/proc/{self.p.pid}/status") as f:
