@@ -23,7 +23,7 @@ from relayd.control.jointoken import JoinToken
 from relayd.relay import RelayNode
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(256 * 1024):
             writer.write(data)
@@ -78,7 +78,7 @@ async def run_demo(once: bool = False, mib: int = 256) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    echo_srv = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    echo_srv = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
     web_srv = await asyncio.start_server(_web, "127.0.0.1", 0)
     echo_port = echo_srv.sockets[0].getsockname()[1]
     web_port = web_srv.sockets[0].getsockname()[1]

@@ -192,23 +192,27 @@ class AgentNode:
             log.info("reconnecting", extra={"in_s": round(delay, 2), "attempt": attempt})
             await asyncio.sleep(delay)
 
-    async def _session(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _ask_relay(self, pre: ClientPreamble):
+        """mTLS to the relay, one request; returns (transport, reply)."""
         host, port = parse_hostport(self.identity["relay"], "relay")
+        transport, _ = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(
+                lambda: pre, host, port, ssl=self._tls(),
+                server_hostname=self.identity.get("server_hostname", host)),
+            CONNECT_TIMEOUT)
+        try:
+            return transport, await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+        except BaseException:
+            transport.abort()
+            raise
+
+    async def _session(self) -> None:
         pre = ClientPreamble(
             {"op": "tunnel", "endpoints": sorted(self.cfg.endpoints)},
             make_protocol=lambda reply: MuxConnection(True, self.cfg.mux, on_stream=self._on_stream,
                                                       name=self.identity["agent_id"]),
         )
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: pre, host, port, ssl=self._tls(),
-                                   server_hostname=self.identity.get("server_hostname", host)),
-            CONNECT_TIMEOUT)
-        try:
-            reply = await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
-        except BaseException:
-            transport.abort()
-            raise
+        transport, reply = await self._ask_relay(pre)
         if not reply.get("ok"):
             transport.close()
             raise AuthError(reply.get("error", "refused"))
@@ -267,18 +271,9 @@ class AgentNode:
                 await asyncio.sleep(min(30.0, max(1.0, (na - time.time()) / 10)))
 
     async def renew(self) -> None:
-        host, port = parse_hostport(self.identity["relay"], "relay")
         key_pem, csr_pem = generate_key_and_csr("relayd-agent")
-        pre = ClientPreamble({"op": "renew", "csr": csr_pem.decode()})
-        loop = asyncio.get_running_loop()
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: pre, host, port, ssl=self._tls(),
-                                   server_hostname=self.identity.get("server_hostname", host)),
-            CONNECT_TIMEOUT)
-        try:
-            reply = await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
-        finally:
-            transport.close()
+        transport, reply = await self._ask_relay(ClientPreamble({"op": "renew", "csr": csr_pem.decode()}))
+        transport.close()
         if not reply.get("ok"):
             raise AuthError(f"renewal refused: {reply.get('error')}")
         # Key first, then certificate: a crash in between leaves a pair that

@@ -10,23 +10,12 @@ from pathlib import Path
 
 from relayd.agent import AgentNode
 from relayd.config import AgentConfig, ServeConfig
+from relayd.demo import echo_handler
 from relayd.control.jointoken import JoinToken
 from relayd.core.config import MuxConfig
 from relayd.relay import RelayNode
 
 FAST_MUX = MuxConfig(ping_interval=0.5, ping_timeout=1.5, open_timeout=5)
-
-
-async def echo_handler(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 @contextlib.asynccontextmanager
