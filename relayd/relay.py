@@ -76,6 +76,10 @@ class RelayNode:
         self._public: set[TcpSplice] = set()
         self._revision = -1
         self._status_writes: set[asyncio.Task] = set()
+        self._metric_children: dict[tuple[str, str], tuple] = {}
+        self._active_children: dict[str, object] = {}
+        self._trace_prefix = secrets.token_hex(4) + "-"
+        self._trace_seq = 0
         self.stopped = asyncio.Event()
 
     # -- life cycle -----------------------------------------------------------
@@ -274,7 +278,7 @@ class RelayNode:
 
     def _route(self, sp: TcpSplice, endpoint: str) -> None:
         self._public.add(sp)
-        metrics.ACTIVE_CONNECTIONS.labels(endpoint).inc()
+        self._active_gauge(endpoint).inc()
         sess = self._pick(endpoint)
         if sess is not None:
             self._open(sp, endpoint, sess)
@@ -322,12 +326,20 @@ class RelayNode:
         except RelaydError as exc:
             self._refuse(sp, endpoint, type(exc).__name__)
             return
-        trace = secrets.token_hex(8)
+        self._trace_seq += 1
+        trace = f"{self._trace_prefix}{self._trace_seq:x}"
         client = _peer(sp.transport)
         st.send_nowait(encode_message({"e": endpoint, "t": trace, "c": client}))
         agent = sess.agent_id
-        up = metrics.BYTES.labels(endpoint, agent, "in")
-        down = metrics.BYTES.labels(endpoint, agent, "out")
+        key = (endpoint, agent)
+        children = self._metric_children.get(key)
+        if children is None:
+            # labels() is a locked dict lookup: resolve once per (endpoint, agent).
+            children = self._metric_children[key] = (
+                metrics.BYTES.labels(endpoint, agent, "in"), metrics.BYTES.labels(endpoint, agent, "out"),
+                metrics.STREAMS_OPENED.labels(endpoint, agent), metrics.STREAMS_ACTIVE.labels(endpoint, agent),
+                metrics.SENDER_CONNECTIONS.labels(endpoint, "success"))
+        up, down, opened, active, success = children
 
         def on_bytes(n_up: int, n_down: int) -> None:
             if n_up:
@@ -337,10 +349,10 @@ class RelayNode:
 
         sp.on_bytes = on_bytes
         sp.agent = agent
-        metrics.SENDER_CONNECTIONS.labels(endpoint, "success").inc()
-        metrics.STREAMS_OPENED.labels(endpoint, agent).inc()
-        metrics.STREAMS_ACTIVE.labels(endpoint, agent).inc()
-        t0 = time.monotonic()
+        success.inc()
+        opened.inc()
+        active.inc()
+        t0 = st.opened_at
 
         def accepted(f: asyncio.Future) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -353,14 +365,19 @@ class RelayNode:
                                           "stream": st.stream_id, "client": client})
         sp.bind(st)
 
-    def _public_closed(self, sp: TcpSplice) -> None:
+    def _public_closed(self, sp: PublicConnection) -> None:
         self._public.discard(sp)
-        endpoint = getattr(sp, "endpoint", None)
-        if endpoint is not None:
-            metrics.ACTIVE_CONNECTIONS.labels(endpoint).dec()
-            agent = getattr(sp, "agent", None)
-            if agent is not None:
-                metrics.STREAMS_ACTIVE.labels(endpoint, agent).dec()
+        self._active_gauge(sp.endpoint).dec()
+        if sp.agent is not None:
+            children = self._metric_children.get((sp.endpoint, sp.agent))
+            if children is not None:
+                children[3].dec()
+
+    def _active_gauge(self, endpoint: str):
+        g = self._active_children.get(endpoint)
+        if g is None:
+            g = self._active_children[endpoint] = metrics.ACTIVE_CONNECTIONS.labels(endpoint)
+        return g
 
     # -- background ------------------------------------------------------------------
 

@@ -230,21 +230,28 @@ class AgentNode:
         log.warning("link to relay lost", extra={"error": str(conn.error) if conn.error else None})
 
     async def _on_stream(self, stream: MuxStream) -> None:
-        raw = await asyncio.wait_for(stream.readexactly(4), CONNECT_TIMEOUT)
-        n = int.from_bytes(raw, "big")
-        if n > 16 * 1024:
-            stream.reset()
-            return
-        meta = msgpack.unpackb(await asyncio.wait_for(stream.readexactly(n), CONNECT_TIMEOUT), raw=False)
-        endpoint = meta.get("e") if isinstance(meta, dict) else None
-        target = self.cfg.endpoints.get(endpoint) if isinstance(endpoint, str) else None
-        if target is None:
-            log.warning("stream for an endpoint this agent does not serve", extra={"endpoint": str(endpoint)[:64]})
-            stream.reset()
-            return
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: TcpSplice(stream), *target), CONNECT_TIMEOUT)
+            # asyncio.timeout, not wait_for: no extra task per stream. The
+            # header usually arrives with the SYN, so these reads do not wait.
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                n = int.from_bytes(await stream.readexactly(4), "big")
+                if n > 16 * 1024:
+                    stream.reset()
+                    return
+                meta = msgpack.unpackb(await stream.readexactly(n), raw=False)
+                endpoint = meta.get("e") if isinstance(meta, dict) else None
+                target = self.cfg.endpoints.get(endpoint) if isinstance(endpoint, str) else None
+                if target is None:
+                    log.warning("stream for an endpoint this agent does not serve",
+                                extra={"endpoint": str(endpoint)[:64]})
+                    stream.reset()
+                    return
+                await loop.create_connection(lambda: TcpSplice(stream), *target)
+        except (ValueError, asyncio.IncompleteReadError) as exc:
+            log.warning("bad stream header: %s", type(exc).__name__)
+            stream.reset()
+            return
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("local service unreachable", extra={"endpoint": endpoint, "target": format_hostport(target),
                                                            "error": str(exc), "trace": meta.get("t")})

@@ -43,7 +43,7 @@ class MuxStream:
 
     __slots__ = (
         "_conn", "stream_id", "_chunks", "_buffered", "_eof", "_reset", "_local_closed",
-        "_read_waiter", "_write_waiter", "_accepted", "_open_timer", "_sink", "opened_at",
+        "_read_waiter", "_write_waiter", "_accepted", "_sink", "opened_at",
         "__weakref__",
     )
 
@@ -58,7 +58,6 @@ class MuxStream:
         self._read_waiter: asyncio.Future | None = None
         self._write_waiter: asyncio.Future | None = None
         self._accepted: asyncio.Future | None = None
-        self._open_timer: asyncio.TimerHandle | None = None
         self._sink = None
         self.opened_at = 0.0
 
@@ -110,9 +109,6 @@ class MuxStream:
         self._settle_accept(StreamResetError(f"stream {self.stream_id} was refused or reset"))
 
     def _settle_accept(self, exc: BaseException | None) -> None:
-        if self._open_timer is not None:
-            self._open_timer.cancel()
-            self._open_timer = None
         f = self._accepted
         if f is not None and not f.done():
             if exc is None:
@@ -300,6 +296,9 @@ class MuxConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._resume_callbacks: list = []
+        self._flush_scheduled = False
+        self._opening: dict[int, MuxStream] = {}
+        self._open_sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self.closed_future: asyncio.Future = self._loop.create_future()
         self.error: BaseException | None = None
@@ -332,7 +331,7 @@ class MuxConnection(asyncio.Protocol):
                     st._on_window()
             else:
                 self._control_event(ev)
-        self._flush()
+        self._flush_now()
 
     def _control_event(self, ev) -> None:
         cls = type(ev)
@@ -352,6 +351,7 @@ class MuxConnection(asyncio.Protocol):
                 if w is not None and not w.done():
                     w.set_result(None)
         elif cls is yamux.StreamAccepted:
+            self._opening.pop(ev.stream_id, None)
             if st is not None:
                 st._settle_accept(None)
         elif cls is yamux.StreamEnded:
@@ -382,7 +382,7 @@ class MuxConnection(asyncio.Protocol):
                 "protocol error from peer: %s: %s", type(ev.error).__name__, ev.error,
                 extra={"conn": self.name},
             )
-            self._flush()  # the GoAway
+            self._flush_now()  # the GoAway
             self._close_transport()
 
     async def _run_handler(self, st: MuxStream) -> None:
@@ -412,6 +412,9 @@ class MuxConnection(asyncio.Protocol):
         self._closed = True
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
+        if self._open_sweep is not None:
+            self._open_sweep.cancel()
+        self._opening.clear()
         err = SessionClosedError("connection lost" + (f": {exc}" if exc else ""))
         for st in list(self._streams.values()):
             if not st._eof:
@@ -438,6 +441,15 @@ class MuxConnection(asyncio.Protocol):
     # -- internals ---------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Write queued frames soon: everything queued during this turn of
+        the loop goes out as one write (one TLS record run, one syscall)
+        instead of one per frame, which is what bounds connection rates."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         out = self.session.data_to_send()
         if out and self._transport is not None and not self._closed:
             self.bytes_out += len(out)
@@ -512,17 +524,29 @@ class MuxConnection(asyncio.Protocol):
         st = MuxStream(self, sid)
         st.opened_at = time.monotonic()
         st._accepted = self._loop.create_future()
-        st._open_timer = self._loop.call_later(self.config.open_timeout, self._open_timed_out, st)
+        self._opening[sid] = st
+        if self._open_sweep is None:
+            self._open_sweep = self._loop.call_later(self.config.open_timeout, self._sweep_opening)
         self._streams[sid] = st
         self._flush()
         return st
 
-    def _open_timed_out(self, st: MuxStream) -> None:
-        st._open_timer = None
-        if st._accepted is not None and not st._accepted.done():
-            log.warning("stream %d: no ACK within %.1fs, resetting", st.stream_id, self.config.open_timeout)
-            st._settle_accept(asyncio.TimeoutError(f"stream {st.stream_id} open timed out"))
-            st.reset()
+    def _sweep_opening(self) -> None:
+        # One timer for all streams awaiting their ACK, not one per stream.
+        self._open_sweep = None
+        deadline = time.monotonic() - self.config.open_timeout
+        for sid, st in list(self._opening.items()):
+            if st._accepted is None or st._accepted.done():
+                del self._opening[sid]
+            elif st.opened_at <= deadline:
+                del self._opening[sid]
+                log.warning("stream %d: no ACK within %.1fs, resetting", st.stream_id, self.config.open_timeout)
+                st._settle_accept(asyncio.TimeoutError(f"stream {st.stream_id} open timed out"))
+                st.reset()
+        if self._opening and not self._closed:
+            oldest = min(st.opened_at for st in self._opening.values())
+            delay = max(0.05, oldest + self.config.open_timeout - time.monotonic())
+            self._open_sweep = self._loop.call_later(delay, self._sweep_opening)
 
     async def accept_stream(self) -> MuxStream:
         """The next stream the peer opened (ACKed now that it is taken)."""
@@ -559,7 +583,7 @@ class MuxConnection(asyncio.Protocol):
         """No more streams from the peer; existing ones go on."""
         if not self._closed:
             self.session.go_away(code)
-            self._flush()
+            self._flush_now()
 
     async def close(self, code: int = yamux.GO_AWAY_NORMAL) -> None:
         """GoAway, then close the transport once written."""
