@@ -86,6 +86,7 @@ GO_AWAY_INTERNAL_ERROR = 2
 
 _MAX_U32 = 0xFFFFFFFF
 _CACHE_SLOTS = 64  # a power of two
+_BY_REFERENCE_MIN = 16384  # payloads this large are queued by reference
 _HEADER = struct.Struct(">BBHII")
 
 TYPE_NAMES = ("Data", "WindowUpdate", "Ping", "GoAway")
@@ -206,6 +207,14 @@ def _slice(buf: bytes, start: cython.Py_ssize_t, n: cython.Py_ssize_t) -> bytes:
         return buf[start : start + n]
 
 
+def _immutable(data) -> cython.bint:
+    # Only bytes (or a read-only view of bytes) may be queued by reference:
+    # a caller could change a bytearray before the queue is written out.
+    if type(data) is bytes:
+        return True
+    return type(data) is memoryview and data.readonly and type(data.obj) is bytes
+
+
 def _data_event(sid: cython.uint, data: bytes) -> DataReceived:
     # The one event made per data frame: compiled, skip the generic
     # constructor call (argument parsing) and fill the C fields directly.
@@ -315,6 +324,7 @@ class Session:
         self._reset_ring = []
         self._reset_pos = 0
         self._out = bytearray()
+        self._bufs = []  # output before _out: bytearrays and referenced payloads
         self._hdr = b""
         self._next_sid = 1 if client else 2
         # Highest id the peer has opened (its first id is 1 or 2).
@@ -387,13 +397,31 @@ class Session:
 
     # -- output ------------------------------------------------------------------------
 
-    def data_to_send(self) -> bytearray:
-        """Every outbound byte queued since the last call."""
+    def data_to_send(self) -> bytes:
+        """Every outbound byte queued since the last call, as one buffer."""
         out = self._out
         self._out = bytearray()
         self._pending_pongs = 0
         self._refused = 0
-        return out
+        if self._bufs:
+            self._bufs.append(out)
+            out = b"".join(self._bufs)
+            self._bufs = []
+        return bytes(out)
+
+    def data_to_send_list(self) -> list:
+        """The same bytes as ``data_to_send`` as a list of buffers for
+        ``transport.writelines``: large payloads of immutable input are
+        referenced, not copied (the data plane's cheapest byte is the one
+        never moved)."""
+        bufs = self._bufs
+        if self._out:
+            bufs.append(self._out)
+            self._out = bytearray()
+        self._bufs = []
+        self._pending_pongs = 0
+        self._refused = 0
+        return bufs
 
     def _frame(self, typ: cython.int, flags: cython.int, sid: cython.uint, length: cython.uint) -> None:
         self._out += _pack_header(typ, flags, sid, length)
@@ -463,12 +491,20 @@ class Session:
             n = st.send_window
         pos: cython.Py_ssize_t = 0
         chunk: cython.Py_ssize_t
+        by_ref: cython.bint = n >= _BY_REFERENCE_MIN and _immutable(data)
         while pos < n:
             chunk = n - pos
             if chunk > self._max_send_frame:
                 chunk = self._max_send_frame
             self._frame(TYPE_DATA, self._ack_flag(st), st.stream_id, chunk)
-            if pos == 0 and chunk == total:
+            if by_ref:
+                self._bufs.append(self._out)
+                self._out = bytearray()
+                if pos == 0 and chunk == total:
+                    self._bufs.append(data)
+                else:
+                    self._bufs.append(memoryview(data)[pos : pos + chunk])
+            elif pos == 0 and chunk == total:
                 self._out += data
             else:
                 self._out += data[pos : pos + chunk]

@@ -450,10 +450,16 @@ class MuxConnection(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self._flush_scheduled = False
-        out = self.session.data_to_send()
-        if out and self._transport is not None and not self._closed:
-            self.bytes_out += len(out)
-            self._transport.write(out)
+        bufs = self.session.data_to_send_list()
+        if bufs and self._transport is not None and not self._closed:
+            n = 0
+            for b in bufs:
+                n += len(b)
+            self.bytes_out += n
+            if len(bufs) == 1:
+                self._transport.write(bufs[0])
+            else:
+                self._transport.writelines(bufs)
 
     def _consume(self, stream_id: int, n: int) -> None:
         self.session.consume(stream_id, n, time.monotonic())

@@ -35,6 +35,7 @@ local_cmd = st.one_of(
     st.tuples(st.just("goaway"), st.sampled_from([0, 1, 2])),
     st.tuples(st.just("rtt"), st.floats(0.0, 0.2)),
     st.tuples(st.just("flush")),
+    st.tuples(st.just("flushlist")),
 )
 
 
@@ -95,6 +96,8 @@ def run(build, client, cfg, chunks_and_cmds):
                     res = s.go_away(cmd[1])
                 elif kind == "rtt":
                     res = s.set_rtt(cmd[1])
+                elif kind == "flushlist":
+                    res = b"".join(bytes(b) for b in s.data_to_send_list())
                 else:
                     res = bytes(s.data_to_send())
             except Exception as exc:  # local misuse raises the same way in both

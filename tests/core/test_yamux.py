@@ -497,3 +497,31 @@ def test_memory_flat_across_stream_churn(ymx):
         tracemalloc.stop()
     assert s.stream_count() == 0 and not s.failed
     assert grown < 64 * 1024, grown
+
+
+def test_large_immutable_payload_is_referenced_not_copied(ymx):
+    c = ymx.Session(True, MuxConfig(max_send_frame=65536))
+    sid = c.open_stream()
+    big = bytes(range(256)) * 256  # 64 KiB of bytes: queued by reference
+    c.send_data(sid, big)
+    bufs = c.data_to_send_list()
+    assert any(b is big for b in bufs)
+    assert b"".join(bytes(b) for b in bufs) == ymx.encode_header(K.TYPE_WINDOW_UPDATE, K.FLAG_SYN, sid, 0) + \
+        ymx.encode_header(K.TYPE_DATA, 0, sid, len(big)) + big
+    # Split over frames: views into the same bytes, still no copy.
+    part = bytes(100_000)
+    c.send_data(sid, part)
+    views = [b for b in c.data_to_send_list() if isinstance(b, memoryview)]
+    assert views and all(v.obj is part for v in views)
+
+
+def test_mutable_payload_is_copied(ymx):
+    c = ymx.Session(True)
+    sid = c.open_stream()
+    c.data_to_send()
+    buf = bytearray(b"a" * 40000)
+    c.send_data(sid, buf)
+    buf[:] = b"b" * 40000  # the caller reuses its buffer before the flush
+    out = b"".join(bytes(b) for b in c.data_to_send_list())
+    assert out[12:] == b"a" * 40000
+    assert c.data_to_send() == b""

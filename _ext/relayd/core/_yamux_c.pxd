@@ -15,6 +15,7 @@ cdef int OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED, RESET
 cdef int SEND_FIN, RECV_FIN, SEND_RST, RECV_RST
 cdef long long _MAX_U32
 cdef Py_ssize_t _CACHE_SLOTS
+cdef Py_ssize_t _BY_REFERENCE_MIN
 cdef long long INITIAL_WINDOW
 
 cdef bytes _pack_header(int typ, int flags, unsigned int sid, unsigned int length)
@@ -45,6 +46,7 @@ cdef class DataReceived:
 
 cdef DataReceived _data_event(unsigned int sid, bytes data)
 cdef bytes _slice(bytes buf, Py_ssize_t start, Py_ssize_t n)
+cdef bint _immutable(data) except -1
 
 @cython.dataclasses.dataclass(frozen=True)
 cdef class StreamEnded:
@@ -107,6 +109,7 @@ cdef class Session:
     cdef Py_ssize_t _reset_pos
     cdef set _peer_gaps
     cdef bytearray _out
+    cdef list _bufs
     cdef bytes _hdr
     cdef long long _next_sid
     cdef long long _last_peer_sid
