@@ -15,6 +15,7 @@ from types import ModuleType
 #: and the compiled build (``_c``).
 HOT_MODULES = {
     "yamux": "relayd.core._yamux",
+    "wsframe": "relayd.core._wsframe",
 }
 
 

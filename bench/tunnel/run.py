@@ -381,8 +381,10 @@ def setup_relayd(ctx: Ctx, target_port: int, phase: str, pure: bool) -> tuple[in
     relayd = ctx.args.relayd
     env = _relayd_env(pure)
     label = "relayd-pure" if pure else "relayd"
-    sdir = ctx.tmp / f"{label}-{phase}-relay"
-    adir = ctx.tmp / f"{label}-{phase}-agent"
+    # Fresh directories for every repeat: each run enrolls from scratch.
+    run_dir = pathlib.Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"{label}-{phase}-"))
+    sdir = run_dir / "relay"
+    adir = run_dir / "agent"
     agents, public = free_port(), free_port()
     argv = [relayd, "serve", "--data", str(sdir), "--agents", f"{HOST}:{agents}",
             "--tcp", f"bench={HOST}:{public}"]

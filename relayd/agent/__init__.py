@@ -80,6 +80,13 @@ class AgentNode:
                 raise ConfigError(f"{self.data / f} is missing; remove the agent data directory and enroll again")
         return ident
 
+    def _stored_pin(self) -> str:
+        try:
+            der = x509.load_pem_x509_certificate((self.data / "ca.crt").read_bytes()).public_bytes(Encoding.DER)
+        except (OSError, ValueError):
+            return ""
+        return pin_of(der)
+
     async def enroll(self, token_text: str) -> dict:
         """Join the relay named in the token; store and return the identity."""
         token = JoinToken.decode(token_text)
@@ -139,7 +146,15 @@ class AgentNode:
                 raise ConfigError(f"{self.data} holds no agent identity: enroll once with --join TOKEN")
             ident = await self.enroll(self.cfg.join)
         elif self.cfg.join:
-            log.info("already enrolled; ignoring the join token", extra={"agent": ident["agent_id"]})
+            token = JoinToken.decode(self.cfg.join)
+            if token.address != ident["relay"] or token.pin != self._stored_pin():
+                # A token for another relay (or a relay with a new CA): join it.
+                log.info("join token names another relay: enrolling again",
+                         extra={"old_agent": ident["agent_id"], "relay": token.address})
+                ident = await self.enroll(self.cfg.join)
+            else:
+                log.info("already enrolled with this relay; ignoring the join token",
+                         extra={"agent": ident["agent_id"]})
         self.identity = ident
         if not self.cfg.endpoints:
             raise ConfigError("the agent serves no endpoint: give --endpoint NAME=HOST:PORT")

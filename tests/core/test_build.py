@@ -49,4 +49,14 @@ def test_facade_selects_compiled_by_default():
     from relayd.core import yamux
 
     assert yamux.COMPILED
-    assert _build.report() == {"relayd.core._yamux": "compiled"}
+    assert _build.report() == {"relayd.core._yamux": "compiled", "relayd.core._wsframe": "compiled"}
+
+
+@pytest.mark.parametrize("name", ["FrameParser", "DataFrame", "Close", "WsProtocolError"])
+def test_websocket_classes_are_extension_types(name):
+    from relayd.core import _wsframe_c
+
+    assert _wsframe_c.__file__.endswith(".so")
+    cls = getattr(_wsframe_c, name)
+    assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE and cls.__dictoffset__ == 0
+    assert not hasattr(_wsframe_c.FrameParser(True), "_left")  # a C field

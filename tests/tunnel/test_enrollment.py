@@ -254,3 +254,26 @@ def test_certificate_renews_itself_before_expiry(tmp_path):
         await relay.stop()
 
     run(main())
+
+
+def test_token_for_another_relay_reenrolls_same_relay_ignored(tmp_path):
+    async def main():
+        r1 = await start_relay(tmp_path / "one")
+        async with echo_service() as svc:
+            a = await start_agent(tmp_path, "a", join_token(r1), {"echo": ("127.0.0.1", svc)})
+            first = a.identity["agent_id"]
+            await a.stop()
+            # Same relay, fresh token: the stored identity is kept.
+            a = await start_agent(tmp_path, "a", join_token(r1), {"echo": ("127.0.0.1", svc)})
+            assert a.identity["agent_id"] == first
+            await a.stop()
+            await r1.stop()
+            # A token for another relay: enroll there.
+            r2 = await start_relay(tmp_path / "two")
+            a = await start_agent(tmp_path, "a", join_token(r2), {"echo": ("127.0.0.1", svc)})
+            assert a.identity["agent_id"] != first and a.identity["relay"] == f"127.0.0.1:{r2.agents_port}"
+            assert await echo_ok(r2.tcp_ports["echo"])
+            await a.stop()
+            await r2.stop()
+
+    run(main())
