@@ -202,6 +202,8 @@ def _slice(buf: bytes, start: cython.Py_ssize_t, n: cython.Py_ssize_t) -> bytes:
     # Compiled, a bytes slice would go through slice objects and boxed ints;
     # copying from the char buffer makes the same bytes directly.
     if cython.compiled:
+        if start == 0 and n == len(buf):
+            return buf  # the middle of a large frame: no copy (as CPython does)
         return cython.cast(cython.p_char, buf)[start : start + n]
     else:
         return buf[start : start + n]
