@@ -164,7 +164,9 @@ class AgentConfig:
         if self.transport != "tls":
             raise ConfigError(f"config key 'agent.transport': {self.transport!r} is not available yet (tls only)")
         if self.proxy is not None:
-            raise ConfigError("config key 'agent.proxy': forward proxies are not available yet")
+            from relayd.net.proxy import parse_proxy_url
+
+            parse_proxy_url(self.proxy, "agent.proxy")
         if not 1 <= self.reconnect_max <= 3600:
             raise ConfigError("config key 'agent.reconnect_max': must be between 1s and 1h")
         return self

@@ -17,8 +17,16 @@ need_debs() {
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
     log "installing Debian packages: ${missing[*]}"
+    # Packages such as tinyproxy or haproxy would start system daemons on
+    # install; the tests start their own instances on loopback, so forbid it.
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && made_policy=1
+    fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -n "$made_policy" ] && $sudo rm -f "$policy"
+    return 0
 }
 
 pick_python() {

@@ -2,7 +2,7 @@
 # Quickstart 2: set up and run the whole test suite.
 #
 #  1. Debian packages the tests need (Go and hashicorp/yamux for the interop
-#     tests), a .venv with relayd built from source and the test tools.
+#     tests, tinyproxy for the forward-proxy tests), a .venv with relayd built from source and the test tools.
 #  2. The suite against the compiled build.
 #  3. The suite against the pure-Python twins (RELAYD_NO_EXTENSIONS=1).
 #  4. The core tests against a debug build (bounds checks, C asserts, -O0),
@@ -12,7 +12,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-need_debs golang-go golang-github-hashicorp-yamux-dev
+need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy
 setup_venv test
 
 run_pytest() {

@@ -37,6 +37,7 @@ from relayd.errors import AuthError, ConfigError, RelaydError
 from relayd.net import tls
 from relayd.net.mux import MuxConnection, MuxStream
 from relayd.net.preamble import ClientPreamble
+from relayd.net.proxy import connect_via_proxy, parse_proxy_url, proxy_from_env
 from relayd.net.splice import TcpSplice
 
 log = logging.getLogger("relayd.agent")
@@ -80,6 +81,25 @@ class AgentNode:
                 raise ConfigError(f"{self.data / f} is missing; remove the agent data directory and enroll again")
         return ident
 
+    def _proxy(self, host: str):
+        if self.cfg.proxy:
+            return parse_proxy_url(self.cfg.proxy, "agent.proxy")
+        return proxy_from_env(host)
+
+    async def _connect(self, factory, host: str, port: int, ctx, server_hostname: str):
+        """TLS to the relay, directly or through the forward proxy."""
+        loop = asyncio.get_running_loop()
+        proxy = self._proxy(host)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            if proxy is None:
+                transport, _ = await loop.create_connection(factory, host, port, ssl=ctx,
+                                                            server_hostname=server_hostname)
+            else:
+                sock = await connect_via_proxy(proxy, host, port, CONNECT_TIMEOUT)
+                transport, _ = await loop.create_connection(factory, sock=sock, ssl=ctx,
+                                                            server_hostname=server_hostname)
+        return transport
+
     def _stored_pin(self) -> str:
         try:
             der = x509.load_pem_x509_certificate((self.data / "ca.crt").read_bytes()).public_bytes(Encoding.DER)
@@ -96,9 +116,7 @@ class AgentNode:
         async def ask(ctx, request: dict) -> dict:
             pre = ClientPreamble(request)
             try:
-                transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: pre, host, port, ssl=ctx, server_hostname=host),
-                    CONNECT_TIMEOUT)
+                transport = await self._connect(lambda: pre, host, port, ctx, host)
             except (OSError, asyncio.TimeoutError) as exc:
                 raise EnrollmentError(f"cannot reach the relay at {token.address}: {exc}") from None
             try:
@@ -210,11 +228,8 @@ class AgentNode:
     async def _ask_relay(self, pre: ClientPreamble):
         """mTLS to the relay, one request; returns (transport, reply)."""
         host, port = parse_hostport(self.identity["relay"], "relay")
-        transport, _ = await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(
-                lambda: pre, host, port, ssl=self._tls(),
-                server_hostname=self.identity.get("server_hostname", host)),
-            CONNECT_TIMEOUT)
+        transport = await self._connect(lambda: pre, host, port, self._tls(),
+                                        self.identity.get("server_hostname", host))
         try:
             return transport, await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
         except BaseException:
