@@ -27,6 +27,7 @@ STREAM_OPEN_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 PROTOCOL_ERRORS = Counter("relayd_protocol_errors_total", "Links ended by a peer's protocol error", ["kind"])
 AGENT_RECONNECTS = Counter("relayd_agent_reconnects_total", "Agent-side reconnect attempts")
+BAD_INPUT = Counter("relayd_bad_input_total", "Connections closed for bad input before any session", ["where", "kind"])
 
 
 async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
+from relayd import metrics
 from relayd.core.framing import FramingError, MessageReader, encode_message
 
 log = logging.getLogger("relayd.preamble")
@@ -38,22 +39,26 @@ class ServerPreamble(asyncio.Protocol):
 
     def _expire(self) -> None:
         log.info("preamble timed out", extra={"peer": _peer(self._transport)})
+        metrics.BAD_INPUT.labels("agent_port", "timeout").inc()
         self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._busy:
+            metrics.BAD_INPUT.labels("agent_port", "spoke_early").inc()
             self._transport.abort()  # the client must wait for the reply
             return
         try:
             msg, rest = self._reader.feed(data)
         except FramingError as exc:
             log.warning("bad preamble: %s", exc, extra={"peer": _peer(self._transport)})
+            metrics.BAD_INPUT.labels("agent_port", type(exc).__name__).inc()
             self._transport.abort()
             return
         if msg is None:
             return
         if rest:
             log.warning("client spoke before the reply", extra={"peer": _peer(self._transport)})
+            metrics.BAD_INPUT.labels("agent_port", "spoke_early").inc()
             self._transport.abort()
             return
         self._busy = True

@@ -194,3 +194,38 @@ def test_unreachable_local_service_closes_only_that_connection(tmp_path):
         await relay.stop()
 
     run(main())
+
+
+def test_garbage_on_agent_port_closes_only_that_connection(tmp_path):
+    """Garbage after the TLS handshake: clear log line, a metric, the one
+    connection closed; the agent already connected keeps working."""
+    import ssl as _ssl
+
+    from prometheus_client import REGISTRY
+
+    from relayd.net import tls
+
+    async def main():
+        relay = await start_relay(tmp_path)
+        async with echo_service() as svc:
+            agent = await start_agent(tmp_path, "a1", join_token(relay), {"echo": ("127.0.0.1", svc)})
+            before = REGISTRY.get_sample_value("relayd_bad_input_total",
+                                               {"where": "agent_port", "kind": "FramingError"}) or 0
+            ctx = tls.client_context(str(relay.ca_path))
+            for junk in (b"\xff\xff\xff\xff" + b"x" * 64, b"\x00\x00\x00\x03\xc1\xc1\xc1"):
+                r, w = await asyncio.open_connection("127.0.0.1", relay.agents_port, ssl=ctx,
+                                                     server_hostname="127.0.0.1")
+                w.write(junk)
+                try:
+                    assert await asyncio.wait_for(r.read(100), 5) == b""
+                except (ConnectionError, _ssl.SSLError):
+                    pass
+                w.close()
+            after = REGISTRY.get_sample_value("relayd_bad_input_total",
+                                              {"where": "agent_port", "kind": "FramingError"})
+            assert after == before + 2
+            assert await echo_ok(relay.tcp_ports["echo"])
+            await agent.stop()
+        await relay.stop()
+
+    run(main())
