@@ -147,11 +147,29 @@ class ServeConfig:
         return self
 
 
+@dataclass(frozen=True)
+class BackendTLS:
+    """TLS from the agent to an endpoint's service (Kaazing's "truststore"):
+    verified against ``ca`` only, optionally presenting a client certificate."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # default: the target's host
+
+    def context(self):
+        from relayd.net import tls
+
+        return tls.client_context(str(self.ca), cert_file=str(self.cert) if self.cert else None,
+                                  key_file=str(self.key) if self.key else None)
+
+
 @dataclass
 class AgentConfig:
     data: Path = Path("relayd-agent")
     join: str | None = None
     endpoints: dict[str, tuple[str, int]] = field(default_factory=dict)
+    backend_tls: dict[str, BackendTLS] = field(default_factory=dict)
     transport: str = "tls"
     proxy: str | None = None
     reconnect_max: float = 30.0
@@ -159,6 +177,19 @@ class AgentConfig:
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
+        for name, b in self.backend_tls.items():
+            key = f"agent.endpoints.{name}"
+            if name not in self.endpoints:
+                raise ConfigError(f"config key '{key}': TLS settings for an endpoint without a target")
+            for what, path in (("ca", b.ca), ("cert", b.cert), ("key", b.key)):
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(f"config key '{key}.{what}': {path} is not a readable file")
+            if (b.cert is None) != (b.key is None):
+                raise ConfigError(f"config key '{key}': cert and key go together")
+            try:
+                b.context()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(f"config key '{key}': cannot load the TLS files ({exc})") from None
         if self.transport not in ("tls", "wss", "auto"):
             raise ConfigError(f"config key 'agent.transport': must be tls, wss or auto, not {self.transport!r}")
         if self.transport != "tls":
@@ -280,7 +311,28 @@ def load_agent(path: Path | None) -> AgentConfig:
     if not isinstance(eps, dict):
         raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")
     for name, v in eps.items():
-        cfg.endpoints[_check_name(name, f"agent.endpoints.{name}")] = parse_hostport(v, f"agent.endpoints.{name}")
+        key = f"agent.endpoints.{name}"
+        _check_name(name, key)
+        if isinstance(v, dict):
+            # [agent.endpoints.NAME] target = "HOST:PORT", tls = true, ca = ..., cert/key, server_name
+            t = _known(v, {"target", "tls", "ca", "cert", "key", "server_name"}, key)
+            if "target" not in t:
+                raise ConfigError(f"config key '{key}.target' is required")
+            cfg.endpoints[name] = parse_hostport(t["target"], f"{key}.target")
+            if t.get("tls", False) is not False:
+                if t["tls"] is not True:
+                    raise ConfigError(f"config key '{key}.tls': expected true or false")
+                if "ca" not in t:
+                    raise ConfigError(f"config key '{key}.ca': a trust bundle is required with tls = true")
+                cfg.backend_tls[name] = BackendTLS(
+                    Path(_str(t["ca"], f"{key}.ca")),
+                    Path(_str(t["cert"], f"{key}.cert")) if "cert" in t else None,
+                    Path(_str(t["key"], f"{key}.key")) if "key" in t else None,
+                    _str(t["server_name"], f"{key}.server_name") if "server_name" in t else None)
+            elif any(k in t for k in ("ca", "cert", "key", "server_name")):
+                raise ConfigError(f"config key '{key}': ca/cert/key/server_name need tls = true")
+        else:
+            cfg.endpoints[name] = parse_hostport(v, key)
     return cfg
 
 

@@ -62,6 +62,11 @@ class AgentNode:
         self._renew_task: asyncio.Task | None = None
         self.reconnects = 0
         self.streams_served = 0
+        # Back-end TLS contexts, built once: (context, server name).
+        self._backend_tls = {
+            name: (b.context(), b.server_name or cfg.endpoints[name][0])
+            for name, b in cfg.backend_tls.items()
+        }
 
     # -- identity ------------------------------------------------------------------
 
@@ -261,6 +266,8 @@ class AgentNode:
 
     async def _on_stream(self, stream: MuxStream) -> None:
         loop = asyncio.get_running_loop()
+        endpoint = target = None
+        trace = None
         try:
             # asyncio.timeout, not wait_for: no extra task per stream. The
             # header usually arrives with the SYN, so these reads do not wait.
@@ -271,20 +278,31 @@ class AgentNode:
                     return
                 meta = msgpack.unpackb(await stream.readexactly(n), raw=False)
                 endpoint = meta.get("e") if isinstance(meta, dict) else None
+                trace = meta.get("t") if isinstance(meta, dict) else None
                 target = self.cfg.endpoints.get(endpoint) if isinstance(endpoint, str) else None
                 if target is None:
                     log.warning("stream for an endpoint this agent does not serve",
                                 extra={"endpoint": str(endpoint)[:64]})
                     stream.reset()
                     return
-                await loop.create_connection(lambda: TcpSplice(stream), *target)
+                btls = self._backend_tls.get(endpoint)
+                if btls is None:
+                    await loop.create_connection(lambda: TcpSplice(stream), *target)
+                else:
+                    ctx, server_name = btls
+                    await loop.create_connection(lambda: TcpSplice(stream), *target, ssl=ctx,
+                                                 server_hostname=server_name)
         except (ValueError, asyncio.IncompleteReadError) as exc:
             log.warning("bad stream header: %s", type(exc).__name__)
             stream.reset()
             return
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("local service unreachable", extra={"endpoint": endpoint, "target": format_hostport(target),
-                                                           "error": str(exc), "trace": meta.get("t")})
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl errors included
+            if target is None:
+                log.warning("stream header did not arrive in time")
+            else:
+                log.warning("local service unreachable", extra={
+                    "endpoint": endpoint, "target": format_hostport(target),
+                    "error": str(exc) or type(exc).__name__, "trace": str(trace)[:32]})
             stream.reset()
             return
         self.streams_served += 1

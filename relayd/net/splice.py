@@ -87,6 +87,7 @@ class TcpSplice(asyncio.Protocol):
         try:
             n = self.stream.send_nowait(data)
         except RelaydError:
+            self._pending = None
             self._abort()
             return
         self.bytes_up += n
@@ -103,11 +104,12 @@ class TcpSplice(asyncio.Protocol):
         if self._pending is None and not self._done:
             self._resume_reading()
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
         self._tcp_eof = True
         if self._pending is None and self.stream is not None:
             self._send_fin()
-        return True  # keep our writing side open (half-close)
+        # Keep our writing side open (half-close); TLS transports cannot.
+        return None if self.transport.get_extra_info("sslcontext") is not None else True
 
     def _send_fin(self) -> None:
         if self._fin_sent or self.stream is None:
@@ -134,8 +136,11 @@ class TcpSplice(asyncio.Protocol):
         if self.stream is not None and not was_done:
             if exc is not None or not self._tcp_eof:
                 self.stream.reset()
-            else:
+            elif self._pending is None:
                 self._send_fin()
+            # else: an orderly close (TLS services close rather than
+            # half-close) with bytes still waiting for window: stream_window
+            # sends them, then the FIN.
         if self.on_close is not None:
             cb, self.on_close = self.on_close, None
             cb(self)
@@ -157,7 +162,7 @@ class TcpSplice(asyncio.Protocol):
             self.stream.consumed(n)
 
     def stream_window(self) -> None:
-        if self._pending is None or self._done:
+        if self._pending is None or (self._done and not self._tcp_eof):
             return
         data, self._pending = self._pending, None
         self._send(data)
@@ -193,11 +198,11 @@ class TcpSplice(asyncio.Protocol):
             self.transport.abort()
 
     def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
+        if not self._reading_paused and self.transport is not None and not self._done:
             self._reading_paused = True
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None:
+        if self._reading_paused and self.transport is not None and not self._done:
             self._reading_paused = False
             self.transport.resume_reading()

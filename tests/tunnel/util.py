@@ -76,6 +76,24 @@ async def echo_ok(port: int, size: int = 200_000) -> bool:
         return False
 
 
+async def exchange_ok(port: int, size: int = 200_000, timeout: float = 10) -> bool:
+    """Request/response without half-close (what a client of a TLS service
+    does): send, read the same number of bytes back, close."""
+    payload = os.urandom(size)
+
+    async def go():
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(payload)
+        got = await r.readexactly(size)
+        w.close()
+        return got == payload
+
+    try:
+        return await asyncio.wait_for(go(), timeout)
+    except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        return False
+
+
 async def refused(port: int, timeout: float = 5) -> bool:
     """True if a connection to ``port`` is closed on us promptly without data."""
 
