@@ -75,6 +75,8 @@ def serve_config(args: argparse.Namespace):
         cfg.hostname = args.hostname
     if args.metrics:
         cfg.metrics = C.parse_hostport(args.metrics, "--metrics")
+    if args.https:
+        cfg.https = C.parse_hostport(args.https, "--https")
     if args.grace is not None:
         cfg.grace = C.parse_duration(args.grace, "--grace")
     if args.agent_cert_ttl is not None:
@@ -177,8 +179,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
             ttl = parse_duration(args.ttl, "--ttl")
             if ttl <= 0:
                 raise ConfigError("--ttl must be positive")
+            address = info["advertised"]
+            if args.transport == "wss":
+                if "https" not in info:
+                    raise ConfigError("this relay has no --https listener: agents cannot use --transport wss")
+                address = info["https"]
             token_id, secret = store.create_join_token(args.endpoint or [], ttl)
-            print(JoinToken(info["advertised"], ca.pin, token_id, secret).encode())
+            print(JoinToken(address, ca.pin, token_id, secret).encode())
         elif args.admin == "ca-cert":
             sys.stdout.write(ca.cert_pem.decode())
         elif args.admin == "agents":
@@ -226,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hostname", help="name on the relay's TLS certificate")
     s.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
     s.add_argument("--tcp", action="append", metavar="NAME=HOST:PORT", help="public TCP endpoint (repeatable)")
+    s.add_argument("--https", help="HOST:PORT of the HTTPS listener (agents over WebSocket: --transport wss)")
     s.add_argument("--grace", help="hold public connections this long while no agent serves them (default 0s)")
     s.add_argument("--agent-cert-ttl", help="lifetime of agent certificates (default 30d)")
     s.set_defaults(func=cmd_serve)
@@ -246,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     jt.add_argument("--endpoint", action="append", metavar="NAME",
                     help="restrict the agent to this endpoint (repeatable)")
     jt.add_argument("--ttl", default="15m", help="validity (default 15m)")
+    jt.add_argument("--transport", choices=["tls", "wss"], default="tls",
+                    help="the address the token names: the agents port (tls) or the HTTPS port (wss)")
     cc = asub.add_parser("ca-cert", help="print the relay's CA certificate (PEM)")
     cc.add_argument("--data", required=True)
     ag = asub.add_parser("agents", help="list agents")

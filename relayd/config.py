@@ -115,11 +115,24 @@ class ServeConfig:
     public: tuple[str, int] | None = None
     hostname: str | None = None
     metrics: tuple[str, int] | None = None
+    https: tuple[str, int] | None = None
     grace: float = 0.0
     agent_cert_ttl: float = 30 * 86400.0
     tcp: dict[str, tuple[str, int]] = field(default_factory=dict)
     mux: MuxConfig = field(default_factory=MuxConfig)
     log_level: str = "info"
+
+    @property
+    def advertised_https(self) -> tuple[str, int] | None:
+        """The HTTPS address agents dial for a WebSocket link (--transport wss)."""
+        if self.https is None:
+            return None
+        host, port = self.https
+        if self.public is not None:
+            host = self.public[0]
+        elif host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1" if host != "::" else "::1"
+        return host, port
 
     @property
     def advertised(self) -> tuple[str, int]:
@@ -131,6 +144,10 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         seen = {self.agents: "serve.agents"}
+        if self.https is not None:
+            if self.https == self.agents and self.https[1] != 0:
+                raise ConfigError("config keys 'serve.https' and 'serve.agents' use the same address")
+            seen[self.https] = "serve.https"
         if self.metrics is not None:
             seen.setdefault(self.metrics, "serve.metrics")
             if seen[self.metrics] != "serve.metrics":
@@ -192,8 +209,6 @@ class AgentConfig:
                 raise ConfigError(f"config key '{key}': cannot load the TLS files ({exc})") from None
         if self.transport not in ("tls", "wss", "auto"):
             raise ConfigError(f"config key 'agent.transport': must be tls, wss or auto, not {self.transport!r}")
-        if self.transport != "tls":
-            raise ConfigError(f"config key 'agent.transport': {self.transport!r} is not available yet (tls only)")
         if self.proxy is not None:
             from relayd.net.proxy import parse_proxy_url
 
@@ -203,7 +218,7 @@ class AgentConfig:
         return self
 
 
-_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "grace", "agent_cert_ttl", "tcp"}
+_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "grace", "agent_cert_ttl", "tcp"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
 
@@ -273,7 +288,7 @@ def load_serve(path: Path | None) -> ServeConfig:
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
     if "data" in s:
         cfg.data = Path(_str(s["data"], "serve.data"))
-    for k in ("agents", "public", "metrics"):
+    for k in ("agents", "public", "metrics", "https"):
         if k in s:
             setattr(cfg, k, parse_hostport(s[k], f"serve.{k}"))
     if "hostname" in s:

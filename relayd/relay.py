@@ -40,6 +40,7 @@ from relayd.net import tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
+from relayd.net.wslink import HttpsPort
 
 log = logging.getLogger("relayd.relay")
 
@@ -70,6 +71,7 @@ class RelayNode:
         self.agents_port: int | None = None
         self.tcp_ports: dict[str, int] = {}
         self.metrics_port: int | None = None
+        self.https_port: int | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task] = []
         self._waiting: dict[str, list] = {name: [] for name in cfg.tcp}
@@ -98,10 +100,26 @@ class RelayNode:
         chain, key = self.ca.issue_server_cert(names)
         (self.data / "server.crt").write_bytes(chain)
         write_private(self.data / "server.key", key)
-        info = {"advertised": format_hostport(self.cfg.advertised), "hostname": self.cfg.hostname or adv_host}
-        (self.data / "relay.json").write_bytes(orjson.dumps(info))
         return tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
                                   client_ca=str(self.ca_path))
+
+    def _write_relay_json(self) -> None:
+        """What `relayd admin join-token` needs: the addresses agents dial
+        (the real ports when bound to port 0)."""
+        adv = self.cfg.advertised
+        if adv[1] == 0:
+            adv = (adv[0], self.agents_port)
+        info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0]}
+        if self.wss_address:
+            info["https"] = self.wss_address
+        (self.data / "relay.json").write_bytes(orjson.dumps(info))
+
+    @property
+    def wss_address(self) -> str | None:
+        hp = self.cfg.advertised_https
+        if hp is None:
+            return None
+        return format_hostport((hp[0], self.https_port if hp[1] == 0 and self.https_port else hp[1]))
 
     @property
     def ca_path(self) -> Path:
@@ -115,11 +133,13 @@ class RelayNode:
                                        ssl_handshake_timeout=10)
         self._servers.append(srv)
         self.agents_port = srv.sockets[0].getsockname()[1]
-        if self.cfg.advertised[1] == 0:
-            # Bound to port 0 (tests): write the real port into relay.json.
-            adv = (self.cfg.advertised[0], self.agents_port)
-            info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0]}
-            (self.data / "relay.json").write_bytes(orjson.dumps(info))
+        if self.cfg.https is not None:
+            # Agents that can only get HTTPS out: the link as a WebSocket.
+            hs = await loop.create_server(lambda: HttpsPort(lambda: ServerPreamble(self._on_request)),
+                                          *self.cfg.https, ssl=ctx, ssl_handshake_timeout=10)
+            self._servers.append(hs)
+            self.https_port = hs.sockets[0].getsockname()[1]
+        self._write_relay_json()
         for name, (h, p) in self.cfg.tcp.items():
             s = await loop.create_server(lambda name=name: self._public_protocol(name), h, p, backlog=1024)
             self._servers.append(s)
@@ -164,7 +184,7 @@ class RelayNode:
         peer = _peer(transport)
         try:
             if op == "ca":
-                return {"ok": True, "ca": self.ca.cert_pem.decode()}, None
+                return {"ok": True, "ca": self.ca.cert_pem.decode(), "wss": self.wss_address}, None
             if op == "enroll":
                 return await self._enroll(msg, peer), None
             ident = self._peer_identity(transport)
@@ -207,7 +227,8 @@ class RelayNode:
                                 info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("enroll", "success").inc()
         log.info("agent enrolled", extra={"agent": agent_id, "peer": peer, "allowed": ",".join(endpoints) or "*"})
-        return {"ok": True, "agent_id": agent_id, "cert": cert.decode(), "ca": self.ca.cert_pem.decode()}
+        return {"ok": True, "agent_id": agent_id, "cert": cert.decode(), "ca": self.ca.cert_pem.decode(),
+                "wss": self.wss_address}
 
     async def _renew(self, msg: dict, ident: tuple[str, int], peer: str) -> dict:
         agent_id, _ = ident
@@ -250,7 +271,7 @@ class RelayNode:
                                            "unknown_endpoints": ",".join(unknown)})
         self._set_status(sess, connected=True)
         asyncio.get_running_loop().call_soon(self._serve_waiting, sess)
-        return {"ok": True, "agent_id": agent_id, "unknown_endpoints": unknown}, conn
+        return {"ok": True, "agent_id": agent_id, "unknown_endpoints": unknown, "wss": self.wss_address}, conn
 
     def _on_link_closed(self, sess: AgentSession) -> None:
         if self.sessions.get(sess.agent_id) is sess:

@@ -38,6 +38,7 @@ from relayd.net import tls
 from relayd.net.mux import MuxConnection, MuxStream
 from relayd.net.preamble import ClientPreamble
 from relayd.net.proxy import connect_via_proxy, parse_proxy_url, proxy_from_env
+from relayd.net.wslink import ClientUpgrade
 from relayd.net.splice import TcpSplice
 
 log = logging.getLogger("relayd.agent")
@@ -91,19 +92,51 @@ class AgentNode:
             return parse_proxy_url(self.cfg.proxy, "agent.proxy")
         return proxy_from_env(host)
 
-    async def _connect(self, factory, host: str, port: int, ctx, server_hostname: str):
-        """TLS to the relay, directly or through the forward proxy."""
+    async def _dial(self, factory, addr: str, ctx, server_hostname: str | None, websocket: bool):
+        """TLS to ``addr`` (directly or through the forward proxy); with
+        ``websocket`` the link then becomes a WebSocket at /.relayd/agent."""
+        host, port = parse_hostport(addr, "relay address")
+        server_hostname = server_hostname or host
         loop = asyncio.get_running_loop()
         proxy = self._proxy(host)
+        upgrade = ClientUpgrade(factory(), addr) if websocket else None
+        proto_factory = (lambda: upgrade) if websocket else factory
         async with asyncio.timeout(CONNECT_TIMEOUT):
             if proxy is None:
-                transport, _ = await loop.create_connection(factory, host, port, ssl=ctx,
+                transport, _ = await loop.create_connection(proto_factory, host, port, ssl=ctx,
                                                             server_hostname=server_hostname)
             else:
                 sock = await connect_via_proxy(proxy, host, port, CONNECT_TIMEOUT)
-                transport, _ = await loop.create_connection(factory, sock=sock, ssl=ctx,
+                transport, _ = await loop.create_connection(proto_factory, sock=sock, ssl=ctx,
                                                             server_hostname=server_hostname)
+            if upgrade is not None:
+                try:
+                    await upgrade.done
+                except BaseException:
+                    transport.abort()
+                    raise
         return transport
+
+    async def _connect(self, factory, tls_addr: str | None, wss_addr: str | None, ctx,
+                       server_hostname: str | None = None):
+        """Dial the relay as --transport says: tls, wss, or auto (TLS first,
+        then the WebSocket link when TLS to the agents port fails)."""
+        mode = self.cfg.transport
+        if mode == "wss" or (mode == "auto" and tls_addr is None):
+            if wss_addr is None:
+                raise ConfigError("--transport wss: this agent knows no WebSocket address of the relay "
+                                  "(enroll with a token from `relayd admin join-token --transport wss`)")
+            return await self._dial(factory, wss_addr, ctx, server_hostname, True)
+        if tls_addr is None:
+            raise ConfigError("--transport tls: this agent knows only the relay's WebSocket address")
+        try:
+            return await self._dial(factory, tls_addr, ctx, server_hostname, False)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if mode != "auto" or wss_addr is None:
+                raise
+            log.info("TLS to the agents port failed; trying the WebSocket link",
+                     extra={"error": str(exc) or type(exc).__name__, "wss": wss_addr})
+            return await self._dial(factory, wss_addr, ctx, server_hostname, True)
 
     def _stored_pin(self) -> str:
         try:
@@ -115,13 +148,15 @@ class AgentNode:
     async def enroll(self, token_text: str) -> dict:
         """Join the relay named in the token; store and return the identity."""
         token = JoinToken.decode(token_text)
-        host, port = parse_hostport(token.address, "join token address")
-        loop = asyncio.get_running_loop()
+        host, _ = parse_hostport(token.address, "join token address")
+        # The token names where to dial; --transport says how.
+        wss = self.cfg.transport == "wss"
+        tls_addr, wss_addr = (None, token.address) if wss else (token.address, None)
 
         async def ask(ctx, request: dict) -> dict:
             pre = ClientPreamble(request)
             try:
-                transport = await self._connect(lambda: pre, host, port, ctx, host)
+                transport = await self._connect(lambda: pre, tls_addr, wss_addr, ctx, host)
             except (OSError, asyncio.TimeoutError) as exc:
                 raise EnrollmentError(f"cannot reach the relay at {token.address}: {exc}") from None
             try:
@@ -155,7 +190,8 @@ class AgentNode:
             raise EnrollmentError(f"enrollment refused: {reply.get('error', 'no reason given')}")
         write_private(self.data / "agent.key", key_pem)
         (self.data / "agent.crt").write_text(reply["cert"])
-        ident = {"agent_id": reply["agent_id"], "relay": token.address, "server_hostname": host}
+        ident = {"agent_id": reply["agent_id"], "relay": tls_addr, "wss": wss_addr or reply.get("wss"),
+                 "server_hostname": host}
         self._id_file.write_bytes(orjson.dumps(ident))
         log.info("enrolled", extra={"agent": ident["agent_id"], "relay": token.address})
         return ident
@@ -170,7 +206,7 @@ class AgentNode:
             ident = await self.enroll(self.cfg.join)
         elif self.cfg.join:
             token = JoinToken.decode(self.cfg.join)
-            if token.address != ident["relay"] or token.pin != self._stored_pin():
+            if token.address not in (ident.get("relay"), ident.get("wss")) or token.pin != self._stored_pin():
                 # A token for another relay (or a relay with a new CA): join it.
                 log.info("join token names another relay: enrolling again",
                          extra={"old_agent": ident["agent_id"], "relay": token.address})
@@ -232,9 +268,9 @@ class AgentNode:
 
     async def _ask_relay(self, pre: ClientPreamble):
         """mTLS to the relay, one request; returns (transport, reply)."""
-        host, port = parse_hostport(self.identity["relay"], "relay")
-        transport = await self._connect(lambda: pre, host, port, self._tls(),
-                                        self.identity.get("server_hostname", host))
+        ident = self.identity
+        transport = await self._connect(lambda: pre, ident.get("relay"), ident.get("wss"), self._tls(),
+                                        ident.get("server_hostname"))
         try:
             return transport, await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
         except BaseException:
@@ -254,7 +290,12 @@ class AgentNode:
         conn: MuxConnection = pre.protocol
         self.conn = conn
         self.connected.set()
-        log.info("connected", extra={"agent": self.identity["agent_id"], "relay": self.identity["relay"],
+        if reply.get("wss") and reply["wss"] != self.identity.get("wss"):
+            # The relay now also takes WebSocket links: remember where (auto).
+            self.identity["wss"] = reply["wss"]
+            self._id_file.write_bytes(orjson.dumps(self.identity))
+        log.info("connected", extra={"agent": self.identity["agent_id"],
+                                     "relay": self.identity.get("relay") or self.identity.get("wss"),
                                      "endpoints": ",".join(sorted(self.cfg.endpoints))})
         try:
             await asyncio.shield(conn.closed_future)

@@ -1,0 +1,292 @@
+"""The agent link carried as binary WebSocket messages (RFC 6455) over TLS,
+for networks that let only HTTPS out.
+
+``WsProtocol`` sits on the real (TLS) transport, decodes frames with the
+sans-I/O codec (relayd.core.wsframe) and feeds the payload to an inner
+byte-stream protocol (the preamble, then the MuxConnection) through
+``WsTransport``, which wraps every write in one binary frame (masked when we
+are the client). The inner protocol cannot tell it is not on plain TLS: the
+TLS object, peer address and flow control all pass through, so mTLS identity
+checks and back-pressure work unchanged.
+
+``HttpsPort`` is the relay's HTTPS listener protocol: for now it knows one
+resource, ``GET /.relayd/agent`` with a WebSocket upgrade, and answers
+anything else with a short 404. ``upgrade_client`` is the agent's side of the
+opening handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+from typing import Callable
+
+from relayd import metrics
+from relayd.core import wsframe as ws
+
+log = logging.getLogger("relayd.wslink")
+
+AGENT_PATH = "/.relayd/agent"
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_HEAD = 16 * 1024
+HEAD_TIMEOUT = 10.0
+
+
+def accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+
+
+class WsTransport(asyncio.Transport):
+    """A byte-stream transport made of binary WebSocket messages."""
+
+    def __init__(self, real: asyncio.Transport, owner: "WsProtocol") -> None:
+        super().__init__()
+        self._real = real
+        self._owner = owner
+        self._closing = False
+
+    def write(self, data) -> None:
+        if self._closing or not data:
+            return
+        key = os.urandom(4) if self._owner.client else None
+        self._real.write(ws.encode_frame(ws.OP_BINARY, bytes(data), True, key))
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(bytes(d) for d in list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise RuntimeError("a WebSocket link cannot half-close")
+
+    def get_extra_info(self, name, default=None):
+        return self._real.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._real.is_closing()
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            key = os.urandom(4) if self._owner.client else None
+            self._real.write(ws.encode_close(ws.CLOSE_NORMAL, "", key))
+            self._real.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._real.abort()
+
+    def pause_reading(self) -> None:
+        self._real.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._real.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def set_protocol(self, protocol) -> None:
+        self._owner.inner = protocol
+
+    def get_protocol(self):
+        return self._owner.inner
+
+
+class WsProtocol(asyncio.Protocol):
+    """Decodes frames from the real transport for the inner protocol."""
+
+    def __init__(self, inner: asyncio.Protocol, client: bool) -> None:
+        self.inner = inner
+        self.client = client
+        self.parser = ws.FrameParser(server=not client)
+        self.transport: WsTransport | None = None
+        self._real = None
+
+    def connection_made(self, real) -> None:
+        self._real = real
+        self.transport = WsTransport(real, self)
+        self.inner.connection_made(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.parser.feed(data):
+            kind = type(ev).__name__
+            if kind == "DataFrame":
+                if ev.opcode != ws.OP_BINARY:
+                    self._fail(1003, "the agent link carries binary messages only")
+                    return
+                if ev.data:
+                    self.inner.data_received(ev.data)
+            elif kind == "Ping":
+                key = os.urandom(4) if self.client else None
+                self._real.write(ws.encode_frame(ws.OP_PONG, ev.data, True, key))
+            elif kind == "Close":
+                if not self.transport._closing:
+                    self.transport.close()
+                return
+            elif kind == "WsProtocolError":
+                metrics.BAD_INPUT.labels("websocket", type(ev.error).__name__).inc()
+                log.warning("bad WebSocket frame: %s", ev.error)
+                self._fail(ev.close_code, "")
+                return
+
+    def _fail(self, code: int, reason: str) -> None:
+        key = os.urandom(4) if self.client else None
+        self._real.write(ws.encode_close(code, reason, key))
+        self.transport._closing = True
+        self._real.close()
+
+    def eof_received(self):
+        return None
+
+    def connection_lost(self, exc) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("bad request line")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[0] in " \t" or ":" not in line:
+            raise ValueError("bad header line")  # obs-fold or garbage
+        name, _, value = line.partition(":")
+        if name != name.strip() or not name:
+            raise ValueError("bad header name")
+        name = name.lower()
+        if name in headers:
+            headers[name] += ", " + value.strip()
+        else:
+            headers[name] = value.strip()
+    return parts[0], parts[1], headers
+
+
+class HttpsPort(asyncio.Protocol):
+    """The relay's HTTPS listener: the agent link's WebSocket upgrade."""
+
+    def __init__(self, make_agent_protocol: Callable[[], asyncio.Protocol]) -> None:
+        self._make = make_agent_protocol
+        self._buf = b""
+        self._transport = None
+        self._timer = None
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_HEAD:
+                self._reply(431, "request header too large")
+            return
+        self._timer.cancel()
+        head, rest = self._buf[:end], self._buf[end + 4 :]
+        try:
+            method, target, h = _parse_head(head)
+        except ValueError as exc:
+            metrics.BAD_INPUT.labels("https", "bad_request").inc()
+            self._reply(400, str(exc))
+            return
+        if target.split("?")[0] != AGENT_PATH:
+            self._reply(404, "no HTTP endpoints are served here yet")
+            return
+        key = h.get("sec-websocket-key", "")
+        try:
+            key_ok = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            key_ok = False
+        if (method != "GET" or h.get("upgrade", "").lower() != "websocket"
+                or "upgrade" not in [t.strip().lower() for t in h.get("connection", "").split(",")]
+                or h.get("sec-websocket-version") != "13" or not key_ok):
+            metrics.BAD_INPUT.labels("https", "bad_upgrade").inc()
+            self._reply(400, "expected a WebSocket upgrade (version 13)")
+            return
+        self._transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
+        proto = WsProtocol(self._make(), client=False)
+        self._transport.set_protocol(proto)
+        proto.connection_made(self._transport)
+        if rest:
+            proto.data_received(rest)
+
+    def _reply(self, status: int, text: str) -> None:
+        reason = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large"}[status]
+        body = (text + "\n").encode()
+        self._transport.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        self._transport.close()
+
+    def connection_lost(self, exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class ClientUpgrade(asyncio.Protocol):
+    """The agent's side of the opening handshake; then hands the link to
+    ``WsProtocol(inner)``."""
+
+    def __init__(self, inner: asyncio.Protocol, host: str) -> None:
+        self.inner = inner
+        self.host = host
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._buf = b""
+        self._transport = None
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        transport.write(
+            f"GET {AGENT_PATH} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {self.key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self._buf += data
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_HEAD:
+                self._fail("oversized handshake reply")
+            return
+        head, rest = self._buf[:end].decode("latin-1"), self._buf[end + 4 :]
+        lines = head.split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        if not lines[0].startswith("HTTP/1.1 101") or headers.get("sec-websocket-accept") != accept_key(self.key):
+            self._fail(f"relay refused the WebSocket upgrade: {lines[0][:60]!r}")
+            return
+        proto = WsProtocol(self.inner, client=True)
+        self._transport.set_protocol(proto)
+        proto.connection_made(self._transport)
+        self.done.set_result(proto)
+        if rest:
+            proto.data_received(rest)
+
+    def _fail(self, why: str) -> None:
+        self.done.set_exception(ConnectionError(why))
+        self._transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"connection closed during the WebSocket handshake ({exc})"))
