@@ -142,9 +142,9 @@ def mask(data: bytes, key: bytes, offset: cython.Py_ssize_t = 0) -> bytes:
         return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
 
 
-def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask_key: bytes | None = None) -> bytes:
-    """One frame; masked when ``mask_key`` is given (client to server)."""
-    n: cython.Py_ssize_t = len(payload)
+def encode_header(opcode: int, n: int, fin: bool = True, mask_key: bytes | None = None) -> bytes:
+    """The header of a frame with ``n`` payload bytes (and the masking key,
+    if any): lets a sender write an unmasked payload by reference after it."""
     if opcode >= OP_CLOSE and (n > _MAX_CONTROL or not fin):
         raise ValueError("control frames are final and carry at most 125 bytes")
     first = (0x80 if fin else 0) | opcode
@@ -155,9 +155,15 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask_key: bytes 
         head = bytes((first, mbit | 126)) + struct.pack(">H", n)
     else:
         head = bytes((first, mbit | 127)) + struct.pack(">Q", n)
+    return head if mask_key is None else head + mask_key
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask_key: bytes | None = None) -> bytes:
+    """One frame; masked when ``mask_key`` is given (client to server)."""
+    head = encode_header(opcode, len(payload), fin, mask_key)
     if mask_key is None:
         return head + payload
-    return head + mask_key + mask(payload, mask_key, 0)
+    return head + mask(payload, mask_key, 0)
 
 
 def encode_close(code: int = CLOSE_NORMAL, reason: str = "", mask_key: bytes | None = None) -> bytes:

@@ -14,6 +14,7 @@ Close = _impl.Close
 WsProtocolError = _impl.WsProtocolError
 mask = _impl.mask
 encode_frame = _impl.encode_frame
+encode_header = _impl.encode_header
 encode_close = _impl.encode_close
 
 OP_CONTINUATION = _pure.OP_CONTINUATION

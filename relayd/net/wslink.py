@@ -49,13 +49,25 @@ class WsTransport(asyncio.Transport):
         self._closing = False
 
     def write(self, data) -> None:
-        if self._closing or not data:
-            return
-        key = os.urandom(4) if self._owner.client else None
-        self._real.write(ws.encode_frame(ws.OP_BINARY, bytes(data), True, key))
+        self.writelines((data,))
 
     def writelines(self, list_of_data) -> None:
-        self.write(b"".join(bytes(d) for d in list_of_data))
+        """One binary message. A server's frames are not masked, so the
+        payload buffers go out by reference behind the header; a client must
+        mask, which costs one copy."""
+        if self._closing:
+            return
+        bufs = [d for d in list_of_data if len(d)]
+        if not bufs:
+            return
+        if self._owner.client:
+            payload = bufs[0] if len(bufs) == 1 and type(bufs[0]) is bytes else b"".join(bufs)
+            self._real.write(ws.encode_frame(ws.OP_BINARY, payload, True, os.urandom(4)))
+        else:
+            n = 0
+            for b in bufs:
+                n += len(b)
+            self._real.writelines([ws.encode_header(ws.OP_BINARY, n, True, None)] + bufs)
 
     def can_write_eof(self) -> bool:
         return False
