@@ -101,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _signals_to(stop)
         await node.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, node.reload_certs)
         await stop.wait()
         await node.stop()
         return 0

@@ -116,6 +116,9 @@ class ServeConfig:
     hostname: str | None = None
     metrics: tuple[str, int] | None = None
     https: tuple[str, int] | None = None
+    #: User-supplied certificates for the HTTPS port (full chain PEM, key PEM),
+    #: chosen by SNI; the relay's own certificate answers every other name.
+    certs: list[tuple[Path, Path]] = field(default_factory=list)
     grace: float = 0.0
     agent_cert_ttl: float = 30 * 86400.0
     tcp: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -157,6 +160,12 @@ class ServeConfig:
             if hp[1] != 0 and hp in seen:
                 raise ConfigError(f"config keys '{seen[hp]}' and '{key}' both listen on {format_hostport(hp)}")
             seen[hp] = key
+        if self.certs and self.https is None:
+            raise ConfigError("config key 'serve.certs': certificates are for the HTTPS port; set serve.https")
+        for i, (cert, key) in enumerate(self.certs):
+            for what, path in (("cert", cert), ("key", key)):
+                if not Path(path).is_file():
+                    raise ConfigError(f"config key 'serve.certs[{i}].{what}': {path} is not a readable file")
         if self.agent_cert_ttl < 5:
             raise ConfigError("config key 'serve.agent_cert_ttl': must be at least 5s")
         if self.grace > 60:
@@ -218,7 +227,7 @@ class AgentConfig:
         return self
 
 
-_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "grace", "agent_cert_ttl", "tcp"}
+_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
 
@@ -297,6 +306,15 @@ def load_serve(path: Path | None) -> ServeConfig:
         cfg.grace = parse_duration(s["grace"], "serve.grace")
     if "agent_cert_ttl" in s:
         cfg.agent_cert_ttl = parse_duration(s["agent_cert_ttl"], "serve.agent_cert_ttl")
+    certs = s.get("certs", [])
+    if not isinstance(certs, list):
+        raise ConfigError("config key 'serve.certs': expected [[serve.certs]] tables with cert and key")
+    for i, c in enumerate(certs):
+        key = f"serve.certs[{i}]"
+        c = _known(c, {"cert", "key"}, key)
+        if "cert" not in c or "key" not in c:
+            raise ConfigError(f"config key '{key}': needs cert and key")
+        cfg.certs.append((Path(_str(c["cert"], f"{key}.cert")), Path(_str(c["key"], f"{key}.key"))))
     tcp = s.get("tcp", {})
     if not isinstance(tcp, dict):
         raise ConfigError("config key 'serve.tcp': expected a table of NAME = \"HOST:PORT\"")

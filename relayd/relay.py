@@ -35,7 +35,7 @@ from relayd.config import ServeConfig, format_hostport
 from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.store import Store
 from relayd.core.framing import encode_message
-from relayd.errors import AuthError, RelaydError
+from relayd.errors import AuthError, ConfigError, RelaydError
 from relayd.net import tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
@@ -72,6 +72,7 @@ class RelayNode:
         self.tcp_ports: dict[str, int] = {}
         self.metrics_port: int | None = None
         self.https_port: int | None = None
+        self.certs: tls.CertSelector | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task] = []
         self._waiting: dict[str, list] = {name: [] for name in cfg.tcp}
@@ -135,8 +136,16 @@ class RelayNode:
         self.agents_port = srv.sockets[0].getsockname()[1]
         if self.cfg.https is not None:
             # Agents that can only get HTTPS out: the link as a WebSocket.
+            # Its own context, so user certificates (SNI) apply there only.
+            hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
+                                      client_ca=str(self.ca_path))
+            try:
+                self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs],
+                                              str(self.ca_path))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
             hs = await loop.create_server(lambda: HttpsPort(lambda: ServerPreamble(self._on_request)),
-                                          *self.cfg.https, ssl=ctx, ssl_handshake_timeout=10)
+                                          *self.cfg.https, ssl=hctx, ssl_handshake_timeout=10)
             self._servers.append(hs)
             self.https_port = hs.sockets[0].getsockname()[1]
         self._write_relay_json()
@@ -154,6 +163,20 @@ class RelayNode:
             "agents": format_hostport((host, self.agents_port)),
             "endpoints": ",".join(f"{n}={format_hostport((h, self.tcp_ports[n]))}" for n, (h, _) in self.cfg.tcp.items()),
         })
+
+    def reload_certs(self) -> bool:
+        """SIGHUP: re-read the HTTPS port's certificates. Established
+        connections keep theirs; a file that fails to load keeps the old set."""
+        if self.certs is None:
+            return False
+        try:
+            names = self.certs.reload()
+        except (OSError, ValueError) as exc:
+            metrics.BAD_INPUT.labels("config", "cert_reload").inc()
+            log.error("certificate reload failed, keeping the previous certificates: %s", exc)
+            return False
+        log.info("certificates reloaded", extra={"names": ",".join(sorted(names))})
+        return True
 
     async def stop(self) -> None:
         for t in self._tasks:

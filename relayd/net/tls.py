@@ -45,3 +45,57 @@ def unverified_client_context() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class CertSelector:
+    """Several certificates on one listener, chosen by SNI, reloadable.
+
+    The listener keeps one default context; its ``sni_callback`` switches the
+    handshake to the context whose certificate names the requested host
+    (exact names first, then one-label wildcards). ``reload()`` re-reads the
+    PEM files and swaps the table: handshakes from then on use the new
+    certificates, established connections keep theirs. A file that fails to
+    load keeps the previous table and raises, so a bad edit never takes the
+    listener down.
+    """
+
+    def __init__(self, default: ssl.SSLContext, pairs: list[tuple[str, str]], client_ca: str | None) -> None:
+        self.default = default
+        self.pairs = list(pairs)
+        self.client_ca = client_ca
+        self.by_name: dict[str, ssl.SSLContext] = {}
+        self.reload()
+        default.sni_callback = self._select
+
+    def reload(self) -> dict[str, ssl.SSLContext]:
+        table: dict[str, ssl.SSLContext] = {}
+        for cert, key in self.pairs:
+            ctx = server_context(cert, key, client_ca=self.client_ca)
+            for name in _dns_names(cert):
+                table.setdefault(name.lower(), ctx)
+        self.by_name = table
+        return table
+
+    def _select(self, sslobj, server_name, _ctx) -> None:
+        if not server_name:
+            return None
+        name = server_name.lower()
+        ctx = self.by_name.get(name)
+        if ctx is None and "." in name:
+            ctx = self.by_name.get("*." + name.split(".", 1)[1])
+        if ctx is not None:
+            sslobj.context = ctx
+        return None
+
+
+def _dns_names(cert_file: str) -> list[str]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    with open(cert_file, "rb") as f:
+        leaf = x509.load_pem_x509_certificates(f.read())[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return [n for n in names if isinstance(n, str)]
