@@ -84,6 +84,11 @@ def serve_config(args: argparse.Namespace):
     for item in args.tcp or []:
         name, hp = C.parse_endpoint_flag(item, "--tcp")
         cfg.tcp[name] = hp
+    for item in args.http or []:
+        name, sep, route = item.partition("=")
+        if not sep or not route:
+            raise ConfigError(f"--http {item!r}: expected NAME=HOSTNAME[/PREFIX]")
+        cfg.http[name] = route
     return cfg.validate()
 
 
@@ -234,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hostname", help="name on the relay's TLS certificate")
     s.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
     s.add_argument("--tcp", action="append", metavar="NAME=HOST:PORT", help="public TCP endpoint (repeatable)")
-    s.add_argument("--https", help="HOST:PORT of the HTTPS listener (agents over WebSocket: --transport wss)")
+    s.add_argument("--https", help="HOST:PORT of the HTTPS listener (HTTP endpoints; agents over WebSocket)")
+    s.add_argument("--http", action="append", metavar="NAME=HOSTNAME[/PREFIX]",
+                   help="HTTP endpoint on the HTTPS port, routed by Host and path prefix (repeatable)")
     s.add_argument("--grace", help="hold public connections this long while no agent serves them (default 0s)")
     s.add_argument("--agent-cert-ttl", help="lifetime of agent certificates (default 30d)")
     s.set_defaults(func=cmd_serve)

@@ -122,8 +122,15 @@ class ServeConfig:
     grace: float = 0.0
     agent_cert_ttl: float = 30 * 86400.0
     tcp: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: HTTP endpoints on the HTTPS port: NAME -> "HOSTNAME[/PREFIX]"
+    http: dict[str, str] = field(default_factory=dict)
+    gateway_timeout: float = 60.0
     mux: MuxConfig = field(default_factory=MuxConfig)
     log_level: str = "info"
+
+    @property
+    def endpoints(self) -> set[str]:
+        return set(self.tcp) | set(self.http)
 
     @property
     def advertised_https(self) -> tuple[str, int] | None:
@@ -160,6 +167,14 @@ class ServeConfig:
             if hp[1] != 0 and hp in seen:
                 raise ConfigError(f"config keys '{seen[hp]}' and '{key}' both listen on {format_hostport(hp)}")
             seen[hp] = key
+        if self.http and self.https is None:
+            raise ConfigError("config key 'serve.http': HTTP endpoints need the HTTPS port; set serve.https")
+        for name, route in self.http.items():
+            if name in self.tcp:
+                raise ConfigError(f"config keys 'serve.tcp.{name}' and 'serve.http.{name}': one name, two endpoints")
+            host = route.split("/", 1)[0]
+            if not host or any(c.isspace() for c in route):
+                raise ConfigError(f"config key 'serve.http.{name}': expected HOSTNAME[/PREFIX], got {route!r}")
         if self.certs and self.https is None:
             raise ConfigError("config key 'serve.certs': certificates are for the HTTPS port; set serve.https")
         for i, (cert, key) in enumerate(self.certs):
@@ -227,7 +242,8 @@ class AgentConfig:
         return self
 
 
-_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp"}
+_SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
+               "http", "gateway_timeout"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
 
@@ -315,6 +331,13 @@ def load_serve(path: Path | None) -> ServeConfig:
         if "cert" not in c or "key" not in c:
             raise ConfigError(f"config key '{key}': needs cert and key")
         cfg.certs.append((Path(_str(c["cert"], f"{key}.cert")), Path(_str(c["key"], f"{key}.key"))))
+    http = s.get("http", {})
+    if not isinstance(http, dict):
+        raise ConfigError("config key 'serve.http': expected a table of NAME = \"HOSTNAME[/PREFIX]\"")
+    for name, v in http.items():
+        cfg.http[_check_name(name, f"serve.http.{name}")] = _str(v, f"serve.http.{name}")
+    if "gateway_timeout" in s:
+        cfg.gateway_timeout = parse_duration(s["gateway_timeout"], "serve.gateway_timeout")
     tcp = s.get("tcp", {})
     if not isinstance(tcp, dict):
         raise ConfigError("config key 'serve.tcp': expected a table of NAME = \"HOST:PORT\"")

@@ -51,3 +51,5 @@ async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:
             writer.close()
 
     return await asyncio.start_server(handle, host, port)
+HTTP_RESPONSES = Counter("relayd_http_error_responses_total", "Error responses the HTTP ingress made itself",
+                         ["status"])

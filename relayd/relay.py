@@ -40,6 +40,7 @@ from relayd.net import tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
+from relayd.net.http_ingress import HttpConnection, open_stream_for, parse_route
 from relayd.net.wslink import HttpsPort
 
 log = logging.getLogger("relayd.relay")
@@ -67,7 +68,7 @@ class RelayNode:
         self.store: Store | None = None
         self.ca: CertificateAuthority | None = None
         self.sessions: dict[str, AgentSession] = {}
-        self.by_endpoint: dict[str, list[AgentSession]] = {name: [] for name in cfg.tcp}
+        self.by_endpoint: dict[str, list[AgentSession]] = {name: [] for name in cfg.endpoints}
         self.agents_port: int | None = None
         self.tcp_ports: dict[str, int] = {}
         self.metrics_port: int | None = None
@@ -75,7 +76,7 @@ class RelayNode:
         self.certs: tls.CertSelector | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task] = []
-        self._waiting: dict[str, list] = {name: [] for name in cfg.tcp}
+        self._waiting: dict[str, list] = {name: [] for name in cfg.endpoints}
         self._public: set[TcpSplice] = set()
         self._revision = -1
         self._status_writes: set[asyncio.Task] = set()
@@ -144,8 +145,13 @@ class RelayNode:
                                               str(self.ca_path))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
-            hs = await loop.create_server(lambda: HttpsPort(lambda: ServerPreamble(self._on_request)),
-                                          *self.cfg.https, ssl=hctx, ssl_handshake_timeout=10)
+            routes = [parse_route(name, r) for name, r in self.cfg.http.items()]
+            opener = open_stream_for(self)
+            make_http = (lambda port, t: HttpConnection(port, t, routes, opener, self.cfg.gateway_timeout)) \
+                if routes else None
+            hs = await loop.create_server(
+                lambda: HttpsPort(lambda: ServerPreamble(self._on_request), make_http),
+                *self.cfg.https, ssl=hctx, ssl_handshake_timeout=10)
             self._servers.append(hs)
             self.https_port = hs.sockets[0].getsockname()[1]
         self._write_relay_json()
@@ -274,9 +280,9 @@ class RelayNode:
         allowed = set(record["endpoints"]) if record else set()
         if allowed and not set(wanted) <= allowed:
             raise AuthError(f"agent {agent_id} may not serve {sorted(set(wanted) - allowed)}")
-        unknown = [e for e in wanted if e not in self.cfg.tcp]
+        unknown = [e for e in wanted if e not in self.cfg.endpoints]
         conn = MuxConnection(False, self.cfg.mux, on_stream=_refuse_stream, name=agent_id)
-        sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.cfg.tcp], conn, peer)
+        sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.cfg.endpoints], conn, peer)
         old = self.sessions.get(agent_id)
         if old is not None:
             # The same agent authenticated again: its old link is stale.

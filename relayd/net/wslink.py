@@ -195,8 +195,10 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
 class HttpsPort(asyncio.Protocol):
     """The relay's HTTPS listener: the agent link's WebSocket upgrade."""
 
-    def __init__(self, make_agent_protocol: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, make_agent_protocol: Callable[[], asyncio.Protocol], make_http=None) -> None:
         self._make = make_agent_protocol
+        self._make_http = make_http  # (port, transport) -> HttpConnection, or None: 404
+        self._http = None
         self._buf = b""
         self._transport = None
         self._timer = None
@@ -206,6 +208,9 @@ class HttpsPort(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)
 
     def data_received(self, data: bytes) -> None:
+        if self._http is not None:
+            self._http.feed(data)
+            return
         self._buf += data
         end = self._buf.find(b"\r\n\r\n")
         if end < 0:
@@ -214,14 +219,27 @@ class HttpsPort(asyncio.Protocol):
             return
         self._timer.cancel()
         head, rest = self._buf[:end], self._buf[end + 4 :]
+        first = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(first) < 2 or first[1].split(b"?")[0] != AGENT_PATH.encode():
+            if self._make_http is None:
+                try:
+                    _parse_head(head)
+                except ValueError as exc:
+                    metrics.BAD_INPUT.labels("https", "bad_request").inc()
+                    self._reply(400, str(exc))
+                    return
+                self._reply(404, "no HTTP endpoints are served here")
+                return
+            # Everything but the agent link is HTTP ingress.
+            self._http = self._make_http(self, self._transport)
+            buf, self._buf = self._buf, b""
+            self._http.feed(buf)
+            return
         try:
             method, target, h = _parse_head(head)
         except ValueError as exc:
             metrics.BAD_INPUT.labels("https", "bad_request").inc()
             self._reply(400, str(exc))
-            return
-        if target.split("?")[0] != AGENT_PATH:
-            self._reply(404, "no HTTP endpoints are served here yet")
             return
         key = h.get("sec-websocket-key", "")
         try:
@@ -250,9 +268,24 @@ class HttpsPort(asyncio.Protocol):
                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         self._transport.close()
 
+    def eof_received(self):
+        if self._http is not None:
+            self._http.eof()
+        return None  # TLS cannot half-close: the transport closes
+
+    def pause_writing(self) -> None:
+        if self._http is not None:
+            self._http.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._http is not None:
+            self._http.resume_writing()
+
     def connection_lost(self, exc) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._http is not None:
+            self._http.lost()
 
 
 class ClientUpgrade(asyncio.Protocol):

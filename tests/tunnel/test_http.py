@@ -1,0 +1,239 @@
+"""HTTP ingress on the HTTPS port, driven by curl, raw TLS sockets and the
+`websockets` client, through a real relay and agent to real services."""
+
+import asyncio
+import hashlib
+import http.server
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from relayd.net import run
+from tests.tunnel.util import join_token, start_agent, start_relay
+
+BIG = os.urandom(3 * 1024 * 1024)
+
+
+class Backend(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    name = "web"
+
+    def log_message(self, *a):
+        pass
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _send(self, body, status=200, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path.startswith("/big"):
+            return self._send(BIG)
+        if self.path.startswith("/stream"):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(5):
+                part = f"event {i}\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        info = {"who": self.name, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+        self._send(json.dumps(info).encode(), extra=[("Keep-Alive", "timeout=5")])
+
+    def do_POST(self):
+        body = self._body()
+        self._send(hashlib.sha256(body).hexdigest().encode())
+
+
+class ApiBackend(Backend):
+    name = "api"
+
+
+@pytest.fixture
+def backends():
+    servers = []
+    for cls in (Backend, ApiBackend):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    yield [s.server_address[1] for s in servers]
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def curl(relay, *args, host="app.example"):
+    port = relay.https_port
+    cmd = ["curl", "-sS", "--max-time", "20", "--cacert", str(relay.ca_path),
+           "--resolve", f"{host}:{port}:127.0.0.1", *[a.replace("URL", f"https://{host}:{port}") for a in args]]
+    return subprocess.run(cmd, capture_output=True, timeout=30)
+
+
+def with_relay(tmp_path, backends, body, agent=True, **kw):
+    web, api = backends
+
+    async def main():
+        relay = await start_relay(tmp_path, endpoints=(), https=("127.0.0.1", 0), hostname="app.example",
+                                  http={"web": "app.example", "api": "app.example/api/"}, **kw)
+        a = None
+        if agent:
+            a = await start_agent(tmp_path, "a1", join_token(relay),
+                                  {"web": ("127.0.0.1", web), "api": ("127.0.0.1", api)})
+        try:
+            await asyncio.to_thread(body, relay)
+        finally:
+            if a is not None:
+                await a.stop()
+            await relay.stop()
+
+    run(main())
+
+
+def test_routing_forwarded_headers_hop_by_hop_keepalive(tmp_path, backends):
+    def body(relay):
+        r = curl(relay, "-H", "Connection: keep-alive, X-Private", "-H", "X-Private: secret",
+                 "-H", "X-Forwarded-For: 10.9.9.9", "URL/hello?x=1", "URL/api/v1", "-w", "\n%{num_connects}")
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.decode()
+        parts = out.split("\n")  # body1, "1" + body2, "0"  (write-out after each transfer)
+        a = json.loads(parts[0])
+        b = json.loads(parts[1][1:])
+        connects = [parts[1][0], parts[2]]
+        assert a["who"] == "web" and a["path"] == "/hello?x=1"
+        assert b["who"] == "api" and b["path"] == "/api/v1"
+        h = a["headers"]
+        assert h["x-forwarded-for"] == "10.9.9.9, 127.0.0.1" and h["x-forwarded-proto"] == "https"
+        assert h["forwarded"] == "for=127.0.0.1;proto=https;host=app.example:%d" % relay.https_port
+        assert "x-private" not in h and h["connection"] == "close"
+        assert connects == ["1", "0"], out  # the second request reused the kept-alive connection
+
+    with_relay(tmp_path, backends, body)
+
+
+def test_streaming_upload_download_and_chunked(tmp_path, backends):
+    def body(relay):
+        upload = tmp_path / "up.bin"
+        upload.write_bytes(os.urandom(8 * 1024 * 1024))
+        want = hashlib.sha256(upload.read_bytes()).hexdigest().encode()
+        r = curl(relay, "--data-binary", f"@{upload}", "URL/upload")
+        assert r.returncode == 0 and r.stdout == want, r.stderr
+        r = curl(relay, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{upload}", "URL/upload")
+        assert r.returncode == 0 and r.stdout == want, r.stderr
+        r = curl(relay, "URL/big")
+        assert r.returncode == 0 and r.stdout == BIG
+        r = curl(relay, "-N", "URL/stream")
+        assert r.stdout == b"".join(f"event {i}\n".encode() for i in range(5))
+
+    with_relay(tmp_path, backends, body)
+
+
+def test_error_statuses(tmp_path, backends):
+    def body(relay):
+        # other.example gets the relay's own certificate (-k), and no route.
+        r = curl(relay, "-k", "-o", "/dev/null", "-w", "%{http_code}", "URL/x", host="other.example")
+        assert r.stdout == b"404"
+        r = curl(relay, "-o", "/dev/null", "-w", "%{http_code}", "URL/slow")
+        assert r.stdout == b"504"
+
+    with_relay(tmp_path, backends, body, gateway_timeout=1.0)
+
+
+def test_no_agent_503_and_dead_service_502(tmp_path, backends):
+    def body(relay):
+        r = curl(relay, "-w", "%{http_code}", "URL/")
+        assert r.stdout.endswith(b"503") and b"no agent" in r.stdout
+
+    with_relay(tmp_path, backends, body, agent=False)
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+
+    def body2(relay):
+        r = curl(relay, "-w", "%{http_code}", "URL/")
+        assert r.stdout.endswith(b"502"), r.stdout
+
+    with_relay(tmp_path / "2", [dead, dead], body2)
+
+
+SMUGGLING = [
+    b"POST / HTTP/1.1\r\nHost: app.example\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: app.example\r\nX-A: 1\r\n  folded\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: app.example\r\nHost: evil.example\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: app.example\r\n" + b"X-Pad: " + b"a" * 40000 + b"\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SMUGGLING, ids=["cl+te", "obs-fold", "bad-chunk", "te-gzip", "two-hosts",
+                                                 "no-host", "huge-head"])
+def test_malformed_requests_refused(tmp_path, backends, raw):
+    def body(relay):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        with socket.create_connection(("127.0.0.1", relay.https_port), 5) as s:
+            with ctx.wrap_socket(s, server_hostname="app.example") as t:
+                t.sendall(raw)
+                reply = b""
+                t.settimeout(5)
+                try:
+                    while chunk := t.recv(65536):
+                        reply += chunk
+                except (ssl.SSLError, ConnectionError):
+                    pass
+        assert reply.split(b" ", 2)[1] in (b"400", b"431"), reply[:200]
+
+    with_relay(tmp_path, backends, body)
+
+
+def test_websocket_passthrough(tmp_path, backends):
+    wsclient = pytest.importorskip("websockets.asyncio.client", reason="websockets is a test dependency")
+    from websockets.asyncio.server import serve
+
+    async def main():
+        async def echo(conn):
+            async for msg in conn:
+                await conn.send(msg)
+
+        async with serve(echo, "127.0.0.1", 0) as server:
+            wsport = server.sockets[0].getsockname()[1]
+            relay = await start_relay(tmp_path, endpoints=(), https=("127.0.0.1", 0), hostname="app.example",
+                                      http={"ws": "app.example/ws"})
+            agent = await start_agent(tmp_path, "a1", join_token(relay), {"ws": ("127.0.0.1", wsport)})
+            ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+            async with wsclient.connect(f"wss://app.example:{relay.https_port}/ws", ssl=ctx,
+                                        host="127.0.0.1", port=relay.https_port) as conn:
+                for msg in ("hello", b"\x00" * 100_000, "é" * 1000):
+                    await conn.send(msg)
+                    assert await asyncio.wait_for(conn.recv(), 5) == msg
+            await agent.stop()
+            await relay.stop()
+
+    run(main())
