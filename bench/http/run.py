@@ -1,0 +1,168 @@
+"""HTTP ingress side by side in one run: the back end directly, nginx as a
+TLS reverse proxy to it, and relayd's HTTPS ingress + agent to it.
+
+    bash bench/http/run.sh            # installs nginx-light and wrk if missing
+
+The back end is an nginx instance of its own (a small fixed response, and a
+large file), so that no path is limited by a slow service. Every process is
+on loopback, started here and stopped by PID. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+RELAYD = ROOT / ".venv" / "bin" / "relayd"
+PY = ROOT / ".venv" / "bin" / "python"
+
+
+def port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(p: int, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", p), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {p} did not open")
+
+
+class Procs:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs = []
+
+    def start(self, name, argv, **kw):
+        log = open(self.tmp / f"{name}.log", "wb")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(p.pid, signal.SIGKILL)
+                    p.wait(5)
+
+
+def nginx_conf(tmp: Path, name: str, server_block: str) -> Path:
+    d = tmp / name
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  {server_block}
+}}
+""")
+    return conf
+
+
+def wrk(url: str, seconds: int, conns: int) -> tuple[float, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
+    return rps, p99
+
+
+def download(url: str) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{size_download}", url],
+                       capture_output=True, text=True, timeout=120)
+    return int(r.stdout) * 8 / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--conns", type=int, default=16)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="relayd-httpbench-"))
+    procs = Procs(tmp)
+    big = tmp / "big.bin"
+    with open(big, "wb") as f:
+        f.write(os.urandom(1 << 20) * 256)  # 256 MiB
+    try:
+        # Self-signed certificate for nginx's TLS (same key type as relayd's: P-256).
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(tmp / "k.pem"), "-out", str(tmp / "c.pem"), "-days", "1",
+                        "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+        b = port()
+        backend = nginx_conf(tmp, "backend", f"""server {{ listen 127.0.0.1:{b};
+            location / {{ return 200 "hello from the back end\\n"; }}
+            location = /big.bin {{ root {tmp}; }} }}""")
+        procs.start("backend", ["nginx", "-c", str(backend)])
+        n = port()
+        proxy = nginx_conf(tmp, "proxy", f"""upstream be {{ server 127.0.0.1:{b}; keepalive 64; }}
+          server {{ listen 127.0.0.1:{n} ssl; ssl_certificate {tmp}/c.pem; ssl_certificate_key {tmp}/k.pem;
+            location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
+                          proxy_buffering off; proxy_request_buffering off; }} }}""")
+        procs.start("nginx-proxy", ["nginx", "-c", str(proxy)])
+        ag, https = port(), port()
+        procs.start("relay", [str(RELAYD), "serve", "--data", str(tmp / "relay"), "--agents", f"127.0.0.1:{ag}",
+                              "--https", f"127.0.0.1:{https}", "--http", "web=127.0.0.1"])
+        for p in (b, n, ag, https):
+            wait_port(p)
+        token = subprocess.run([str(RELAYD), "admin", "join-token", "--data", str(tmp / "relay")],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        procs.start("agent", [str(RELAYD), "agent", "--join", token, "--data", str(tmp / "agent"),
+                              "--endpoint", f"web=127.0.0.1:{b}"])
+        deadline = time.time() + 20
+        while subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+                              f"https://127.0.0.1:{https}/"], capture_output=True, text=True).stdout != "200":
+            if time.time() > deadline:
+                raise RuntimeError((tmp / "agent.log").read_text()[-2000:])
+            time.sleep(0.2)
+        paths = {"back end directly (http)": f"http://127.0.0.1:{b}",
+                 "nginx TLS reverse proxy": f"https://127.0.0.1:{n}",
+                 "relayd HTTPS ingress + agent": f"https://127.0.0.1:{https}"}
+        rows = {}
+        for name, url in paths.items():
+            wrk(url + "/", 1, args.conns)  # warm up
+            rps, p99 = wrk(url + "/", args.seconds, args.conns)
+            gbit = download(url + "/big.bin")
+            rows[name] = (rps, p99, gbit)
+        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive; curl download of 256 MiB\n")
+        print("| path | requests/s | p99 latency us | 256 MiB download Gbit/s |")
+        print("|---|---:|---:|---:|")
+        for name, (rps, p99, gbit) in rows.items():
+            print(f"| {name} | {rps:,.0f} | {p99:,.0f} | {gbit:.2f} |")
+        ng = rows["nginx TLS reverse proxy"]
+        rl = rows["relayd HTTPS ingress + agent"]
+        print(f"\nrelayd / nginx: requests/s {rl[0] / ng[0]:.2f}x, p99 {rl[1] / ng[1]:.2f}x, download {rl[2] / ng[2]:.2f}x")
+    finally:
+        procs.stop()
+        subprocess.run(["rm", "-rf", str(tmp)])
+
+
+if __name__ == "__main__":
+    main()
