@@ -274,6 +274,9 @@ class HttpConnection:
         if stream is None:
             self.error(503, f"no agent is connected for endpoint {req.route.endpoint!r}")
             return
+        if stream is False:
+            self.error(503, f"the agent for endpoint {req.route.endpoint!r} cannot take another stream now")
+            return
         self.stream = stream
         stream.attach(self)
         if not self._send(req.upstream_head):
@@ -396,8 +399,10 @@ class HttpConnection:
         if not self.resp_started:
             self.error(502, "the service closed without a response")
             return
-        self.stream = None
+        st, self.stream = self.stream, None
         self.active = None
+        if not self.raw_in:
+            st.write_eof()  # our side is done too: the stream leaves both sessions
         if self.resp_close or self.raw:
             self.transport.close()
             self.closed = True
@@ -508,8 +513,10 @@ def open_stream_for(relay):
             return None
         try:
             st = sess.conn.open_stream_nowait()
-        except RelaydError:
-            return None
+        except RelaydError as exc:
+            log.warning("cannot open a stream: %s", exc, extra={"endpoint": endpoint, "agent": sess.agent_id})
+            metrics.STREAMS_FAILED.labels(endpoint, type(exc).__name__).inc()
+            return False
         relay._trace_seq += 1
         st.send_nowait(encode_message({"e": endpoint, "t": f"{relay._trace_prefix}{relay._trace_seq:x}", "c": client}))
         metrics.STREAMS_OPENED.labels(endpoint, sess.agent_id).inc()

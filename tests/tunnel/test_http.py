@@ -131,6 +131,14 @@ def test_routing_forwarded_headers_hop_by_hop_keepalive(tmp_path, backends):
         assert h["forwarded"] == "for=127.0.0.1;proto=https;host=app.example:%d" % relay.https_port
         assert "x-private" not in h and h["connection"] == "close"
         assert connects == ["1", "0"], out  # the second request reused the kept-alive connection
+        # Many requests on kept-alive connections: every per-request stream is freed.
+        for _ in range(3):
+            r = curl(relay, *(["URL/x"] * 100), "-o", "/dev/null")
+            assert r.returncode == 0, r.stderr
+        deadline = time.time() + 5
+        while any(s.conn.session.stream_count() for s in relay.sessions.values()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert [s.conn.session.stream_count() for s in relay.sessions.values()] == [0]
 
     with_relay(tmp_path, backends, body)
 
