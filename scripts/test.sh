@@ -12,7 +12,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy
+need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl
 setup_venv test
 
 run_pytest() {

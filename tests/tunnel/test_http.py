@@ -245,3 +245,37 @@ def test_websocket_passthrough(tmp_path, backends):
             await relay.stop()
 
     run(main())
+
+
+def test_wrk_load_keeps_every_request_good_and_frees_streams(tmp_path, backends):
+    """wrk (Debian package, installed by scripts/test.sh) for a few seconds of
+    keep-alive load: every response a 2xx, no socket errors, no stream left."""
+    import re
+    import shutil
+
+    if not shutil.which("wrk"):
+        pytest.fail("wrk is needed (scripts/test.sh installs it): apt-get install wrk")
+
+    def body(relay):
+        out = subprocess.run(["wrk", "-t1", "-c8", "-d3s", f"https://127.0.0.1:{relay.https_port}/load"],
+                             capture_output=True, text=True, timeout=30).stdout
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        assert total > 100, out
+        assert "Non-2xx" not in out and "Socket errors" not in out, out
+        deadline = time.time() + 5
+        while any(s.conn.session.stream_count() for s in relay.sessions.values()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert [s.conn.session.stream_count() for s in relay.sessions.values()] == [0]
+
+    web, api = backends
+
+    async def main():
+        relay = await start_relay(tmp_path, endpoints=(), https=("127.0.0.1", 0), http={"web": "127.0.0.1"})
+        a = await start_agent(tmp_path, "a1", join_token(relay), {"web": ("127.0.0.1", web)})
+        try:
+            await asyncio.to_thread(body, relay)
+        finally:
+            await a.stop()
+            await relay.stop()
+
+    run(main())
