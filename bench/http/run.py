@@ -101,6 +101,42 @@ def download(url: str) -> float:
     return int(r.stdout) * 8 / (time.perf_counter() - t0) / 1e9
 
 
+WS_ECHO = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+async def echo(c):
+    async for m in c:
+        await c.send(m)
+async def main():
+    async with serve(echo, "127.0.0.1", int(sys.argv[1]), max_size=None):
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+WS_CLIENT = """
+import asyncio, ssl, sys, time
+from websockets.asyncio.client import connect
+async def main(url, seconds):
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    async with connect(url, ssl=ctx if url.startswith("wss") else None, max_size=None) as c:
+        msg, n, end = b"x" * 64, 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            await c.send(msg)
+            await c.recv()
+            n += 1
+    print(n / seconds)
+asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+"""
+
+
+def ws_rate(url: str, seconds: int) -> float:
+    out = subprocess.run([str(PY), "-c", WS_CLIENT, url, str(seconds)], capture_output=True, text=True,
+                         timeout=seconds + 30)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-1000:])
+    return float(out.stdout.strip())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
@@ -116,6 +152,8 @@ def main() -> None:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                         "-nodes", "-keyout", str(tmp / "k.pem"), "-out", str(tmp / "c.pem"), "-days", "1",
                         "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+        wsb = port()
+        procs.start("ws-echo", [str(PY), "-c", WS_ECHO, str(wsb)])
         b = port()
         backend = nginx_conf(tmp, "backend", f"""server {{ listen 127.0.0.1:{b};
             location / {{ return 200 "hello from the back end\\n"; }}
@@ -125,17 +163,20 @@ def main() -> None:
         proxy = nginx_conf(tmp, "proxy", f"""upstream be {{ server 127.0.0.1:{b}; keepalive 64; }}
           server {{ listen 127.0.0.1:{n} ssl; ssl_certificate {tmp}/c.pem; ssl_certificate_key {tmp}/k.pem;
             location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
-                          proxy_buffering off; proxy_request_buffering off; }} }}""")
+                          proxy_buffering off; proxy_request_buffering off; }}
+            location /ws {{ proxy_pass http://127.0.0.1:{wsb}; proxy_http_version 1.1;
+                           proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade"; }} }}""")
         procs.start("nginx-proxy", ["nginx", "-c", str(proxy)])
         ag, https = port(), port()
         procs.start("relay", [str(RELAYD), "serve", "--data", str(tmp / "relay"), "--agents", f"127.0.0.1:{ag}",
-                              "--https", f"127.0.0.1:{https}", "--http", "web=127.0.0.1"])
-        for p in (b, n, ag, https):
+                              "--https", f"127.0.0.1:{https}", "--http", "web=127.0.0.1",
+                              "--http", "ws=127.0.0.1/ws"])
+        for p in (b, n, ag, https, wsb):
             wait_port(p)
         token = subprocess.run([str(RELAYD), "admin", "join-token", "--data", str(tmp / "relay")],
                                capture_output=True, text=True, check=True).stdout.strip()
         procs.start("agent", [str(RELAYD), "agent", "--join", token, "--data", str(tmp / "agent"),
-                              "--endpoint", f"web=127.0.0.1:{b}"])
+                              "--endpoint", f"web=127.0.0.1:{b}", "--endpoint", f"ws=127.0.0.1:{wsb}"])
         deadline = time.time() + 20
         while subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
                               f"https://127.0.0.1:{https}/"], capture_output=True, text=True).stdout != "200":
@@ -145,20 +186,25 @@ def main() -> None:
         paths = {"back end directly (http)": f"http://127.0.0.1:{b}",
                  "nginx TLS reverse proxy": f"https://127.0.0.1:{n}",
                  "relayd HTTPS ingress + agent": f"https://127.0.0.1:{https}"}
+        ws_urls = {"back end directly (http)": f"ws://127.0.0.1:{wsb}/ws",
+                   "nginx TLS reverse proxy": f"wss://127.0.0.1:{n}/ws",
+                   "relayd HTTPS ingress + agent": f"wss://127.0.0.1:{https}/ws"}
         rows = {}
         for name, url in paths.items():
             wrk(url + "/", 1, args.conns)  # warm up
             rps, p99 = wrk(url + "/", args.seconds, args.conns)
             gbit = download(url + "/big.bin")
-            rows[name] = (rps, p99, gbit)
-        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive; curl download of 256 MiB\n")
-        print("| path | requests/s | p99 latency us | 256 MiB download Gbit/s |")
-        print("|---|---:|---:|---:|")
-        for name, (rps, p99, gbit) in rows.items():
-            print(f"| {name} | {rps:,.0f} | {p99:,.0f} | {gbit:.2f} |")
+            rows[name] = (rps, p99, gbit, ws_rate(ws_urls[name], args.seconds))
+        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive; curl download of 256 MiB; "
+              f"WebSocket echo of 64-byte messages, one at a time, Python websockets client and server\n")
+        print("| path | requests/s | p99 latency us | 256 MiB download Gbit/s | WebSocket echoes/s |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (rps, p99, gbit, wsr) in rows.items():
+            print(f"| {name} | {rps:,.0f} | {p99:,.0f} | {gbit:.2f} | {wsr:,.0f} |")
         ng = rows["nginx TLS reverse proxy"]
         rl = rows["relayd HTTPS ingress + agent"]
-        print(f"\nrelayd / nginx: requests/s {rl[0] / ng[0]:.2f}x, p99 {rl[1] / ng[1]:.2f}x, download {rl[2] / ng[2]:.2f}x")
+        print(f"\nrelayd / nginx: requests/s {rl[0] / ng[0]:.2f}x, p99 {rl[1] / ng[1]:.2f}x, "
+              f"download {rl[2] / ng[2]:.2f}x, WebSocket echoes {rl[3] / ng[3]:.2f}x")
     finally:
         procs.stop()
         subprocess.run(["rm", "-rf", str(tmp)])
