@@ -110,6 +110,9 @@ class HttpConnection:
         self.queue: collections.deque[Request] = collections.deque()
         self.active: Request | None = None
         self.stream = None
+        self.stream_endpoint = None
+        self.resp_parser = None
+        self.resp_done = _Done()
         self.resp_head = bytearray()
         self.resp_started = False
         self.resp_close = False
@@ -256,8 +259,6 @@ class HttpConnection:
             for name, value in req.headers:
                 if name.lower() == b"upgrade":
                     lines.append(b"Upgrade: " + value)
-        else:
-            lines.append(b"Connection: close")
         if req.chunked:
             lines.append(b"Transfer-Encoding: chunked")
         return b"\r\n".join(lines) + b"\r\n\r\n"
@@ -270,15 +271,21 @@ class HttpConnection:
         for name, value in req.headers:
             if name.lower() == b"expect" and value.lower() == b"100-continue" and not req.complete:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        stream = self.open_stream(req.route.endpoint, self.client)
-        if stream is None:
-            self.error(503, f"no agent is connected for endpoint {req.route.endpoint!r}")
-            return
-        if stream is False:
-            self.error(503, f"the agent for endpoint {req.route.endpoint!r} cannot take another stream now")
-            return
-        self.stream = stream
-        stream.attach(self)
+        if self.stream is not None and self.stream_endpoint != req.route.endpoint:
+            self._drop_stream()
+        if self.stream is None:
+            # One stream (and one service connection behind the agent) per
+            # client connection and endpoint, kept alive across requests.
+            stream = self.open_stream(req.route.endpoint, self.client)
+            if stream is None:
+                self.error(503, f"no agent is connected for endpoint {req.route.endpoint!r}")
+                return
+            if stream is False:
+                self.error(503, f"the agent for endpoint {req.route.endpoint!r} cannot take another stream now")
+                return
+            self.stream = stream
+            self.stream_endpoint = req.route.endpoint
+            stream.attach(_StreamSink(self, stream))
         if not self._send(req.upstream_head):
             return
         while req.body:
@@ -337,15 +344,71 @@ class HttpConnection:
             self.stream.consumed(len(data) - len(rest))
             self._cancel_timer()
             self.resp_started = True
-            self.transport.write(self._client_head(head))
-            data = rest
-            if not data:
+            client_head, status = self._client_head(head)
+            self.transport.write(client_head)
+            if 100 <= status < 200 and status != 101:
+                # Interim (100 Continue, 103): the final response follows.
+                self.resp_started = False
+                self.resp_head = bytearray()
+                if rest:
+                    self.stream_data(rest)
                 return
+            if not self.raw:
+                # The parser only tracks where the response ends; bytes pass through.
+                self.resp_done = _Done()
+                self.resp_parser = httptools.HttpResponseParser(self.resp_done)
+                try:
+                    self.resp_parser.feed_data(head)
+                except httptools.HttpParserError:
+                    self.error(502, "the service sent a malformed response head")
+                    return
+                if self.active.head_only:
+                    self.resp_done.done = True
+            data = rest
+            if data:
+                self._pass_body(data)
+            if self.resp_done.done and not self.raw:
+                self._response_done()
+            return
+        self._pass_body(data)
+        if self.resp_done.done and not self.raw:
+            self._response_done()
+
+    def _pass_body(self, data: bytes) -> None:
+        if self.resp_parser is not None and not self.resp_done.done:
+            try:
+                self.resp_parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.resp_close = True  # framing lost: finish this connection
         self.transport.write(data)
         if self.write_paused:
             self.deferred += len(data)
         else:
             self.stream.consumed(len(data))
+
+    def _response_done(self) -> None:
+        """The response ended by its own framing: the connection and the
+        stream stay up for the next request."""
+        self.active = None
+        self.resp_parser = None
+        self.resp_done = _Done()
+        if self.resp_close:
+            self._drop_stream()
+            self.closed = True
+            self.transport.close()
+            return
+        if self.queue:
+            self._start(self.queue.popleft())
+        else:
+            self._arm_idle()
+
+    def _drop_stream(self) -> None:
+        st, self.stream = self.stream, None
+        self.stream_endpoint = None
+        if st is not None and not st.at_eof:
+            st.write_eof()
+        elif st is not None:
+            st.write_eof()
 
     def _client_head(self, head: bytes) -> bytes:
         lines = head[:-4].split(b"\r\n")
@@ -383,7 +446,7 @@ class HttpConnection:
             # Delimited by the close: the client must see it too.
             self.resp_close = True
             out.append(b"Connection: close")
-        return b"\r\n".join(out) + b"\r\n\r\n"
+        return b"\r\n".join(out) + b"\r\n\r\n", status
 
     def stream_window(self) -> None:
         while self.pending_body and not self.closed:
@@ -395,24 +458,31 @@ class HttpConnection:
         self._resume_reading()
 
     def stream_eof(self) -> None:
-        # The service closed: the response is complete.
+        # The service closed its connection.
+        if self.active is None:
+            self._drop_stream()  # idle keep-alive connection closed: fine
+            return
         if not self.resp_started:
             self.error(502, "the service closed without a response")
             return
-        st, self.stream = self.stream, None
-        self.active = None
+        raw = self.raw
         if not self.raw_in:
-            st.write_eof()  # our side is done too: the stream leaves both sessions
-        if self.resp_close or self.raw:
-            self.transport.close()
-            self.closed = True
-            return
-        if self.queue:
-            self._start(self.queue.popleft())
+            self._drop_stream()
         else:
-            self._arm_idle()
+            self.stream = None
+        if raw or self.resp_close:
+            # Close-delimited response (or the end of an upgraded connection).
+            self.closed = True
+            self.transport.close()
+            return
+        # Framed but cut short: the client must not take it as complete.
+        self._abort()
 
     def stream_reset(self) -> None:
+        self.stream = None
+        self.stream_endpoint = None
+        if self.active is None:
+            return
         if not self.resp_started:
             self.error(502, "the service behind the agent is unreachable")
         else:
@@ -476,6 +546,7 @@ class HttpConnection:
         self.timer = None
         if self.active is None and not self.closed:
             self.closed = True
+            self._drop_stream()
             self.transport.close()
 
     def _cancel_timer(self) -> None:
@@ -494,6 +565,50 @@ class HttpConnection:
             if q <= MAX_QUEUED_BODY:
                 self.reading_paused = False
                 self.transport.resume_reading()
+
+
+class _Done:
+    """Response-parser callbacks: only the end of the message matters."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class _StreamSink:
+    """Routes a stream's events to the connection while it is the current
+    stream; a stream left behind (endpoint change) drains quietly."""
+
+    __slots__ = ("conn", "stream")
+
+    def __init__(self, conn: "HttpConnection", stream) -> None:
+        self.conn = conn
+        self.stream = stream
+
+    def _current(self) -> bool:
+        return self.conn.stream is self.stream
+
+    def stream_data(self, data: bytes) -> None:
+        if self._current():
+            self.conn.stream_data(data)
+        else:
+            self.stream.consumed(len(data))
+
+    def stream_eof(self) -> None:
+        if self._current():
+            self.conn.stream_eof()
+
+    def stream_reset(self) -> None:
+        if self._current():
+            self.conn.stream_reset()
+
+    def stream_window(self) -> None:
+        if self._current():
+            self.conn.stream_window()
 
 
 class _Refuse(Exception):

@@ -22,6 +22,9 @@ BIG = os.urandom(3 * 1024 * 1024)
 
 class Backend(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body go out in separate writes; without this, Nagle plus the
+    # peer's delayed ACK stalls each kept-alive response ~40 ms.
+    disable_nagle_algorithm = True
     name = "web"
 
     def log_message(self, *a):
@@ -64,6 +67,11 @@ class Backend(http.server.BaseHTTPRequestHandler):
             time.sleep(3)
         info = {"who": self.name, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
         self._send(json.dumps(info).encode(), extra=[("Keep-Alive", "timeout=5")])
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BIG)))
+        self.end_headers()
 
     def do_POST(self):
         body = self._body()
@@ -129,7 +137,7 @@ def test_routing_forwarded_headers_hop_by_hop_keepalive(tmp_path, backends):
         h = a["headers"]
         assert h["x-forwarded-for"] == "10.9.9.9, 127.0.0.1" and h["x-forwarded-proto"] == "https"
         assert h["forwarded"] == "for=127.0.0.1;proto=https;host=app.example:%d" % relay.https_port
-        assert "x-private" not in h and h["connection"] == "close"
+        assert "x-private" not in h and "connection" not in h  # kept alive to the service
         assert connects == ["1", "0"], out  # the second request reused the kept-alive connection
         # Many requests on kept-alive connections: every per-request stream is freed.
         for _ in range(3):
@@ -279,3 +287,27 @@ def test_wrk_load_keeps_every_request_good_and_frees_streams(tmp_path, backends)
             await relay.stop()
 
     run(main())
+
+
+def test_head_then_get_on_one_kept_alive_connection(tmp_path, backends):
+    """A HEAD response announces a body it does not carry: the relay must end
+    it at the head, or the next response on the connection would be eaten."""
+
+    def body(relay):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        with socket.create_connection(("127.0.0.1", relay.https_port), 5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="app.example") as t:
+                # Pipelined: HEAD, then GET, on one connection.
+                t.sendall(b"HEAD /big HTTP/1.1\r\nHost: app.example\r\n\r\n"
+                          b"GET /after HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                t.settimeout(10)
+                data = b""
+                while b'"path": "/after"' not in data:
+                    chunk = t.recv(65536)
+                    assert chunk, data
+                    data += chunk
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(BIG)}".encode() in first
+        assert rest.startswith(b"HTTP/1.1 200")  # the HEAD carried no body; the GET answer follows at once
+
+    with_relay(tmp_path, backends, body)
