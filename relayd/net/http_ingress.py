@@ -11,15 +11,17 @@ Theory of operation
   with TE, bad chunk sizes and the like are refused with 400). The head is
   rebuilt for the service: hop-by-hop headers dropped (RFC 9110 7.6.1,
   including those named in Connection), ``X-Forwarded-For``,
-  ``X-Forwarded-Proto`` and ``Forwarded`` added, and ``Connection: close`` so
-  that the service ends the response by closing: the end of the stream is the
-  end of the response, and the relay never parses a response body.
+  ``X-Forwarded-Proto`` and ``Forwarded`` added.
+* One stream per client connection and endpoint, kept alive across requests
+  (and so one service connection behind the agent). A response parser runs
+  over the passing bytes only to find where each response ends; nothing of
+  the body is buffered or re-framed.
 * Bodies stream: each piece the parser hands out goes on the stream at once
   (re-chunked when the client sent chunked), nothing is read whole into
   memory; when the stream's window is full, reading from the client pauses.
 * Responses: the head is rewritten (hop-by-hop out; ``Connection: close`` to
-  the client only when the response is delimited by the close), then every
-  byte passes through. Window credit goes back only as the client's
+  the client only when the response is delimited by the service closing),
+  then every byte passes through. Window credit goes back only as the client's
   transport drains, so a slow client holds one window at most.
 * Keep-alive and pipelining: one request is in flight at a time; requests
   that arrive meanwhile wait in a short queue (their bodies bounded; reading
