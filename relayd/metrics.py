@@ -53,3 +53,5 @@ async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:
     return await asyncio.start_server(handle, host, port)
 HTTP_RESPONSES = Counter("relayd_http_error_responses_total", "Error responses the HTTP ingress made itself",
                          ["status"])
+HTTP_RETRIES = Counter("relayd_http_retries_total",
+                       "Requests sent again on a fresh stream because a kept-alive service connection closed under them")

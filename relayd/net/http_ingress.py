@@ -37,8 +37,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 
 import httptools
 
@@ -82,20 +82,27 @@ def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
     return best
 
 
-@dataclass
 class Request:
-    method: bytes = b""
-    url: bytes = b""
-    headers: list = field(default_factory=list)
-    head_bytes: int = 0
-    chunked: bool = False
-    upgrade: bool = False
-    head_only: bool = False  # HEAD: the response has no body whatever it says
-    body: collections.deque = field(default_factory=collections.deque)
-    body_bytes: int = 0
-    complete: bool = False
-    upstream_head: bytes = b""
-    route: Route | None = None
+    __slots__ = ("method", "url", "headers", "head_bytes", "chunked", "upgrade", "head_only", "body",
+                 "body_bytes", "complete", "upstream_head", "route", "retried", "has_body",
+                 "expect_continue")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.headers: list = []
+        self.head_bytes = 0
+        self.chunked = False
+        self.upgrade = False
+        self.head_only = False  # HEAD: the response has no body whatever it says
+        self.body: collections.deque = collections.deque()  # pieces waiting for the stream
+        self.body_bytes = 0
+        self.complete = False
+        self.upstream_head = b""
+        self.route: Route | None = None
+        self.retried = False  # sent again once on a fresh stream (see _retry)
+        self.has_body = False
+        self.expect_continue = False
 
 
 class HttpConnection:
@@ -113,9 +120,11 @@ class HttpConnection:
         self.active: Request | None = None
         self.stream = None
         self.stream_endpoint = None
-        self.resp_parser = None
+        self.served = 0  # responses the current stream has carried
+        self.resp_parser = None  # chunked responses: finds the end
         self.resp_done = _Done()
-        self.resp_head = bytearray()
+        self.resp_left = -1  # Content-Length responses: body bytes still to come
+        self.resp_head = b""
         self.resp_started = False
         self.resp_close = False
         self.raw = False  # after a 101: the response side is raw bytes
@@ -125,9 +134,21 @@ class HttpConnection:
         self.deferred = 0
         self.reading_paused = False
         self.pending_body: collections.deque = collections.deque()
-        self.timer = None
+        # One deadline at a time (waiting for a response, or idle between
+        # requests), checked by a per-loop sweep: nothing to arm or cancel
+        # per request.
+        self.deadline = 0.0
+        self.deadline_kind = _IDLE
+        loop = asyncio.get_running_loop()
+        self.loop_time = loop.time
+        _Sweep.add(loop, self)
         client = transport.get_extra_info("peername")
         self.client = client[0] if client else "?"
+        self.client_b = self.client.encode()
+        fwd_for = b'"[' + self.client_b + b']"' if b":" in self.client_b else self.client_b
+        self.fwd_head = b"X-Forwarded-Proto: https\r\nForwarded: for=" + fwd_for + b";proto=https;host="
+        self.last_host = None
+        self.last_hostname = ""
 
     # -- input from the client ----------------------------------------------------
 
@@ -165,50 +186,91 @@ class HttpConnection:
         self.cur = Request()
 
     def on_url(self, url: bytes) -> None:
-        self.cur.url += url
-        self._count(len(url))
+        req = self.cur
+        req.url += url
+        req.head_bytes += len(url)
+        if req.head_bytes > MAX_HEAD:
+            raise _Refuse(431, "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.cur
-        self._count(len(name) + len(value) + 4)
-        req.headers.append((name, value))
-        if len(req.headers) > MAX_HEADERS:
-            raise _Refuse(431, f"more than {MAX_HEADERS} header fields")
-
-    def _count(self, n: int) -> None:
-        self.cur.head_bytes += n
-        if self.cur.head_bytes > MAX_HEAD:
+        headers = req.headers
+        headers.append((name, value))
+        req.head_bytes += len(name) + len(value) + 4
+        if req.head_bytes > MAX_HEAD:
             raise _Refuse(431, "request head too large")
+        if len(headers) > MAX_HEADERS:
+            raise _Refuse(431, f"more than {MAX_HEADERS} header fields")
 
     def on_headers_complete(self) -> None:
         req = self.cur
-        req.method = self.parser.get_method()
-        req.upgrade = self.parser.should_upgrade()
-        req.head_only = req.method == b"HEAD"
+        parser = self.parser
+        method = req.method = parser.get_method()
+        req.upgrade = parser.should_upgrade()
+        req.head_only = method == b"HEAD"
+        # One pass: what routing and framing need, and the lines that go on.
         host = b""
-        te = []
+        te = None
+        named = None
+        xff = None
+        upgrade = None
+        keep = []
         for name, value in req.headers:
             lname = name.lower()
-            if lname == b"host":
+            special = _REQ_SPECIAL.get(lname)
+            if special is None:
+                keep.append((lname, name + b": " + value))
+            elif special == 1:  # host
                 if host and value != host:
                     raise _Refuse(400, "several Host headers")
                 host = value
-            elif lname == b"transfer-encoding":
-                te.append(value.strip().lower())
-        if te:
-            if te != [b"chunked"]:
-                raise _Refuse(400, "only Transfer-Encoding: chunked is accepted")
-            req.chunked = True
+                keep.append((lname, name + b": " + value))
+            elif special == 2:  # transfer-encoding
+                if te is not None or value.strip().lower() != b"chunked":
+                    raise _Refuse(400, "only Transfer-Encoding: chunked is accepted")
+                te = value
+            elif special == 3:  # connection
+                named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+            elif special == 4:
+                xff = value
+            elif special == 5:
+                upgrade = value
+            elif special == 6:  # expect
+                req.expect_continue = value.lower() == b"100-continue"
+            # else: hop-by-hop, or a forwarding header the relay writes itself
         if not host:
             raise _Refuse(400, "Host header required")
-        hostname = host.decode("latin-1").rsplit(":", 1)[0].lower() if not host.startswith(b"[") else \
-            host.decode("latin-1").split("]")[0] + "]"
-        path = req.url.split(b"?", 1)[0].decode("latin-1")
+        req.chunked = te is not None
+        if host == self.last_host:
+            hostname = self.last_hostname
+        else:
+            text = host.decode("latin-1").lower()
+            hostname = text.split("]")[0] + "]" if text.startswith("[") else text.rsplit(":", 1)[0]
+            self.last_host, self.last_hostname = host, hostname
+        url = req.url
+        q = url.find(b"?")
+        path = (url if q < 0 else url[:q]).decode("latin-1")
         req.route = pick_route(self.routes, hostname, path)
         if req.route is None:
             raise _Refuse(404, f"no endpoint for {hostname}{path}")
-        req.upstream_head = self._upstream_head(req, host)
-        self._cancel_timer()
+        lines = [method + b" " + url + b" HTTP/1.1"]
+        if named:
+            named.discard(b"host")
+            lines += [line for lname, line in keep if lname not in named]
+        else:
+            lines += [line for _, line in keep]
+        client = self.client_b
+        lines.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client))
+        lines.append(self.fwd_head + host)
+        if req.upgrade:
+            lines.append(b"Connection: Upgrade")
+            if upgrade is not None:
+                lines.append(b"Upgrade: " + upgrade)
+        if te is not None:
+            lines.append(b"Transfer-Encoding: chunked")
+        lines.append(b"\r\n")
+        req.upstream_head = b"\r\n".join(lines)
+        self.deadline = 0.0
         if self.active is None:
             self._start(req)
         else:
@@ -218,6 +280,7 @@ class HttpConnection:
 
     def on_body(self, body: bytes) -> None:
         req = self.cur
+        req.has_body = True
         if req is self.active and self.stream is not None and not req.body:
             self._send_body(req, body)
         else:
@@ -234,45 +297,13 @@ class HttpConnection:
 
     # -- requests to the service --------------------------------------------------
 
-    def _upstream_head(self, req: Request, host: bytes) -> bytes:
-        named = set()
-        for name, value in req.headers:
-            if name.lower() == b"connection":
-                named.update(t.strip().lower() for t in value.split(b","))
-        lines = [req.method + b" " + req.url + b" HTTP/1.1"]
-        xff = None
-        for name, value in req.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in named:
-                continue
-            if lname == b"x-forwarded-for":
-                xff = value
-                continue
-            if lname in (b"x-forwarded-proto", b"forwarded", b"expect"):
-                continue
-            lines.append(name + b": " + value)
-        client = self.client.encode()
-        lines.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client))
-        lines.append(b"X-Forwarded-Proto: https")
-        fwd_for = b'"[' + client + b']"' if b":" in client else client
-        lines.append(b"Forwarded: for=" + fwd_for + b";proto=https;host=" + host)
-        if req.upgrade:
-            lines.append(b"Connection: Upgrade")
-            for name, value in req.headers:
-                if name.lower() == b"upgrade":
-                    lines.append(b"Upgrade: " + value)
-        if req.chunked:
-            lines.append(b"Transfer-Encoding: chunked")
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
     def _start(self, req: Request) -> None:
         self.active = req
-        self.resp_head = bytearray()
+        self.resp_head = b""
         self.resp_started = False
         self.resp_close = False
-        for name, value in req.headers:
-            if name.lower() == b"expect" and value.lower() == b"100-continue" and not req.complete:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if req.expect_continue and not req.complete:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.stream is not None and self.stream_endpoint != req.route.endpoint:
             self._drop_stream()
         if self.stream is None:
@@ -298,7 +329,8 @@ class HttpConnection:
         if req.complete:
             self._finish_body(req)
         self._resume_reading()
-        self.timer = asyncio.get_running_loop().call_later(self.gateway_timeout, self._gateway_timeout)
+        self.deadline = self.loop_time() + self.gateway_timeout
+        self.deadline_kind = _GATEWAY
 
     def _send_body(self, req: Request, body: bytes) -> bool:
         if req.chunked:
@@ -334,66 +366,113 @@ class HttpConnection:
         if self.closed:
             self.stream.consumed(len(data))
             return
-        if not self.resp_started and not self.raw:
-            self.resp_head += data
-            end = self.resp_head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.resp_head) > MAX_HEAD:
-                    self.error(502, "the service sent an oversized response head")
-                self.stream.consumed(len(data))
-                return
-            head, rest = bytes(self.resp_head[: end + 4]), bytes(self.resp_head[end + 4:])
-            self.stream.consumed(len(data) - len(rest))
-            self._cancel_timer()
-            self.resp_started = True
-            client_head, status = self._client_head(head)
-            self.transport.write(client_head)
-            if 100 <= status < 200 and status != 101:
-                # Interim (100 Continue, 103): the final response follows.
-                self.resp_started = False
-                self.resp_head = bytearray()
-                if rest:
-                    self.stream_data(rest)
-                return
-            if not self.raw:
-                # The parser only tracks where the response ends; bytes pass through.
-                self.resp_done = _Done()
-                self.resp_parser = httptools.HttpResponseParser(self.resp_done)
-                try:
-                    self.resp_parser.feed_data(head)
-                except httptools.HttpParserError:
-                    self.error(502, "the service sent a malformed response head")
-                    return
-                if self.active.head_only:
-                    self.resp_done.done = True
-            data = rest
-            if data:
-                self._pass_body(data)
-            if self.resp_done.done and not self.raw:
-                self._response_done()
+        if self.resp_started:
+            self._pass_body(data)
             return
-        self._pass_body(data)
-        if self.resp_done.done and not self.raw:
+        if self.active is None:
+            # Bytes with no request outstanding: this service connection's
+            # framing cannot be trusted any more.
+            self.stream.consumed(len(data))
+            log.info("service sent %d bytes with no request outstanding", len(data), extra={"client": self.client})
+            self._drop_stream()
+            return
+        # The response head: usually whole in the first piece.
+        if self.resp_head:
+            self.resp_head += data
+            buf = self.resp_head
+        else:
+            buf = data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if buf is data:
+                self.resp_head = bytearray(data)
+            if len(self.resp_head) > MAX_HEAD:
+                self.error(502, "the service sent an oversized response head")
+                return
+            self.stream.consumed(len(data))
+            return
+        head, rest = bytes(buf[: end + 4]), bytes(buf[end + 4:])
+        self.resp_head = b""
+        head_part = len(data) - len(rest)  # credit for it goes back with the body's
+        active = self.active
+        plain = not active.upgrade and not active.head_only
+        hit = _HEAD_CACHE.get(head) if plain else None
+        if hit is not None:
+            # The same head as a recent response (services repeat theirs
+            # byte for byte within a second): the rewrite is a pure function
+            # of the bytes, so reuse it.
+            status, client_head, self.resp_left, self.resp_close = hit
+            self.resp_parser = None
+        else:
+            try:
+                status, client_head = self._client_head(head)
+            except _Refuse as exc:
+                self.error(exc.status, exc.text)
+                return
+            if plain and status >= 200 and self.resp_parser is None and len(head) <= 2048:
+                if len(_HEAD_CACHE) >= 256:
+                    _HEAD_CACHE.clear()
+                _HEAD_CACHE[head] = (status, client_head, self.resp_left, self.resp_close)
+        if 100 <= status < 200 and status != 101:
+            # Interim (100 Continue, 103): the final response follows.
+            self.stream.consumed(head_part)
+            self.transport.write(client_head)
+            if rest:
+                self.stream_data(rest)
+            return
+        self.resp_started = True
+        self.deadline = 0.0
+        if rest:
+            self._pass_body(rest, client_head, head_part)
+            return
+        self.stream.consumed(head_part)
+        self.transport.write(client_head)
+        if self.resp_left == 0:
             self._response_done()
 
-    def _pass_body(self, data: bytes) -> None:
-        if self.resp_parser is not None and not self.resp_done.done:
+    def _pass_body(self, data: bytes, head: bytes = b"", credit: int = 0) -> None:
+        """Response bytes to the client as they come; ``head`` (the rewritten
+        response head) goes out in the same write."""
+        n = len(data)
+        done = False
+        left = self.resp_left
+        if left >= 0:
+            # Content-Length: count, do not parse.
+            if n >= left:
+                done = True
+                if n > left:
+                    # More than the service announced: framing is lost, the
+                    # excess is dropped and this connection ends here.
+                    log.info("service sent %d bytes past its Content-Length", n - left,
+                             extra={"client": self.client})
+                    self.resp_close = True
+                    data = data[:left]
+            self.resp_left = left - len(data)
+        elif self.resp_parser is not None:
+            # Chunked: the parser finds the end; the bytes pass through unchanged.
             try:
                 self.resp_parser.feed_data(data)
             except httptools.HttpParserError:
-                self.resp_close = True  # framing lost: finish this connection
-        self.transport.write(data)
+                self.resp_close = True
+                done = True
+            else:
+                done = self.resp_done.done
+        self.transport.write(head + data if head else data)
         if self.write_paused:
-            self.deferred += len(data)
+            self.deferred += n + credit
         else:
-            self.stream.consumed(len(data))
+            self.stream.consumed(n + credit)
+        if done:
+            self._response_done()
 
     def _response_done(self) -> None:
         """The response ended by its own framing: the connection and the
         stream stay up for the next request."""
         self.active = None
         self.resp_parser = None
-        self.resp_done = _Done()
+        self.resp_left = -1
+        self.resp_started = False
+        self.served += 1
         if self.resp_close:
             self._drop_stream()
             self.closed = True
@@ -402,53 +481,99 @@ class HttpConnection:
         if self.queue:
             self._start(self.queue.popleft())
         else:
-            self._arm_idle()
+            self.deadline = self.loop_time() + IDLE_TIMEOUT
+            self.deadline_kind = _IDLE
 
     def _drop_stream(self) -> None:
         st, self.stream = self.stream, None
         self.stream_endpoint = None
-        if st is not None and not st.at_eof:
-            st.write_eof()
-        elif st is not None:
+        self.served = 0
+        if st is not None:
             st.write_eof()
 
-    def _client_head(self, head: bytes) -> bytes:
+    def _client_head(self, head: bytes) -> tuple[int, bytes]:
+        """The response head for the client, and how the body is delimited
+        (``resp_left``, ``resp_parser``, ``raw``, ``resp_close``)."""
+        # One C-speed check of the whole head's syntax (RFC 9112: status
+        # line, token ":" value, CRLF only, no obs-fold, no NUL or bare CR/LF).
+        if _RESP_HEAD.match(head) is None:
+            raise _Refuse(502, "the service sent a malformed response head")
+        status = int(head[9:12])
         lines = head[:-4].split(b"\r\n")
-        status_line = lines[0]
-        parts = status_line.split(b" ", 2)
-        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        named = set()
+        out = [b"HTTP/1.1" + lines[0][8:]]
+        named = None
+        chunked = False
+        length = None
+        upgrade_lines = []
         for line in lines[1:]:
+            if line[0] | 0x20 not in _RESP_FIRST:  # cannot be a field the relay handles
+                out.append(line)
+                continue
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"connection":
-                named.update(t.strip().lower() for t in value.split(b","))
-        out = [b"HTTP/1.1 " + (parts[1] if len(parts) > 1 else b"502") + (b" " + parts[2] if len(parts) > 2 else b"")]
-        framed = status in (204, 304) or 100 <= status < 200 or self.active.head_only
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            lname = name.strip().lower()
+            lname = name.lower()
             if lname == b"content-length":
-                framed = True
-            if lname == b"transfer-encoding" and value.strip().lower() == b"chunked":
-                framed = True
+                value = value.strip()
+                if length is not None and value != length:
+                    raise _Refuse(502, "the service sent conflicting Content-Length fields")
+                length = value
                 out.append(line)
-                continue
-            if status == 101 and lname in (b"upgrade", b"connection"):
+            elif lname not in HOP_BY_HOP:
                 out.append(line)
-                continue
-            if lname in HOP_BY_HOP or lname in named:
-                continue
-            out.append(line)
+            elif lname == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                named = tokens if named is None else named | tokens
+                if status == 101:
+                    upgrade_lines.append(line)
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked" or chunked:
+                    raise _Refuse(502, "the service sent a Transfer-Encoding other than chunked")
+                chunked = True
+                out.append(line)
+            elif lname == b"upgrade" and status == 101:
+                upgrade_lines.append(line)
+        if named and not named <= _PLAIN_CONNECTION:
+            # Connection names further fields to drop (rare): filter by name.
+            named.discard(b"content-length")
+            named.discard(b"transfer-encoding")
+            out = out[:1] + [line for line in out[1:] if line.partition(b":")[0].lower() not in named]
+        out += upgrade_lines
+        self.resp_left = -1
+        self.resp_parser = None
+        active = self.active
+        if 100 <= status < 200 and status != 101:
+            out.append(b"\r\n")
+            return status, b"\r\n".join(out)
         if status == 101:
             self.raw = True
-        elif self.active.upgrade:
+        elif active.upgrade:
             self.resp_close = True  # upgrade refused: nothing more to parse here
             out.append(b"Connection: close")
-        elif not framed:
+        if status == 101:
+            pass
+        elif status == 204 or status == 304 or active.head_only:
+            self.resp_left = 0
+        elif chunked:
+            # Chunked with a Content-Length as well is how responses get
+            # smuggled (RFC 9112 6.3 says treat it as an error).
+            if length is not None:
+                raise _Refuse(502, "the service sent both Content-Length and Transfer-Encoding")
+            self.resp_done = _Done()
+            self.resp_parser = httptools.HttpResponseParser(self.resp_done)
+            try:
+                self.resp_parser.feed_data(head)
+            except httptools.HttpParserError:
+                raise _Refuse(502, "the service sent a malformed response head") from None
+        elif length is not None:
+            if not length.isdigit() or len(length) > 18:
+                raise _Refuse(502, "the service sent a bad Content-Length")
+            self.resp_left = int(length)
+        else:
             # Delimited by the close: the client must see it too.
             self.resp_close = True
-            out.append(b"Connection: close")
-        return b"\r\n".join(out) + b"\r\n\r\n", status
+            if not active.upgrade:
+                out.append(b"Connection: close")
+        out.append(b"\r\n")
+        return status, b"\r\n".join(out)
 
     def stream_window(self) -> None:
         while self.pending_body and not self.closed:
@@ -465,6 +590,8 @@ class HttpConnection:
             self._drop_stream()  # idle keep-alive connection closed: fine
             return
         if not self.resp_started:
+            if self._retry():
+                return
             self.error(502, "the service closed without a response")
             return
         raw = self.raw
@@ -480,12 +607,36 @@ class HttpConnection:
         # Framed but cut short: the client must not take it as complete.
         self._abort()
 
-    def stream_reset(self) -> None:
-        self.stream = None
+    def _retry(self) -> bool:
+        """A kept-alive service connection closed just as a request went out
+        on it (the service's idle timeout racing the request): send a request
+        that is safe to repeat once more on a fresh stream, as browsers and
+        reverse proxies do (RFC 9110 9.2.2). Not after a first response
+        byte, not for a body already streamed, not twice."""
+        req = self.active
+        if (self.served == 0 or req.retried or self.resp_head or req.upgrade or req.chunked
+                or req.method not in _IDEMPOTENT or not req.complete or req.has_body):
+            return False
+        req.retried = True
+        metrics.HTTP_RETRIES.inc()
+        log.info("service connection closed under a request; sending it again on a fresh one",
+                 extra={"client": self.client, "endpoint": req.route.endpoint})
+        st, self.stream = self.stream, None
         self.stream_endpoint = None
+        self.served = 0
+        self.pending_body.clear()
+        if st is not None:
+            st.reset()
+        self.active = None
+        self._start(req)
+        return True
+
+    def stream_reset(self) -> None:
         if self.active is None:
             return
         if not self.resp_started:
+            if self._retry():
+                return
             self.error(502, "the service behind the agent is unreachable")
         else:
             self._abort()
@@ -507,7 +658,8 @@ class HttpConnection:
 
     def lost(self) -> None:
         self.closed = True
-        self._cancel_timer()
+        self.deadline = 0.0
+        _Sweep.discard(self)
         if self.stream is not None and not (self.resp_started and self.stream.at_eof):
             self.stream.reset()
 
@@ -527,34 +679,26 @@ class HttpConnection:
             self.stream.reset()
             self.stream = None
         self.closed = True
-        self._cancel_timer()
+        self.deadline = 0.0
         self.transport.close()
 
     def _abort(self) -> None:
         self.closed = True
-        self._cancel_timer()
+        self.deadline = 0.0
         self.transport.abort()
 
-    def _gateway_timeout(self) -> None:
-        self.timer = None
-        if not self.resp_started:
-            self.error(504, f"no response from the service within {self.gateway_timeout:g}s")
-
-    def _arm_idle(self) -> None:
-        self._cancel_timer()
-        self.timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._idle)
-
-    def _idle(self) -> None:
-        self.timer = None
-        if self.active is None and not self.closed:
+    def expire(self) -> None:
+        """The sweep found the deadline passed."""
+        self.deadline = 0.0
+        if self.closed:
+            return
+        if self.deadline_kind is _GATEWAY:
+            if self.active is not None and not self.resp_started:
+                self.error(504, f"no response from the service within {self.gateway_timeout:g}s")
+        elif self.active is None:
             self.closed = True
             self._drop_stream()
             self.transport.close()
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and not self.closed:
@@ -567,6 +711,65 @@ class HttpConnection:
             if q <= MAX_QUEUED_BODY:
                 self.reading_paused = False
                 self.transport.resume_reading()
+
+
+# Request header fields the relay looks at (or drops) rather than passing on.
+_REQ_SPECIAL = {b"host": 1, b"transfer-encoding": 2, b"connection": 3, b"x-forwarded-for": 4, b"upgrade": 5,
+                b"expect": 6, b"x-forwarded-proto": 0, b"forwarded": 0, **{h: 0 for h in HOP_BY_HOP
+                if h not in (b"transfer-encoding", b"connection", b"upgrade")}}
+# Response head -> (status, rewritten head, Content-Length, close-delimited),
+# for plain (not HEAD, not upgrade, not chunked) responses; bounded.
+_HEAD_CACHE: dict = {}
+_IDLE = "idle"
+_GATEWAY = "gateway"
+_IDEMPOTENT = {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
+_RESP_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: [^\r\n\x00]*)?\r\n"
+                        rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*\r\n\Z")
+# First letters (lower case) of the response fields the relay acts on.
+_RESP_FIRST = frozenset(b"cktpu")
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
+class _Sweep:
+    """Checks the HTTP connections' deadlines of one event loop a few times a
+    second, so that requests never arm or cancel timers of their own."""
+
+    TICK = 0.25
+    _by_loop: dict = {}
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.conns: set = set()
+        self.handle = None
+
+    @classmethod
+    def add(cls, loop, conn) -> None:
+        sw = cls._by_loop.get(loop)
+        if sw is None or sw.loop is not loop:
+            sw = cls._by_loop[loop] = cls(loop)
+        conn._sweep = sw
+        sw.conns.add(conn)
+        if sw.handle is None:
+            sw.handle = loop.call_later(cls.TICK, sw.run)
+
+    @classmethod
+    def discard(cls, conn) -> None:
+        sw = getattr(conn, "_sweep", None)
+        if sw is not None:
+            sw.conns.discard(conn)
+
+    def run(self) -> None:
+        self.handle = None
+        if not self.conns:
+            self._by_loop.pop(self.loop, None)
+            return
+        now = self.loop.time()
+        for c in [c for c in self.conns if c.deadline and c.deadline <= now]:
+            try:
+                c.expire()
+            except Exception:  # one connection's failure must not stop the sweep
+                log.exception("http deadline handling failed")
+        self.handle = self.loop.call_later(self.TICK, self.run)
 
 
 class _Done:

@@ -311,3 +311,184 @@ def test_head_then_get_on_one_kept_alive_connection(tmp_path, backends):
         assert rest.startswith(b"HTTP/1.1 200")  # the HEAD carried no body; the GET answer follows at once
 
     with_relay(tmp_path, backends, body)
+
+
+class RawBackend:
+    """A service written on raw sockets, to misbehave on purpose: ``reply``
+    maps (connection number, request number on it, request head) to the
+    bytes to send back, or None to close without answering."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns = 0
+        self.heads = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._serve, args=(c, self.conns), daemon=True).start()
+
+    def _serve(self, c, n):
+        buf, i = b"", 0
+        with c:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        chunk = c.recv(65536)
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                m = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
+                if m:
+                    size = int(m[0].split(b":")[1])
+                    while len(buf) < size:
+                        buf += c.recv(65536)
+                    buf = buf[size:]
+                i += 1
+                self.heads.append(head)
+                out = self.reply(n, i, head)
+                if out is None:
+                    return
+                c.sendall(out)
+
+    def close(self):
+        self.sock.close()
+
+
+def raw_relay(tmp_path, backend, body):
+    async def main():
+        relay = await start_relay(tmp_path, endpoints=(), https=("127.0.0.1", 0), hostname="app.example",
+                                  http={"web": "app.example"})
+        a = await start_agent(tmp_path, "a1", join_token(relay), {"web": ("127.0.0.1", backend.port)})
+        try:
+            await asyncio.to_thread(body, relay)
+        finally:
+            await a.stop()
+            await relay.stop()
+            backend.close()
+
+    run(main())
+
+
+def tls_exchange(relay, requests):
+    """Send ``requests`` (bytes) one after another on one TLS connection;
+    return each response (a closed connection ends the list)."""
+    ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+    out = []
+    with socket.create_connection(("127.0.0.1", relay.https_port), 5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="app.example") as t:
+            t.settimeout(10)
+            data = b""
+            for req in requests:
+                t.sendall(req)
+                while b"HTTP/1.1 " not in data:
+                    chunk = t.recv(65536)
+                    if not chunk:
+                        out.append(data)
+                        return out
+                    data += chunk
+                time.sleep(0.05)  # the response's bytes are all in
+                t.setblocking(False)
+                try:
+                    data += t.recv(65536)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    pass
+                t.setblocking(True)
+                t.settimeout(10)
+                out.append(data)
+                data = b""
+            return out
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_idempotent_request_is_retried_when_the_kept_alive_service_connection_closes(tmp_path):
+    """The service closes each connection after its first answer, as one with
+    a short keep-alive timeout does, racing the next request: a GET goes again
+    on a fresh connection; a POST with a body does not (502), as it may have
+    had its effect."""
+    be = RawBackend(lambda n, i, head: OK if i == 1 else None)
+
+    def body(relay):
+        get = b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        out = tls_exchange(relay, [get, get, get])
+        assert [r[:12] for r in out] == [b"HTTP/1.1 200"] * 3, out
+        assert all(r.endswith(b"ok") for r in out)
+        assert be.conns == 3  # the 2nd and 3rd each went again on a new connection
+        from relayd import metrics
+        assert metrics.HTTP_RETRIES._value.get() >= 2
+        post = b"POST /p HTTP/1.1\r\nHost: app.example\r\nContent-Length: 3\r\n\r\nabc"
+        out = tls_exchange(relay, [get, post])
+        assert out[0].startswith(b"HTTP/1.1 200")
+        assert out[1].startswith(b"HTTP/1.1 502"), out
+
+    raw_relay(tmp_path, be, body)
+
+
+@pytest.mark.parametrize("bad", [
+    b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok",  # bare LF
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\nok",  # obs-fold
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",  # conflicting lengths
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"SPDY/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+])
+def test_malformed_response_heads_get_502(tmp_path, bad):
+    be = RawBackend(lambda n, i, head: bad)
+
+    def body(relay):
+        out = tls_exchange(relay, [b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"])
+        assert out[0].startswith(b"HTTP/1.1 502"), out
+        assert b"malformed" in out[0] or b"Content-Length" in out[0] or b"Transfer-Encoding" in out[0]
+
+    raw_relay(tmp_path, be, body)
+
+
+def test_response_longer_than_its_content_length_is_cut_and_the_connection_ends(tmp_path):
+    """Bytes past Content-Length would be taken by the client as the next
+    response: the relay sends exactly the announced body and closes."""
+    be = RawBackend(lambda n, i, head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+                    b"Content-Length: 5\r\n\r\nforge")
+
+    def body(relay):
+        out = tls_exchange(relay, [b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"])
+        assert out[0].endswith(b"\r\n\r\nok"), out
+        assert b"forge" not in out[0]
+
+    raw_relay(tmp_path, be, body)
+
+
+def test_identical_heads_reuse_the_rewrite_but_keep_their_own_framing(tmp_path):
+    """Responses with byte-identical heads take the cached rewrite; one for a
+    HEAD request (no body) and ones with different lengths stay correct."""
+    def reply(n, i, head):
+        size = 3 if b"/three" in head else 2
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n" % size + \
+            (b"" if head.startswith(b"HEAD") else b"xyz"[:size])
+
+    be = RawBackend(reply)
+
+    def body(relay):
+        g = b"GET /two HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        h = b"HEAD /two HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        g3 = b"GET /three HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        out = tls_exchange(relay, [g, g, h, g3, g])
+        assert len(out) == 5, out
+        assert [r.rpartition(b"\r\n\r\n")[2] for r in out] == [b"xy", b"xy", b"", b"xyz", b"xy"], out
+        assert all(b"keep-alive" not in r.lower() for r in out)
+
+    raw_relay(tmp_path, be, body)
