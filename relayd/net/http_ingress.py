@@ -147,8 +147,7 @@ class HttpConnection:
         self.client_b = self.client.encode()
         fwd_for = b'"[' + self.client_b + b']"' if b":" in self.client_b else self.client_b
         self.fwd_head = b"X-Forwarded-Proto: https\r\nForwarded: for=" + fwd_for + b";proto=https;host="
-        self.last_host = None
-        self.last_hostname = ""
+        self.last_host = self.last_path = self.last_route = None  # the last routing decision
 
     # -- input from the client ----------------------------------------------------
 
@@ -214,17 +213,17 @@ class HttpConnection:
         named = None
         xff = None
         upgrade = None
-        keep = []
+        url = req.url
+        lines = [method + b" " + url + b" HTTP/1.1"]
         for name, value in req.headers:
-            lname = name.lower()
-            special = _REQ_SPECIAL.get(lname)
+            special = _REQ_SPECIAL.get(name.lower())
             if special is None:
-                keep.append((lname, name + b": " + value))
+                lines.append(name + b": " + value)
             elif special == 1:  # host
                 if host and value != host:
                     raise _Refuse(400, "several Host headers")
                 host = value
-                keep.append((lname, name + b": " + value))
+                lines.append(name + b": " + value)
             elif special == 2:  # transfer-encoding
                 if te is not None or value.strip().lower() != b"chunked":
                     raise _Refuse(400, "only Transfer-Encoding: chunked is accepted")
@@ -241,24 +240,22 @@ class HttpConnection:
         if not host:
             raise _Refuse(400, "Host header required")
         req.chunked = te is not None
-        if host == self.last_host:
-            hostname = self.last_hostname
+        q = url.find(b"?")
+        path = url if q < 0 else url[:q]
+        if host == self.last_host and path == self.last_path:
+            req.route = self.last_route
         else:
             text = host.decode("latin-1").lower()
             hostname = text.split("]")[0] + "]" if text.startswith("[") else text.rsplit(":", 1)[0]
-            self.last_host, self.last_hostname = host, hostname
-        url = req.url
-        q = url.find(b"?")
-        path = (url if q < 0 else url[:q]).decode("latin-1")
-        req.route = pick_route(self.routes, hostname, path)
-        if req.route is None:
-            raise _Refuse(404, f"no endpoint for {hostname}{path}")
-        lines = [method + b" " + url + b" HTTP/1.1"]
+            route = pick_route(self.routes, hostname, path.decode("latin-1"))
+            if route is None:
+                raise _Refuse(404, f"no endpoint for {hostname}{path.decode('latin-1')}")
+            req.route = self.last_route = route
+            self.last_host, self.last_path = host, path
         if named:
+            # Connection names further fields to drop (rare).
             named.discard(b"host")
-            lines += [line for lname, line in keep if lname not in named]
-        else:
-            lines += [line for _, line in keep]
+            lines[1:] = [line for line in lines[1:] if line.partition(b":")[0].lower() not in named]
         client = self.client_b
         lines.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client))
         lines.append(self.fwd_head + host)
@@ -318,7 +315,7 @@ class HttpConnection:
                 return
             self.stream = stream
             self.stream_endpoint = req.route.endpoint
-            stream.attach(_StreamSink(self, stream))
+            stream.attach(self)  # the stream's events come straight here
         if not self._send(req.upstream_head):
             return
         while req.body:
@@ -489,6 +486,7 @@ class HttpConnection:
         self.stream_endpoint = None
         self.served = 0
         if st is not None:
+            st.attach(_Drain(st))  # whatever still comes on it is dropped
             st.write_eof()
 
     def _client_head(self, head: bytes) -> tuple[int, bytes]:
@@ -784,36 +782,26 @@ class _Done:
         self.done = True
 
 
-class _StreamSink:
-    """Routes a stream's events to the connection while it is the current
-    stream; a stream left behind (endpoint change) drains quietly."""
+class _Drain:
+    """The sink of a stream the connection has let go of (endpoint change,
+    service closed): what still arrives is consumed and dropped."""
 
-    __slots__ = ("conn", "stream")
+    __slots__ = ("stream",)
 
-    def __init__(self, conn: "HttpConnection", stream) -> None:
-        self.conn = conn
+    def __init__(self, stream) -> None:
         self.stream = stream
 
-    def _current(self) -> bool:
-        return self.conn.stream is self.stream
-
     def stream_data(self, data: bytes) -> None:
-        if self._current():
-            self.conn.stream_data(data)
-        else:
-            self.stream.consumed(len(data))
+        self.stream.consumed(len(data))
 
     def stream_eof(self) -> None:
-        if self._current():
-            self.conn.stream_eof()
+        pass
 
     def stream_reset(self) -> None:
-        if self._current():
-            self.conn.stream_reset()
+        pass
 
     def stream_window(self) -> None:
-        if self._current():
-            self.conn.stream_window()
+        pass
 
 
 class _Refuse(Exception):

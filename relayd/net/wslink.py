@@ -232,6 +232,7 @@ class HttpsPort(asyncio.Protocol):
                 return
             # Everything but the agent link is HTTP ingress.
             self._http = self._make_http(self, self._transport)
+            self.data_received = self._http.feed  # from now on, straight to the parser
             buf, self._buf = self._buf, b""
             self._http.feed(buf)
             return
