@@ -141,6 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="wrk runs per path, taken in turn across the paths; the median is reported")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="relayd-httpbench-"))
     procs = Procs(tmp)
@@ -189,13 +191,27 @@ def main() -> None:
         ws_urls = {"back end directly (http)": f"ws://127.0.0.1:{wsb}/ws",
                    "nginx TLS reverse proxy": f"wss://127.0.0.1:{n}/ws",
                    "relayd HTTPS ingress + agent": f"wss://127.0.0.1:{https}/ws"}
-        rows = {}
+        runs = {name: [] for name in paths}
         for name, url in paths.items():
             wrk(url + "/", 1, args.conns)  # warm up
-            rps, p99 = wrk(url + "/", args.seconds, args.conns)
-            gbit = download(url + "/big.bin")
+        # The machine's speed drifts over a run: take the paths in turn, not
+        # one after the other, and report each path's median.
+        downloads = {name: [] for name in paths}
+        for _ in range(args.repeat):
+            for name, url in paths.items():
+                runs[name].append(wrk(url + "/", args.seconds, args.conns))
+            for name, url in paths.items():
+                downloads[name].append(download(url + "/big.bin"))
+        rows = {}
+        for name, url in paths.items():
+            rps, p99 = sorted(runs[name])[len(runs[name]) // 2]
+            gbit = sorted(downloads[name])[len(downloads[name]) // 2]
             rows[name] = (rps, p99, gbit, ws_rate(ws_urls[name], args.seconds))
-        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive; curl download of 256 MiB; "
+        for name in paths:
+            print(f"{name}: requests/s of each run: " + ", ".join(f"{r:,.0f}" for r, _ in runs[name])
+                  + "; download Gbit/s: " + ", ".join(f"{g:.2f}" for g in downloads[name]))
+        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive, median of {args.repeat} runs "
+              f"taken in turn; curl download of 256 MiB, median of {args.repeat}; "
               f"WebSocket echo of 64-byte messages, one at a time, Python websockets client and server\n")
         print("| path | requests/s | p99 latency us | 256 MiB download Gbit/s | WebSocket echoes/s |")
         print("|---|---:|---:|---:|---:|")
