@@ -267,8 +267,8 @@ class HttpConnection:
             lines.append(b"Transfer-Encoding: chunked")
         lines.append(b"\r\n")
         req.upstream_head = b"\r\n".join(lines)
-        self.deadline = 0.0
         if self.active is None:
+            self.deadline = 0.0  # no longer idle (a request in flight keeps its gateway deadline)
             self._start(req)
         else:
             if len(self.queue) >= MAX_QUEUED_REQUESTS:

@@ -492,3 +492,20 @@ def test_identical_heads_reuse_the_rewrite_but_keep_their_own_framing(tmp_path):
         assert all(b"keep-alive" not in r.lower() for r in out)
 
     raw_relay(tmp_path, be, body)
+
+
+def test_pipelined_request_does_not_lift_the_gateway_timeout_of_the_one_in_flight(tmp_path, backends):
+    def body(relay):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", relay.https_port), 5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="app.example") as t:
+                t.sendall(b"GET /slow HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                time.sleep(0.3)
+                t.sendall(b"GET /next HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                t.settimeout(10)
+                data = t.recv(65536)
+        assert data.startswith(b"HTTP/1.1 504"), data
+        assert time.monotonic() - t0 < 2.5  # gateway_timeout 1 s (+ the 0.25 s sweep), not the 3 s service
+
+    with_relay(tmp_path, backends, body, gateway_timeout=1.0)
