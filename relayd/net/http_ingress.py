@@ -370,6 +370,7 @@ class HttpConnection:
             # Bytes with no request outstanding: this service connection's
             # framing cannot be trusted any more.
             self.stream.consumed(len(data))
+            metrics.BAD_INPUT.labels("http_service", "unsolicited").inc()
             log.info("service sent %d bytes with no request outstanding", len(data), extra={"client": self.client})
             self._drop_stream()
             return
@@ -404,6 +405,7 @@ class HttpConnection:
             try:
                 status, client_head = self._client_head(head)
             except _Refuse as exc:
+                metrics.BAD_INPUT.labels("http_service", "bad_response_head").inc()
                 self.error(exc.status, exc.text)
                 return
             if plain and status >= 200 and self.resp_parser is None and len(head) <= 2048:
@@ -440,6 +442,7 @@ class HttpConnection:
                 if n > left:
                     # More than the service announced: framing is lost, the
                     # excess is dropped and this connection ends here.
+                    metrics.BAD_INPUT.labels("http_service", "past_content_length").inc()
                     log.info("service sent %d bytes past its Content-Length", n - left,
                              extra={"client": self.client})
                     self.resp_close = True

@@ -451,9 +451,12 @@ def test_malformed_response_heads_get_502(tmp_path, bad):
     be = RawBackend(lambda n, i, head: bad)
 
     def body(relay):
+        from relayd import metrics
+        before = metrics.BAD_INPUT.labels("http_service", "bad_response_head")._value.get()
         out = tls_exchange(relay, [b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"])
         assert out[0].startswith(b"HTTP/1.1 502"), out
         assert b"malformed" in out[0] or b"Content-Length" in out[0] or b"Transfer-Encoding" in out[0]
+        assert metrics.BAD_INPUT.labels("http_service", "bad_response_head")._value.get() == before + 1
 
     raw_relay(tmp_path, be, body)
 
