@@ -13,12 +13,14 @@ Theory of operation
   including those named in Connection), ``X-Forwarded-For``,
   ``X-Forwarded-Proto`` and ``Forwarded`` added.
 * One stream per client connection and endpoint, kept alive across requests
-  (and so one service connection behind the agent). A response parser runs
-  over the passing bytes only to find where each response ends; nothing of
-  the body is buffered or re-framed.
-* Bodies stream: each piece the parser hands out goes on the stream at once
-  (re-chunked when the client sent chunked), nothing is read whole into
-  memory; when the stream's window is full, reading from the client pauses.
+  (and so one service connection behind the agent). Where each response ends
+  is found by counting its Content-Length, or by a response parser over a
+  chunked body; nothing of the body is buffered or re-framed.
+* Bodies stream: a request head is gathered whole and parsed alone; a
+  Content-Length body after it is counted and goes on the stream as it
+  arrives, never through the parser; only a chunked body is framed by the
+  parser (and re-chunked). Nothing is read whole into memory; when the
+  stream's window is full, reading from the client pauses.
 * Responses: the head is rewritten (hop-by-hop out; ``Connection: close`` to
   the client only when the response is delimited by the service closing),
   then every byte passes through. Window credit goes back only as the client's
@@ -116,6 +118,10 @@ class HttpConnection:
         self.gateway_timeout = gateway_timeout
         self.parser = httptools.HttpRequestParser(self)
         self.cur: Request | None = None  # being parsed
+        self.inbuf = b""  # a request head not yet whole
+        self.mid_message = False  # the parser is inside a message (its head or a chunked body)
+        self.body_left = 0  # bytes of a Content-Length request body still to come
+        self.head_alone = False  # the parser is being fed one whole head and nothing else
         self.queue: collections.deque[Request] = collections.deque()
         self.active: Request | None = None
         self.stream = None
@@ -155,19 +161,57 @@ class HttpConnection:
         if self.raw_in:
             self._to_stream(data)
             return
+        rest = b""
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+            while data and not self.closed:
+                if self.body_left:
+                    # A Content-Length body: counted and spliced, not parsed.
+                    n = self.body_left
+                    if len(data) <= n:
+                        self.body_left = n - len(data)
+                        self.on_body(data)
+                        if not self.body_left:
+                            self._body_counted()
+                        return
+                    self.body_left = 0
+                    self.on_body(data[:n])
+                    self._body_counted()
+                    data = data[n:]
+                    continue
+                if self.mid_message:
+                    # A chunked body (or what follows it in the same read):
+                    # the parser frames it.
+                    self.parser.feed_data(data)
+                    return
+                # A request head: gather it whole, then parse it alone, so
+                # that the body after it never goes through the parser.
+                if self.inbuf:
+                    data = self.inbuf + data
+                    self.inbuf = b""
+                end = _head_end(data)
+                if end < 0:
+                    if len(data) > MAX_HEAD:
+                        raise _Refuse(431, "request head too large")
+                    self.inbuf = data
+                    return
+                head, data = data[:end], data[end:]
+                rest = data
+                self.head_alone = True
+                try:
+                    self.parser.feed_data(head)
+                finally:
+                    self.head_alone = False
+        except httptools.HttpParserUpgrade:
             # The upgrade request's head is done; what follows is the new
             # protocol's, for the service (which answers 101 or refuses).
             self.raw_in = True
-            offset = exc.args[0] if exc.args else len(data)
             if self.stream is None:
                 self.error(400, "an upgrade request cannot be pipelined")
                 return
-            rest = data[offset:]
             if rest:
                 self._to_stream(rest)
+        except _Refuse as exc:
+            self.error(exc.status, exc.text)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Refuse):
@@ -180,9 +224,18 @@ class HttpConnection:
             log.info("bad HTTP request: %s", exc, extra={"client": self.client})
             self.error(400, f"bad request: {exc}")
 
+    def _body_counted(self) -> None:
+        """The counted body is all in: the request is complete. The parser
+        saw the head only and still waits for that body, so a fresh one takes
+        the next request."""
+        self.mid_message = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.cur = Request()
+        self.mid_message = True
 
     def on_url(self, url: bytes) -> None:
         req = self.cur
@@ -210,6 +263,7 @@ class HttpConnection:
         # One pass: what routing and framing need, and the lines that go on.
         host = b""
         te = None
+        length = None
         named = None
         xff = None
         upgrade = None
@@ -236,6 +290,9 @@ class HttpConnection:
                 upgrade = value
             elif special == 6:  # expect
                 req.expect_continue = value.lower() == b"100-continue"
+            elif special == 7:  # content-length (llhttp has checked it: digits, one value)
+                length = value
+                lines.append(name + b": " + value)
             # else: hop-by-hop, or a forwarding header the relay writes itself
         if not host:
             raise _Refuse(400, "Host header required")
@@ -267,6 +324,8 @@ class HttpConnection:
             lines.append(b"Transfer-Encoding: chunked")
         lines.append(b"\r\n")
         req.upstream_head = b"\r\n".join(lines)
+        if length is not None and te is None and self.head_alone and not req.upgrade:
+            self.body_left = int(length)  # feed() counts it
         if self.active is None:
             self.deadline = 0.0  # no longer idle (a request in flight keeps its gateway deadline)
             self._start(req)
@@ -287,6 +346,7 @@ class HttpConnection:
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self.mid_message = False
         req = self.cur
         req.complete = True
         if req is self.active and self.stream is not None and not req.body:
@@ -716,11 +776,22 @@ class HttpConnection:
 
 # Request header fields the relay looks at (or drops) rather than passing on.
 _REQ_SPECIAL = {b"host": 1, b"transfer-encoding": 2, b"connection": 3, b"x-forwarded-for": 4, b"upgrade": 5,
-                b"expect": 6, b"x-forwarded-proto": 0, b"forwarded": 0, **{h: 0 for h in HOP_BY_HOP
+                b"expect": 6, b"content-length": 7, b"x-forwarded-proto": 0, b"forwarded": 0, **{h: 0 for h in HOP_BY_HOP
                 if h not in (b"transfer-encoding", b"connection", b"upgrade")}}
 # Response head -> (status, rewritten head, Content-Length, close-delimited),
 # for plain (not HEAD, not upgrade, not chunked) responses; bounded.
 _HEAD_CACHE: dict = {}
+def _head_end(buf: bytes) -> int:
+    """Where the request head in ``buf`` ends (after its empty line), or -1."""
+    a = buf.find(b"\n\r\n")
+    b = buf.find(b"\n\n")
+    if a < 0:
+        return b + 2 if b >= 0 else -1
+    if 0 <= b < a:
+        return b + 2
+    return a + 3
+
+
 _IDLE = "idle"
 _GATEWAY = "gateway"
 _IDEMPOTENT = {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
