@@ -87,7 +87,7 @@ def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
 class Request:
     __slots__ = ("method", "url", "headers", "head_bytes", "chunked", "upgrade", "head_only", "body",
                  "body_bytes", "complete", "upstream_head", "route", "retried", "has_body",
-                 "expect_continue")
+                 "expect_continue", "keep_alive")
 
     def __init__(self) -> None:
         self.method = b""
@@ -105,6 +105,7 @@ class Request:
         self.retried = False  # sent again once on a fresh stream (see _retry)
         self.has_body = False
         self.expect_continue = False
+        self.keep_alive = True
 
 
 class HttpConnection:
@@ -268,7 +269,10 @@ class HttpConnection:
         xff = None
         upgrade = None
         url = req.url
-        lines = [method + b" " + url + b" HTTP/1.1"]
+        # The service is asked in the client's HTTP version, so that an
+        # HTTP/1.0 client never gets a chunked body it cannot read.
+        req.keep_alive = parser.should_keep_alive()
+        lines = [method + b" " + url + (b" HTTP/1.1" if parser.get_http_version() != "1.0" else b" HTTP/1.0")]
         for name, value in req.headers:
             special = _REQ_SPECIAL.get(name.lower())
             if special is None:
@@ -453,7 +457,7 @@ class HttpConnection:
         self.resp_head = b""
         head_part = len(data) - len(rest)  # credit for it goes back with the body's
         active = self.active
-        plain = not active.upgrade and not active.head_only
+        plain = active.keep_alive and not active.upgrade and not active.head_only
         hit = _HEAD_CACHE.get(head) if plain else None
         if hit is not None:
             # The same head as a recent response (services repeat theirs
@@ -633,6 +637,11 @@ class HttpConnection:
             self.resp_close = True
             if not active.upgrade:
                 out.append(b"Connection: close")
+        if not active.keep_alive and not self.resp_close and status != 101:
+            # The client asked to close after this response (Connection:
+            # close, or HTTP/1.0 without keep-alive): say so, then do it.
+            self.resp_close = True
+            out.append(b"Connection: close")
         out.append(b"\r\n")
         return status, b"\r\n".join(out)
 

@@ -65,7 +65,8 @@ class Backend(http.server.BaseHTTPRequestHandler):
             return
         if self.path.startswith("/slow"):
             time.sleep(3)
-        info = {"who": self.name, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+        info = {"who": self.name, "path": self.path, "version": self.request_version,
+                "headers": {k.lower(): v for k, v in self.headers.items()}}
         self._send(json.dumps(info).encode(), extra=[("Keep-Alive", "timeout=5")])
 
     def do_HEAD(self):
@@ -512,3 +513,34 @@ def test_pipelined_request_does_not_lift_the_gateway_timeout_of_the_one_in_fligh
         assert time.monotonic() - t0 < 2.5  # gateway_timeout 1 s (+ the 0.25 s sweep), not the 3 s service
 
     with_relay(tmp_path, backends, body, gateway_timeout=1.0)
+
+
+def test_client_asking_to_close_gets_connection_close_and_the_close(tmp_path, backends):
+    """HTTP/1.0 without keep-alive, and HTTP/1.1 with Connection: close: the
+    response says Connection: close and the relay then closes, so a client
+    reading to the end is not left waiting for the idle timeout."""
+
+    def body(relay):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        versions = []
+        for req in (b"GET /ten HTTP/1.0\r\nHost: app.example\r\n\r\n",
+                    b"GET /close HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", relay.https_port), 5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="app.example") as t:
+                    t.sendall(req)
+                    t.settimeout(5)
+                    data = b""
+                    while True:
+                        chunk = t.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close" in head, data
+            info = json.loads(rest)
+            assert info["path"] in ("/ten", "/close")
+            versions.append(info["version"])
+        # The service was asked in the client's version (no chunked body for 1.0).
+        assert versions == ["HTTP/1.0", "HTTP/1.1"]
+
+    with_relay(tmp_path, backends, body)
