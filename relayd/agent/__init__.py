@@ -253,7 +253,7 @@ class AgentNode:
                 if "revoked" in str(exc):
                     raise
             except (OSError, asyncio.TimeoutError, RelaydError) as exc:
-                log.warning("link failed: %s", exc or type(exc).__name__)
+                log.warning("link failed: %s", str(exc) or type(exc).__name__)
             if self._stopping:
                 break
             if time.monotonic() - started > STABLE_AFTER:
