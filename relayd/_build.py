@@ -16,6 +16,7 @@ from types import ModuleType
 HOT_MODULES = {
     "yamux": "relayd.core._yamux",
     "wsframe": "relayd.core._wsframe",
+    "http": "relayd.net._http",
 }
 
 

@@ -49,7 +49,8 @@ def test_facade_selects_compiled_by_default():
     from relayd.core import yamux
 
     assert yamux.COMPILED
-    assert _build.report() == {"relayd.core._yamux": "compiled", "relayd.core._wsframe": "compiled"}
+    assert _build.report() == {"relayd.core._yamux": "compiled", "relayd.core._wsframe": "compiled",
+                               "relayd.net._http": "compiled"}
 
 
 @pytest.mark.parametrize("name", ["FrameParser", "DataFrame", "Close", "WsProtocolError"])
@@ -60,3 +61,14 @@ def test_websocket_classes_are_extension_types(name):
     cls = getattr(_wsframe_c, name)
     assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE and cls.__dictoffset__ == 0
     assert not hasattr(_wsframe_c.FrameParser(True), "_left")  # a C field
+
+
+@pytest.mark.parametrize("name", ["HttpConnection", "Request", "_Done", "_Drain"])
+def test_http_ingress_classes_are_extension_types(name):
+    from relayd.net import _http_c, http_ingress
+
+    assert http_ingress.COMPILED and http_ingress.HttpConnection is _http_c.HttpConnection
+    cls = getattr(_http_c, name)
+    assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE and cls.__dictoffset__ == 0
+    with pytest.raises(AttributeError):
+        _http_c.Request().not_a_field = 1

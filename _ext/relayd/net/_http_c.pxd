@@ -1,0 +1,29 @@
+# Cython contract of relayd/net/_http_py.py, compiled as relayd.net._http_c
+# (see ../core/_yamux_c.pxd for how the one-source build works).
+#
+# The HTTP ingress runs Python code for every request; as extension types
+# with C fields its attribute reads and writes are struct accesses instead of
+# dictionary lookups. Compiled as plain Python (no contract) it was slower
+# than CPython's own specialising interpreter: bench/RESULTS.md.
+
+cdef class Request:
+    cdef public object method, url, upstream_head, body, route
+    cdef public list headers
+    cdef public Py_ssize_t head_bytes, body_bytes
+    cdef public bint chunked, upgrade, head_only, complete, retried, has_body, expect_continue, keep_alive
+
+cdef class HttpConnection:
+    cdef public object port, transport, routes, open_stream, parser, queue, stream, stream_endpoint
+    cdef public double gateway_timeout, deadline
+    cdef public Request cur, active
+    cdef public object inbuf, resp_parser, resp_done, resp_head, pending_body, deadline_kind, loop_time
+    cdef public bint mid_message, head_alone, resp_started, resp_close, raw, raw_in, closed
+    cdef public bint write_paused, reading_paused
+    cdef public long long body_left, served, resp_left, deferred
+    cdef public object client, client_b, fwd_head, last_host, last_path, last_route, _sweep
+
+cdef class _Done:
+    cdef public bint done
+
+cdef class _Drain:
+    cdef public object stream

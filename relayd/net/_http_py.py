@@ -1,0 +1,916 @@
+"""HTTP/1.1 ingress on the relay's HTTPS port.
+
+Each request on a client connection is routed by ``Host`` and the longest
+matching path prefix to an endpoint (``--http NAME=HOSTNAME[/PREFIX]``), and
+carried on a yamux stream of its own to an agent serving that endpoint; the
+agent dials the service and splices, as for TCP endpoints.
+
+Theory of operation
+-------------------
+* Requests are parsed with httptools (llhttp, strict: obs-fold, CL together
+  with TE, bad chunk sizes and the like are refused with 400). The head is
+  rebuilt for the service: hop-by-hop headers dropped (RFC 9110 7.6.1,
+  including those named in Connection), ``X-Forwarded-For``,
+  ``X-Forwarded-Proto`` and ``Forwarded`` added.
+* One stream per client connection and endpoint, kept alive across requests
+  (and so one service connection behind the agent). Where each response ends
+  is found by counting its Content-Length, or by a response parser over a
+  chunked body; nothing of the body is buffered or re-framed.
+* Bodies stream: a request head is gathered whole and parsed alone; a
+  Content-Length body after it is counted and goes on the stream as it
+  arrives, never through the parser; only a chunked body is framed by the
+  parser (and re-chunked). Nothing is read whole into memory; when the
+  stream's window is full, reading from the client pauses.
+* Responses: the head is rewritten (hop-by-hop out; ``Connection: close`` to
+  the client only when the response is delimited by the service closing),
+  then every byte passes through. Window credit goes back only as the client's
+  transport drains, so a slow client holds one window at most.
+* Keep-alive and pipelining: one request is in flight at a time; requests
+  that arrive meanwhile wait in a short queue (their bodies bounded; reading
+  pauses beyond that).
+* ``Upgrade: websocket`` is passed to the service; after its 101 the
+  connection is spliced raw both ways.
+* Errors answer with a short body: 400 bad request, 404 no route, 431 head
+  too large, 503 no agent, 502 service unreachable, 504 no response in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from dataclasses import dataclass
+
+import httptools
+
+from relayd import metrics
+from relayd.core.framing import encode_message
+from relayd.errors import RelaydError
+
+log = logging.getLogger("relayd.http")
+
+MAX_HEAD = 32 * 1024
+MAX_HEADERS = 100
+MAX_QUEUED_BODY = 1024 * 1024
+MAX_QUEUED_REQUESTS = 16
+HEAD_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+              b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
+REASONS = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large",
+           502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str
+    host: str
+    prefix: str = "/"
+
+
+def parse_route(name: str, text: str) -> Route:
+    host, slash, prefix = text.partition("/")
+    return Route(name, host.lower(), "/" + prefix if slash else "/")
+
+
+def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
+    best = None
+    for r in routes:
+        if r.host == host and (path == r.prefix.rstrip("/") or path.startswith(r.prefix) or r.prefix == "/"):
+            if best is None or len(r.prefix) > len(best.prefix):
+                best = r
+    return best
+
+
+class Request:
+    __slots__ = ("method", "url", "headers", "head_bytes", "chunked", "upgrade", "head_only", "body",
+                 "body_bytes", "complete", "upstream_head", "route", "retried", "has_body",
+                 "expect_continue", "keep_alive")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.headers: list = []
+        self.head_bytes = 0
+        self.chunked = False
+        self.upgrade = False
+        self.head_only = False  # HEAD: the response has no body whatever it says
+        self.body: collections.deque = collections.deque()  # pieces waiting for the stream
+        self.body_bytes = 0
+        self.complete = False
+        self.upstream_head = b""
+        self.route: Route | None = None
+        self.retried = False  # sent again once on a fresh stream (see _retry)
+        self.has_body = False
+        self.expect_continue = False
+        self.keep_alive = True
+
+
+class HttpConnection:
+    """The HTTP/1.1 side of one client connection on the HTTPS port."""
+
+    def __init__(self, port, transport, routes: list[Route], open_stream, gateway_timeout: float) -> None:
+        self.port = port  # the HttpsPort protocol (owns the transport callbacks)
+        self.transport = transport
+        self.routes = routes
+        self.open_stream = open_stream  # endpoint, meta -> MuxStream | None (no agent)
+        self.gateway_timeout = gateway_timeout
+        self.parser = httptools.HttpRequestParser(self)
+        self.cur: Request | None = None  # being parsed
+        self.inbuf = b""  # a request head not yet whole
+        self.mid_message = False  # the parser is inside a message (its head or a chunked body)
+        self.body_left = 0  # bytes of a Content-Length request body still to come
+        self.head_alone = False  # the parser is being fed one whole head and nothing else
+        self.queue: collections.deque[Request] = collections.deque()
+        self.active: Request | None = None
+        self.stream = None
+        self.stream_endpoint = None
+        self.served = 0  # responses the current stream has carried
+        self.resp_parser = None  # chunked responses: finds the end
+        self.resp_done = _Done()
+        self.resp_left = -1  # Content-Length responses: body bytes still to come
+        self.resp_head = b""
+        self.resp_started = False
+        self.resp_close = False
+        self.raw = False  # after a 101: the response side is raw bytes
+        self.raw_in = False  # after an upgrade request: client bytes go raw
+        self.closed = False
+        self.write_paused = False
+        self.deferred = 0
+        self.reading_paused = False
+        self.pending_body: collections.deque = collections.deque()
+        # One deadline at a time (waiting for a response, or idle between
+        # requests), checked by a per-loop sweep: nothing to arm or cancel
+        # per request.
+        self.deadline = 0.0
+        self.deadline_kind = _IDLE
+        loop = asyncio.get_running_loop()
+        self.loop_time = loop.time
+        _Sweep.add(loop, self)
+        client = transport.get_extra_info("peername")
+        self.client = client[0] if client else "?"
+        self.client_b = self.client.encode()
+        fwd_for = b'"[' + self.client_b + b']"' if b":" in self.client_b else self.client_b
+        self.fwd_head = b"X-Forwarded-Proto: https\r\nForwarded: for=" + fwd_for + b";proto=https;host="
+        self.last_host = self.last_path = self.last_route = None  # the last routing decision
+
+    # -- input from the client ----------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self.raw_in:
+            self._to_stream(data)
+            return
+        rest = b""
+        try:
+            while data and not self.closed:
+                if self.body_left:
+                    # A Content-Length body: counted and spliced, not parsed.
+                    n = self.body_left
+                    if len(data) <= n:
+                        self.body_left = n - len(data)
+                        self.on_body(data)
+                        if not self.body_left:
+                            self._body_counted()
+                        return
+                    self.body_left = 0
+                    self.on_body(data[:n])
+                    self._body_counted()
+                    data = data[n:]
+                    continue
+                if self.mid_message:
+                    # A chunked body (or what follows it in the same read):
+                    # the parser frames it.
+                    self.parser.feed_data(data)
+                    return
+                # A request head: gather it whole, then parse it alone, so
+                # that the body after it never goes through the parser.
+                if self.inbuf:
+                    data = self.inbuf + data
+                    self.inbuf = b""
+                end = _head_end(data)
+                if end < 0:
+                    if len(data) > MAX_HEAD:
+                        raise _Refuse(431, "request head too large")
+                    self.inbuf = data
+                    return
+                head, data = data[:end], data[end:]
+                rest = data
+                self.head_alone = True
+                try:
+                    self.parser.feed_data(head)
+                finally:
+                    self.head_alone = False
+        except httptools.HttpParserUpgrade:
+            # The upgrade request's head is done; what follows is the new
+            # protocol's, for the service (which answers 101 or refuses).
+            self.raw_in = True
+            if self.stream is None:
+                self.error(400, "an upgrade request cannot be pipelined")
+                return
+            if rest:
+                self._to_stream(rest)
+        except _Refuse as exc:
+            self.error(exc.status, exc.text)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Refuse):
+                self.error(cause.status, cause.text)
+            else:
+                log.exception("http ingress callback failed")
+                self.error(400, "bad request")
+        except httptools.HttpParserError as exc:
+            metrics.BAD_INPUT.labels("https", "bad_request").inc()
+            log.info("bad HTTP request: %s", exc, extra={"client": self.client})
+            self.error(400, f"bad request: {exc}")
+
+    def _body_counted(self) -> None:
+        """The counted body is all in: the request is complete. The parser
+        saw the head only and still waits for that body, so a fresh one takes
+        the next request."""
+        self.mid_message = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.cur = Request()
+        self.mid_message = True
+
+    def on_url(self, url: bytes) -> None:
+        req = self.cur
+        req.url += url
+        req.head_bytes += len(url)
+        if req.head_bytes > MAX_HEAD:
+            raise _Refuse(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.cur
+        headers = req.headers
+        headers.append((name, value))
+        req.head_bytes += len(name) + len(value) + 4
+        if req.head_bytes > MAX_HEAD:
+            raise _Refuse(431, "request head too large")
+        if len(headers) > MAX_HEADERS:
+            raise _Refuse(431, f"more than {MAX_HEADERS} header fields")
+
+    def on_headers_complete(self) -> None:
+        req = self.cur
+        parser = self.parser
+        method = req.method = parser.get_method()
+        req.upgrade = parser.should_upgrade()
+        req.head_only = method == b"HEAD"
+        # One pass: what routing and framing need, and the lines that go on.
+        host = b""
+        te = None
+        length = None
+        named = None
+        xff = None
+        upgrade = None
+        url = req.url
+        # The service is asked in the client's HTTP version, so that an
+        # HTTP/1.0 client never gets a chunked body it cannot read.
+        req.keep_alive = parser.should_keep_alive()
+        lines = [method + b" " + url + (b" HTTP/1.1" if parser.get_http_version() != "1.0" else b" HTTP/1.0")]
+        for name, value in req.headers:
+            special = _REQ_SPECIAL.get(name.lower())
+            if special is None:
+                lines.append(name + b": " + value)
+            elif special == 1:  # host
+                if host and value != host:
+                    raise _Refuse(400, "several Host headers")
+                host = value
+                lines.append(name + b": " + value)
+            elif special == 2:  # transfer-encoding
+                if te is not None or value.strip().lower() != b"chunked":
+                    raise _Refuse(400, "only Transfer-Encoding: chunked is accepted")
+                te = value
+            elif special == 3:  # connection
+                named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+            elif special == 4:
+                xff = value
+            elif special == 5:
+                upgrade = value
+            elif special == 6:  # expect
+                req.expect_continue = value.lower() == b"100-continue"
+            elif special == 7:  # content-length (llhttp has checked it: digits, one value)
+                length = value
+                lines.append(name + b": " + value)
+            # else: hop-by-hop, or a forwarding header the relay writes itself
+        if not host:
+            raise _Refuse(400, "Host header required")
+        req.chunked = te is not None
+        q = url.find(b"?")
+        path = url if q < 0 else url[:q]
+        if host == self.last_host and path == self.last_path:
+            req.route = self.last_route
+        else:
+            text = host.decode("latin-1").lower()
+            hostname = text.split("]")[0] + "]" if text.startswith("[") else text.rsplit(":", 1)[0]
+            route = pick_route(self.routes, hostname, path.decode("latin-1"))
+            if route is None:
+                raise _Refuse(404, f"no endpoint for {hostname}{path.decode('latin-1')}")
+            req.route = self.last_route = route
+            self.last_host, self.last_path = host, path
+        if named:
+            # Connection names further fields to drop (rare).
+            named.discard(b"host")
+            lines[1:] = [line for line in lines[1:] if line.partition(b":")[0].lower() not in named]
+        client = self.client_b
+        lines.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client))
+        lines.append(self.fwd_head + host)
+        if req.upgrade:
+            lines.append(b"Connection: Upgrade")
+            if upgrade is not None:
+                lines.append(b"Upgrade: " + upgrade)
+        if te is not None:
+            lines.append(b"Transfer-Encoding: chunked")
+        lines.append(b"\r\n")
+        req.upstream_head = b"\r\n".join(lines)
+        if length is not None and te is None and self.head_alone and not req.upgrade:
+            self.body_left = int(length)  # feed() counts it
+        if self.active is None:
+            self.deadline = 0.0  # no longer idle (a request in flight keeps its gateway deadline)
+            self._start(req)
+        else:
+            if len(self.queue) >= MAX_QUEUED_REQUESTS:
+                raise _Refuse(400, "too many pipelined requests")
+            self.queue.append(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.cur
+        req.has_body = True
+        if req is self.active and self.stream is not None and not req.body:
+            self._send_body(req, body)
+        else:
+            req.body.append(body)
+            req.body_bytes += len(body)
+            if req.body_bytes > MAX_QUEUED_BODY:
+                self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        self.mid_message = False
+        req = self.cur
+        req.complete = True
+        if req is self.active and self.stream is not None and not req.body:
+            self._finish_body(req)
+
+    # -- requests to the service --------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        self.active = req
+        self.resp_head = b""
+        self.resp_started = False
+        self.resp_close = False
+        if req.expect_continue and not req.complete:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.stream is not None and self.stream_endpoint != req.route.endpoint:
+            self._drop_stream()
+        if self.stream is None:
+            # One stream (and one service connection behind the agent) per
+            # client connection and endpoint, kept alive across requests.
+            stream = self.open_stream(req.route.endpoint, self.client)
+            if stream is None:
+                self.error(503, f"no agent is connected for endpoint {req.route.endpoint!r}")
+                return
+            if stream is False:
+                self.error(503, f"the agent for endpoint {req.route.endpoint!r} cannot take another stream now")
+                return
+            self.stream = stream
+            self.stream_endpoint = req.route.endpoint
+            stream.attach(self)  # the stream's events come straight here
+        if not self._send(req.upstream_head):
+            return
+        while req.body:
+            piece = req.body.popleft()
+            req.body_bytes -= len(piece)
+            if not self._send_body(req, piece):
+                return
+        if req.complete:
+            self._finish_body(req)
+        self._resume_reading()
+        self.deadline = self.loop_time() + self.gateway_timeout
+        self.deadline_kind = _GATEWAY
+
+    def _send_body(self, req: Request, body: bytes) -> bool:
+        if req.chunked:
+            return self._send(b"%x\r\n" % len(body) + body + b"\r\n")
+        return self._send(body)
+
+    def _finish_body(self, req: Request) -> None:
+        if req.chunked:
+            self._send(b"0\r\n\r\n")
+
+    def _send(self, data: bytes) -> bool:
+        """Queue bytes on the stream; excess waits for window (reading paused)."""
+        if self.pending_body:
+            self.pending_body.append(data)
+            return True
+        try:
+            n = self.stream.send_nowait(data)
+        except RelaydError:
+            self._abort()
+            return False
+        if n < len(data):
+            self.pending_body.append(data[n:])
+            self._pause_reading()
+        return True
+
+    def _to_stream(self, data: bytes) -> None:
+        if self.stream is not None:
+            self._send(data)
+
+    # -- stream sink: the response ------------------------------------------------
+
+    def stream_data(self, data: bytes) -> None:
+        if self.closed:
+            self.stream.consumed(len(data))
+            return
+        if self.resp_started:
+            self._pass_body(data)
+            return
+        if self.active is None:
+            # Bytes with no request outstanding: this service connection's
+            # framing cannot be trusted any more.
+            self.stream.consumed(len(data))
+            metrics.BAD_INPUT.labels("http_service", "unsolicited").inc()
+            log.info("service sent %d bytes with no request outstanding", len(data), extra={"client": self.client})
+            self._drop_stream()
+            return
+        # The response head: usually whole in the first piece.
+        if self.resp_head:
+            self.resp_head += data
+            buf = self.resp_head
+        else:
+            buf = data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if buf is data:
+                self.resp_head = bytearray(data)
+            if len(self.resp_head) > MAX_HEAD:
+                self.error(502, "the service sent an oversized response head")
+                return
+            self.stream.consumed(len(data))
+            return
+        head, rest = bytes(buf[: end + 4]), bytes(buf[end + 4:])
+        self.resp_head = b""
+        head_part = len(data) - len(rest)  # credit for it goes back with the body's
+        active = self.active
+        plain = active.keep_alive and not active.upgrade and not active.head_only
+        hit = _HEAD_CACHE.get(head) if plain else None
+        if hit is not None:
+            # The same head as a recent response (services repeat theirs
+            # byte for byte within a second): the rewrite is a pure function
+            # of the bytes, so reuse it.
+            status, client_head, self.resp_left, self.resp_close = hit
+            self.resp_parser = None
+        else:
+            try:
+                status, client_head = self._client_head(head)
+            except _Refuse as exc:
+                metrics.BAD_INPUT.labels("http_service", "bad_response_head").inc()
+                self.error(exc.status, exc.text)
+                return
+            if plain and status >= 200 and self.resp_parser is None and len(head) <= 2048:
+                if len(_HEAD_CACHE) >= 256:
+                    _HEAD_CACHE.clear()
+                _HEAD_CACHE[head] = (status, client_head, self.resp_left, self.resp_close)
+        if 100 <= status < 200 and status != 101:
+            # Interim (100 Continue, 103): the final response follows.
+            self.stream.consumed(head_part)
+            self.transport.write(client_head)
+            if rest:
+                self.stream_data(rest)
+            return
+        self.resp_started = True
+        self.deadline = 0.0
+        if rest:
+            self._pass_body(rest, client_head, head_part)
+            return
+        self.stream.consumed(head_part)
+        self.transport.write(client_head)
+        if self.resp_left == 0:
+            self._response_done()
+
+    def _pass_body(self, data: bytes, head: bytes = b"", credit: int = 0) -> None:
+        """Response bytes to the client as they come; ``head`` (the rewritten
+        response head) goes out in the same write."""
+        n = len(data)
+        done = False
+        left = self.resp_left
+        if left >= 0:
+            # Content-Length: count, do not parse.
+            if n >= left:
+                done = True
+                if n > left:
+                    # More than the service announced: framing is lost, the
+                    # excess is dropped and this connection ends here.
+                    metrics.BAD_INPUT.labels("http_service", "past_content_length").inc()
+                    log.info("service sent %d bytes past its Content-Length", n - left,
+                             extra={"client": self.client})
+                    self.resp_close = True
+                    data = data[:left]
+            self.resp_left = left - len(data)
+        elif self.resp_parser is not None:
+            # Chunked: the parser finds the end; the bytes pass through unchanged.
+            try:
+                self.resp_parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.resp_close = True
+                done = True
+            else:
+                done = self.resp_done.done
+        self.transport.write(head + data if head else data)
+        if self.write_paused:
+            self.deferred += n + credit
+        else:
+            self.stream.consumed(n + credit)
+        if done:
+            self._response_done()
+
+    def _response_done(self) -> None:
+        """The response ended by its own framing: the connection and the
+        stream stay up for the next request."""
+        self.active = None
+        self.resp_parser = None
+        self.resp_left = -1
+        self.resp_started = False
+        self.served += 1
+        if self.resp_close:
+            self._drop_stream()
+            self.closed = True
+            self.transport.close()
+            return
+        if self.queue:
+            self._start(self.queue.popleft())
+        else:
+            self.deadline = self.loop_time() + IDLE_TIMEOUT
+            self.deadline_kind = _IDLE
+
+    def _drop_stream(self) -> None:
+        st, self.stream = self.stream, None
+        self.stream_endpoint = None
+        self.served = 0
+        if st is not None:
+            st.attach(_Drain(st))  # whatever still comes on it is dropped
+            st.write_eof()
+
+    def _client_head(self, head: bytes) -> tuple[int, bytes]:
+        """The response head for the client, and how the body is delimited
+        (``resp_left``, ``resp_parser``, ``raw``, ``resp_close``)."""
+        # One C-speed check of the whole head's syntax (RFC 9112: status
+        # line, token ":" value, CRLF only, no obs-fold, no NUL or bare CR/LF).
+        if _RESP_HEAD.match(head) is None:
+            raise _Refuse(502, "the service sent a malformed response head")
+        status = int(head[9:12])
+        lines = head[:len(head) - 4].split(b"\r\n")
+        out = [b"HTTP/1.1" + lines[0][8:]]
+        named = None
+        chunked = False
+        length = None
+        upgrade_lines = []
+        for line in lines[1:]:
+            if line[0] | 0x20 not in _RESP_FIRST:  # cannot be a field the relay handles
+                out.append(line)
+                continue
+            name, _, value = line.partition(b":")
+            lname = name.lower()
+            if lname == b"content-length":
+                value = value.strip()
+                if length is not None and value != length:
+                    raise _Refuse(502, "the service sent conflicting Content-Length fields")
+                length = value
+                out.append(line)
+            elif lname not in HOP_BY_HOP:
+                out.append(line)
+            elif lname == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                named = tokens if named is None else named | tokens
+                if status == 101:
+                    upgrade_lines.append(line)
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked" or chunked:
+                    raise _Refuse(502, "the service sent a Transfer-Encoding other than chunked")
+                chunked = True
+                out.append(line)
+            elif lname == b"upgrade" and status == 101:
+                upgrade_lines.append(line)
+        if named and not named <= _PLAIN_CONNECTION:
+            # Connection names further fields to drop (rare): filter by name.
+            named.discard(b"content-length")
+            named.discard(b"transfer-encoding")
+            out = out[:1] + [line for line in out[1:] if line.partition(b":")[0].lower() not in named]
+        out += upgrade_lines
+        self.resp_left = -1
+        self.resp_parser = None
+        active = self.active
+        if 100 <= status < 200 and status != 101:
+            out.append(b"\r\n")
+            return status, b"\r\n".join(out)
+        if status == 101:
+            self.raw = True
+        elif active.upgrade:
+            self.resp_close = True  # upgrade refused: nothing more to parse here
+            out.append(b"Connection: close")
+        if status == 101:
+            pass
+        elif status == 204 or status == 304 or active.head_only:
+            self.resp_left = 0
+        elif chunked:
+            # Chunked with a Content-Length as well is how responses get
+            # smuggled (RFC 9112 6.3 says treat it as an error).
+            if length is not None:
+                raise _Refuse(502, "the service sent both Content-Length and Transfer-Encoding")
+            self.resp_done = _Done()
+            self.resp_parser = httptools.HttpResponseParser(self.resp_done)
+            try:
+                self.resp_parser.feed_data(head)
+            except httptools.HttpParserError:
+                raise _Refuse(502, "the service sent a malformed response head") from None
+        elif length is not None:
+            if not length.isdigit() or len(length) > 18:
+                raise _Refuse(502, "the service sent a bad Content-Length")
+            self.resp_left = int(length)
+        else:
+            # Delimited by the close: the client must see it too.
+            self.resp_close = True
+            if not active.upgrade:
+                out.append(b"Connection: close")
+        if not active.keep_alive and not self.resp_close and status != 101:
+            # The client asked to close after this response (Connection:
+            # close, or HTTP/1.0 without keep-alive): say so, then do it.
+            self.resp_close = True
+            out.append(b"Connection: close")
+        out.append(b"\r\n")
+        return status, b"\r\n".join(out)
+
+    def stream_window(self) -> None:
+        while self.pending_body and not self.closed:
+            data = self.pending_body.popleft()
+            n = self.stream.send_nowait(data)
+            if n < len(data):
+                self.pending_body.appendleft(data[n:])
+                return
+        self._resume_reading()
+
+    def stream_eof(self) -> None:
+        # The service closed its connection.
+        if self.active is None:
+            self._drop_stream()  # idle keep-alive connection closed: fine
+            return
+        if not self.resp_started:
+            if self._retry():
+                return
+            self.error(502, "the service closed without a response")
+            return
+        raw = self.raw
+        if not self.raw_in:
+            self._drop_stream()
+        else:
+            self.stream = None
+        if raw or self.resp_close:
+            # Close-delimited response (or the end of an upgraded connection).
+            self.closed = True
+            self.transport.close()
+            return
+        # Framed but cut short: the client must not take it as complete.
+        self._abort()
+
+    def _retry(self) -> bool:
+        """A kept-alive service connection closed just as a request went out
+        on it (the service's idle timeout racing the request): send a request
+        that is safe to repeat once more on a fresh stream, as browsers and
+        reverse proxies do (RFC 9110 9.2.2). Not after a first response
+        byte, not for a body already streamed, not twice."""
+        req = self.active
+        if (self.served == 0 or req.retried or self.resp_head or req.upgrade or req.chunked
+                or req.method not in _IDEMPOTENT or not req.complete or req.has_body):
+            return False
+        req.retried = True
+        metrics.HTTP_RETRIES.inc()
+        log.info("service connection closed under a request; sending it again on a fresh one",
+                 extra={"client": self.client, "endpoint": req.route.endpoint})
+        st, self.stream = self.stream, None
+        self.stream_endpoint = None
+        self.served = 0
+        self.pending_body.clear()
+        if st is not None:
+            st.reset()
+        self.active = None
+        self._start(req)
+        return True
+
+    def stream_reset(self) -> None:
+        if self.active is None:
+            return
+        if not self.resp_started:
+            if self._retry():
+                return
+            self.error(502, "the service behind the agent is unreachable")
+        else:
+            self._abort()
+
+    # -- transport side --------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.deferred and self.stream is not None:
+            n, self.deferred = self.deferred, 0
+            self.stream.consumed(n)
+
+    def eof(self) -> None:
+        if self.raw and self.stream is not None:
+            self.stream.write_eof()
+
+    def lost(self) -> None:
+        self.closed = True
+        self.deadline = 0.0
+        _Sweep.discard(self)
+        if self.stream is not None and not (self.resp_started and self.stream.at_eof):
+            self.stream.reset()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def error(self, status: int, text: str) -> None:
+        if self.closed:
+            return
+        metrics.HTTP_RESPONSES.labels(str(status)).inc()
+        log.info("http %d", status, extra={"client": self.client, "reason": text[:120]})
+        if not self.resp_started:
+            body = (text + "\n").encode("utf-8", "replace")
+            self.transport.write(
+                f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        if self.stream is not None:
+            self.stream.reset()
+            self.stream = None
+        self.closed = True
+        self.deadline = 0.0
+        self.transport.close()
+
+    def _abort(self) -> None:
+        self.closed = True
+        self.deadline = 0.0
+        self.transport.abort()
+
+    def expire(self) -> None:
+        """The sweep found the deadline passed."""
+        self.deadline = 0.0
+        if self.closed:
+            return
+        if self.deadline_kind is _GATEWAY:
+            if self.active is not None and not self.resp_started:
+                self.error(504, f"no response from the service within {self.gateway_timeout:g}s")
+        elif self.active is None:
+            self.closed = True
+            self._drop_stream()
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.closed and not self.pending_body:
+            q = sum(r.body_bytes for r in self.queue)
+            if q <= MAX_QUEUED_BODY:
+                self.reading_paused = False
+                self.transport.resume_reading()
+
+
+# Request header fields the relay looks at (or drops) rather than passing on.
+_REQ_SPECIAL = {b"host": 1, b"transfer-encoding": 2, b"connection": 3, b"x-forwarded-for": 4, b"upgrade": 5,
+                b"expect": 6, b"content-length": 7, b"x-forwarded-proto": 0, b"forwarded": 0, **{h: 0 for h in HOP_BY_HOP
+                if h not in (b"transfer-encoding", b"connection", b"upgrade")}}
+# Response head -> (status, rewritten head, Content-Length, close-delimited),
+# for plain (not HEAD, not upgrade, not chunked) responses; bounded.
+_HEAD_CACHE: dict = {}
+def _head_end(buf: bytes) -> int:
+    """Where the request head in ``buf`` ends (after its empty line), or -1."""
+    a = buf.find(b"\n\r\n")
+    b = buf.find(b"\n\n")
+    if a < 0:
+        return b + 2 if b >= 0 else -1
+    if 0 <= b < a:
+        return b + 2
+    return a + 3
+
+
+_IDLE = "idle"
+_GATEWAY = "gateway"
+_IDEMPOTENT = {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
+_RESP_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: [^\r\n\x00]*)?\r\n"
+                        rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*\r\n\Z")
+# First letters (lower case) of the response fields the relay acts on.
+_RESP_FIRST = frozenset(b"cktpu")
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
+class _Sweep:
+    """Checks the HTTP connections' deadlines of one event loop a few times a
+    second, so that requests never arm or cancel timers of their own."""
+
+    TICK = 0.25
+    _by_loop: dict = {}
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.conns: set = set()
+        self.handle = None
+
+    @classmethod
+    def add(cls, loop, conn) -> None:
+        sw = cls._by_loop.get(loop)
+        if sw is None or sw.loop is not loop:
+            sw = cls._by_loop[loop] = cls(loop)
+        conn._sweep = sw
+        sw.conns.add(conn)
+        if sw.handle is None:
+            sw.handle = loop.call_later(cls.TICK, sw.run)
+
+    @classmethod
+    def discard(cls, conn) -> None:
+        sw = getattr(conn, "_sweep", None)
+        if sw is not None:
+            sw.conns.discard(conn)
+
+    def run(self) -> None:
+        self.handle = None
+        if not self.conns:
+            self._by_loop.pop(self.loop, None)
+            return
+        now = self.loop.time()
+        for c in [c for c in self.conns if c.deadline and c.deadline <= now]:
+            try:
+                c.expire()
+            except Exception:  # one connection's failure must not stop the sweep
+                log.exception("http deadline handling failed")
+        self.handle = self.loop.call_later(self.TICK, self.run)
+
+
+class _Done:
+    """Response-parser callbacks: only the end of the message matters."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class _Drain:
+    """The sink of a stream the connection has let go of (endpoint change,
+    service closed): what still arrives is consumed and dropped."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def stream_data(self, data: bytes) -> None:
+        self.stream.consumed(len(data))
+
+    def stream_eof(self) -> None:
+        pass
+
+    def stream_reset(self) -> None:
+        pass
+
+    def stream_window(self) -> None:
+        pass
+
+
+class _Refuse(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def open_stream_for(relay):
+    """The relay's stream opener for HTTP endpoints (None: no agent)."""
+
+    def open_stream(endpoint: str, client: str):
+        sess = relay._pick(endpoint)
+        if sess is None:
+            metrics.STREAMS_FAILED.labels(endpoint, "no_agent").inc()
+            return None
+        try:
+            st = sess.conn.open_stream_nowait()
+        except RelaydError as exc:
+            log.warning("cannot open a stream: %s", exc, extra={"endpoint": endpoint, "agent": sess.agent_id})
+            metrics.STREAMS_FAILED.labels(endpoint, type(exc).__name__).inc()
+            return False
+        relay._trace_seq += 1
+        st.send_nowait(encode_message({"e": endpoint, "t": f"{relay._trace_prefix}{relay._trace_seq:x}", "c": client}))
+        metrics.STREAMS_OPENED.labels(endpoint, sess.agent_id).inc()
+        return st
+
+    return open_stream
