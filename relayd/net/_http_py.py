@@ -269,10 +269,7 @@ class HttpConnection:
         xff = None
         upgrade = None
         url = req.url
-        # The service is asked in the client's HTTP version, so that an
-        # HTTP/1.0 client never gets a chunked body it cannot read.
-        req.keep_alive = parser.should_keep_alive()
-        lines = [method + b" " + url + (b" HTTP/1.1" if parser.get_http_version() != "1.0" else b" HTTP/1.0")]
+        lines = [b""]  # the request line, once the version is known
         for name, value in req.headers:
             special = _REQ_SPECIAL.get(name.lower())
             if special is None:
@@ -300,6 +297,14 @@ class HttpConnection:
             # else: hop-by-hop, or a forwarding header the relay writes itself
         if not host:
             raise _Refuse(400, "Host header required")
+        # The service is asked in the client's HTTP version, so that an
+        # HTTP/1.0 client never gets a chunked body it cannot read. A 1.0
+        # request is kept alive only with a keep-alive token, so the costly
+        # version string is needed only then or when the client closes.
+        keep_alive = req.keep_alive = parser.should_keep_alive()
+        http10 = (not keep_alive or (named is not None and b"keep-alive" in named)) \
+            and parser.get_http_version() == "1.0"
+        lines[0] = method + b" " + url + (b" HTTP/1.0" if http10 else b" HTTP/1.1")
         req.chunked = te is not None
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
@@ -826,7 +831,7 @@ class _Sweep:
     @classmethod
     def add(cls, loop, conn) -> None:
         sw = cls._by_loop.get(loop)
-        if sw is None or sw.loop is not loop:
+        if sw is None:
             sw = cls._by_loop[loop] = cls(loop)
         conn._sweep = sw
         sw.conns.add(conn)

@@ -1,7 +1,7 @@
 """Public face of the HTTP ingress: the active build (compiled or pure) of
 ``relayd/net/_http_py.py``, which holds the code and its documentation."""
 
-from relayd._build import load
+from relayd._build import is_compiled, load
 
 _impl = load("http")
 
@@ -14,4 +14,4 @@ open_stream_for = _impl.open_stream_for
 MAX_HEAD = _impl.MAX_HEAD
 MAX_HEADERS = _impl.MAX_HEADERS
 IDLE_TIMEOUT = _impl.IDLE_TIMEOUT
-COMPILED = _impl.__file__.endswith(".so")
+COMPILED = is_compiled(_impl)

@@ -181,3 +181,22 @@ def test_oversized_head_without_an_end_is_refused():
         conn.lost()
 
     asyncio.run(main())
+
+
+def test_service_is_asked_in_the_clients_http_version():
+    async def main():
+        for request, line in [(b"GET /a HTTP/1.0\r\nHost: app.example\r\n\r\n", b"GET /a HTTP/1.0\r\n"),
+                              (b"GET /b HTTP/1.0\r\nHost: app.example\r\nConnection: keep-alive\r\n\r\n",
+                               b"GET /b HTTP/1.0\r\n"),
+                              (b"GET /c HTTP/1.1\r\nHost: app.example\r\n\r\n", b"GET /c HTTP/1.1\r\n"),
+                              (b"GET /d HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+                               b"GET /d HTTP/1.1\r\n")]:
+            stream = FakeStream()
+            conn = hi.HttpConnection(None, FakeTransport(), [hi.Route("web", "app.example")],
+                                     lambda endpoint, client: stream, 60)
+            conn.feed(request)
+            assert bytes(stream.sent).startswith(line), (request, bytes(stream.sent))
+            assert b"keep-alive" not in bytes(stream.sent).lower()  # hop-by-hop, dropped
+            conn.lost()
+
+    asyncio.run(main())
