@@ -54,7 +54,6 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 MAX_QUEUED_BODY = 1024 * 1024
 MAX_QUEUED_REQUESTS = 16
-HEAD_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
