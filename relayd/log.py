@@ -43,3 +43,50 @@ def setup(level: str = "info", stream=None) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+class RateLimitedLog:
+    """A logger for refusals an attacker can trigger at will: at most
+    ``burst`` lines per ``interval`` seconds for each message template (the
+    format string, not its arguments); the lines held back are counted and
+    reported as ``suppressed`` on the next line that gets through. Metrics
+    count every refusal; the log only has to show that they happen."""
+
+    __slots__ = ("logger", "interval", "burst", "_windows")
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, burst: int = 5) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.burst = burst
+        self._windows: dict[str, list] = {}  # template -> [window start, lines in it, suppressed]
+
+    def log(self, level: int, msg: str, *args, extra: dict | None = None) -> bool:
+        """Log unless this template is over its budget; True if logged."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        now = time.monotonic()
+        w = self._windows.get(msg)
+        if w is None:
+            if len(self._windows) > 1024:  # templates are code constants; never grows in practice
+                self._windows.clear()
+            w = self._windows[msg] = [now, 0, 0]
+        elif now - w[0] >= self.interval:
+            w[0], w[1] = now, 0
+        if w[1] >= self.burst:
+            w[2] += 1
+            return False
+        w[1] += 1
+        if w[2]:
+            extra = dict(extra or {}, suppressed=w[2])
+            w[2] = 0
+        self.logger.log(level, msg, *args, extra=extra)
+        return True
+
+    def info(self, msg: str, *args, extra: dict | None = None) -> bool:
+        return self.log(logging.INFO, msg, *args, extra=extra)
+
+    def warning(self, msg: str, *args, extra: dict | None = None) -> bool:
+        return self.log(logging.WARNING, msg, *args, extra=extra)
+
+    def error(self, msg: str, *args, extra: dict | None = None) -> bool:
+        return self.log(logging.ERROR, msg, *args, extra=extra)

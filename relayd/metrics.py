@@ -28,6 +28,9 @@ STREAM_OPEN_SECONDS = Histogram(
 PROTOCOL_ERRORS = Counter("relayd_protocol_errors_total", "Links ended by a peer's protocol error", ["kind"])
 AGENT_RECONNECTS = Counter("relayd_agent_reconnects_total", "Agent-side reconnect attempts")
 BAD_INPUT = Counter("relayd_bad_input_total", "Connections closed for bad input before any session", ["where", "kind"])
+INTERNAL_ERRORS = Counter("relayd_internal_errors_total",
+                          "Exceptions caught at a boundary that must not raise (a relayd bug; the offending "
+                          "stream or connection was closed, the rest went on)", ["where"])
 
 
 async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:

@@ -305,9 +305,7 @@ class RelayNode:
     def _on_link_closed(self, sess: AgentSession) -> None:
         if self.sessions.get(sess.agent_id) is sess:
             self._unregister(sess)
-            err = sess.conn.error
-            if err is not None:
-                metrics.PROTOCOL_ERRORS.labels(type(err).__name__).inc()
+            err = sess.conn.error  # protocol errors are counted by the connection
             log.info("agent disconnected", extra={"agent": sess.agent_id, "error": str(err) if err else None})
 
     def _unregister(self, sess: AgentSession) -> None:

@@ -455,13 +455,22 @@ class Session:
         self._frame(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, 0)
         return sid
 
-    def accept_stream(self, stream_id: int) -> None:
-        """Acknowledge a stream the peer opened (ACK)."""
-        self._check_alive()
-        st = self._get(stream_id)
+    def accept_stream(self, stream_id: int) -> bool:
+        """Acknowledge a stream the peer opened (ACK); True if the ACK is queued.
+
+        A stream that is already gone (the peer reset it, perhaps in the very
+        read that opened it) or a session that has ended is a race with the
+        peer, not a caller's mistake: nothing happens and the answer is False.
+        """
+        if self._failed:
+            return False
+        st = self._streams.get(stream_id)
+        if st is None:
+            return False
         if not st.owe_ack:
             raise StreamError(f"stream {stream_id} was not waiting to be accepted")
         self._frame(TYPE_WINDOW_UPDATE, self._ack_flag(st), st.stream_id, 0)
+        return True
 
     def _ack_flag(self, st: _Stream) -> cython.int:
         if st.owe_ack:

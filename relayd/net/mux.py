@@ -28,11 +28,15 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+from relayd import metrics
 from relayd.core import yamux
 from relayd.core.config import MuxConfig
+from relayd.log import RateLimitedLog
 from relayd.errors import ProtocolError, SessionClosedError, StreamError, StreamResetError
 
 log = logging.getLogger("relayd.mux")
+_PROTOCOL_LOG = RateLimitedLog(log)
+_INTERNAL_LOG = RateLimitedLog(log)
 
 _DataReceived = yamux.DataReceived
 _WindowUpdated = yamux.WindowUpdated
@@ -317,27 +321,67 @@ class MuxConnection(asyncio.Protocol):
         self.bytes_in += len(data)
         events = self.session.receive_data(data)
         streams = self._streams
-        for ev in events:
-            cls = type(ev)
-            if cls is _DataReceived:
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st._feed(ev.data)
-                else:  # nobody will read it: give the credit back
-                    self.session.consume(ev.stream_id, len(ev.data))
-            elif cls is _WindowUpdated:
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st._on_window()
-            else:
-                self._control_event(ev)
+        n = len(events)
+        i = 0
+        # Nothing a stream's sink or handler does may end the link by raising
+        # into the transport: the event that failed costs its own stream only
+        # (see _event_failed), and dispatch goes on with the next event. The
+        # try block costs nothing until something raises.
+        while i < n:
+            try:
+                while i < n:
+                    ev = events[i]
+                    i += 1
+                    cls = type(ev)
+                    if cls is _DataReceived:
+                        st = streams.get(ev.stream_id)
+                        if st is not None:
+                            st._feed(ev.data)
+                        else:  # nobody will read it: give the credit back
+                            self.session.consume(ev.stream_id, len(ev.data))
+                    elif cls is _WindowUpdated:
+                        st = streams.get(ev.stream_id)
+                        if st is not None:
+                            st._on_window()
+                    else:
+                        self._control_event(ev)
+            except Exception as exc:
+                self._event_failed(events[i - 1], exc)
         self._flush_now()
+
+    def _event_failed(self, ev, exc: BaseException) -> None:
+        """A handler raised while taking ``ev``: a relayd bug, but one stream's.
+        Count and log it, reset that stream and tell its sink; a failure
+        outside any stream is logged and the link goes on (a protocol error
+        still closes it)."""
+        _internal_error("mux_event", exc, self.name, type(ev).__name__)
+        if type(ev) is yamux.ProtocolErrorEvent:
+            self._close_transport()
+            return
+        sid = getattr(ev, "stream_id", None)
+        st = self._streams.get(sid) if sid is not None else None
+        if st is not None:
+            self._fail_stream(st)
+
+    def _fail_stream(self, st: MuxStream) -> None:
+        sink = st._sink
+        st._sink = None
+        st.reset()
+        if sink is not None:
+            try:
+                sink.stream_reset()
+            except Exception as exc:
+                _internal_error("mux_sink_reset", exc, self.name)
 
     def _control_event(self, ev) -> None:
         cls = type(ev)
         sid = getattr(ev, "stream_id", None)
         st = self._streams.get(sid) if sid is not None else None
         if cls is yamux.StreamOpened:
+            if self.session.stream_state(ev.stream_id) == "closed" or self.session.failed:
+                # Opened and already reset in this same read, or the read
+                # ended in a protocol error: nobody will ever serve it.
+                return
             st = MuxStream(self, ev.stream_id)
             self._streams[ev.stream_id] = st
             if self._on_stream is not None:
@@ -360,8 +404,8 @@ class MuxConnection(asyncio.Protocol):
                 self._maybe_forget(st)
         elif cls is yamux.StreamReset:
             if st is not None:
-                st._on_reset()
                 self._streams.pop(ev.stream_id, None)
+                st._on_reset()
         elif cls is yamux.PongReceived:
             entry = self._pings.pop(ev.opaque, None)
             if entry is not None:
@@ -378,10 +422,9 @@ class MuxConnection(asyncio.Protocol):
                 w.set_result(None)
         elif cls is yamux.ProtocolErrorEvent:
             self.error = ev.error
-            log.warning(
-                "protocol error from peer: %s: %s", type(ev.error).__name__, ev.error,
-                extra={"conn": self.name},
-            )
+            kind = type(ev.error).__name__
+            metrics.PROTOCOL_ERRORS.labels(kind).inc()
+            _PROTOCOL_LOG.warning("protocol error from peer: %s: %s", kind, ev.error, extra={"conn": self.name})
             self._flush_now()  # the GoAway
             self._close_transport()
 
@@ -406,7 +449,10 @@ class MuxConnection(asyncio.Protocol):
                 w.set_result(None)
         callbacks, self._resume_callbacks = self._resume_callbacks, []
         for cb in callbacks:
-            cb()
+            try:
+                cb()
+            except Exception as exc:
+                _internal_error("mux_resume", exc, self.name)
 
     def connection_lost(self, exc) -> None:
         self._closed = True
@@ -421,7 +467,10 @@ class MuxConnection(asyncio.Protocol):
                 st._reset = True
                 st._eof = True
                 if st._sink is not None:
-                    st._sink.stream_reset()
+                    try:
+                        st._sink.stream_reset()
+                    except Exception as exc:
+                        _internal_error("mux_sink_reset", exc, self.name)
             st._wake_reader()
             st._wake_writer(err)
             st._settle_accept(err)
@@ -600,6 +649,19 @@ class MuxConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+
+def _internal_error(where: str, exc: BaseException, conn: str, event: str = "") -> None:
+    """Count and log an exception caught where none may escape. The line
+    names the code location, never the exception's text: that may quote
+    payload."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    at = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
+    metrics.INTERNAL_ERRORS.labels(where).inc()
+    _INTERNAL_LOG.error("caught %s at %s (%s)", type(exc).__name__, at, where,
+                        extra={"conn": conn, "event": event})
 
 
 async def connect(

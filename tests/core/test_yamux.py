@@ -524,3 +524,26 @@ def test_mutable_payload_is_copied(ymx):
     out = b"".join(bytes(b) for b in c.data_to_send_list())
     assert out[12:] == b"a" * 40000
     assert c.data_to_send() == b""
+
+
+def test_accept_of_a_stream_already_gone_is_a_no_op(ymx):
+    """SYN, data and RST in one read: by the time the application takes the
+    StreamOpened event the stream is gone; accepting it is a race with the
+    peer, not a caller's mistake, and must not raise."""
+    s = ymx.Session(False)
+    evs = s.receive_data(syn(3) + data(3, b"x") + wnd(3, 0, K.FLAG_RST))
+    assert [describe(e) for e in evs] == [("StreamOpened", 3), ("DataReceived", 3, b"x"), ("StreamReset", 3)]
+    assert s.accept_stream(3) is False
+    s.consume(3, 1)  # credit for a gone stream: ignored too
+    assert s.data_to_send() == b""
+    # A session that ended on a protocol error: same answer, no raise.
+    s2 = ymx.Session(False)
+    evs = s2.receive_data(syn(1) + syn(1))
+    assert describe(evs[-1])[0] == "ProtocolErrorEvent"
+    assert s2.accept_stream(1) is False
+    # A stream that exists but was not waiting is still the caller's bug.
+    s3 = ymx.Session(False)
+    s3.receive_data(syn(1))
+    assert s3.accept_stream(1) is True
+    with pytest.raises(errors.StreamError):
+        s3.accept_stream(1)
