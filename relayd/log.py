@@ -90,3 +90,20 @@ class RateLimitedLog:
 
     def error(self, msg: str, *args, extra: dict | None = None) -> bool:
         return self.log(logging.ERROR, msg, *args, extra=extra)
+
+
+_CAUGHT_LOG = RateLimitedLog(logging.getLogger("relayd.internal"))
+
+
+def caught(where: str, exc: BaseException, **extra) -> None:
+    """Count and log an exception caught at a boundary none may cross (a
+    relayd bug, contained to one stream or exchange). The line names the
+    code location, never the exception's text: that may quote payload."""
+    from relayd import metrics
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    at = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
+    metrics.INTERNAL_ERRORS.labels(where).inc()
+    _CAUGHT_LOG.error("caught %s at %s (%s)", type(exc).__name__, at, where, extra=extra)

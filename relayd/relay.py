@@ -36,7 +36,7 @@ from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.store import Store
 from relayd.core.framing import encode_message
 from relayd.errors import AuthError, ConfigError, RelaydError
-from relayd.net import tls
+from relayd.net import peer_name, tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
@@ -210,7 +210,7 @@ class RelayNode:
 
     async def _on_request(self, msg: dict, transport) -> tuple[dict, asyncio.Protocol | None]:
         op = msg.get("op")
-        peer = _peer(transport)
+        peer = peer_name(transport)
         try:
             if op == "ca":
                 return {"ok": True, "ca": self.ca.cert_pem.decode(), "wss": self.wss_address}, None
@@ -365,7 +365,7 @@ class RelayNode:
         metrics.SENDER_CONNECTIONS.labels(endpoint, reason).inc()
         metrics.STREAMS_FAILED.labels(endpoint, reason).inc()
         log.info("public connection refused", extra={"endpoint": endpoint, "reason": reason,
-                                                     "client": _peer(sp.transport)})
+                                                     "client": peer_name(sp.transport)})
         sp._abort()
 
     def _open(self, sp: TcpSplice, endpoint: str, sess: AgentSession) -> None:
@@ -376,7 +376,7 @@ class RelayNode:
             return
         self._trace_seq += 1
         trace = f"{self._trace_prefix}{self._trace_seq:x}"
-        client = _peer(sp.transport)
+        client = peer_name(sp.transport)
         st.send_nowait(encode_message({"e": endpoint, "t": trace, "c": client}))
         agent = sess.agent_id
         key = (endpoint, agent)
@@ -489,12 +489,3 @@ class PublicConnection(TcpSplice):
 async def _refuse_stream(stream) -> None:
     # Agents do not open streams toward the relay (yet): refuse them.
     stream.reset()
-
-
-def _peer(transport) -> str:
-    try:
-        p = transport.get_extra_info("peername")
-        return format_hostport((p[0], p[1])) if p else "?"
-    except Exception:
-        return "?"
-

@@ -42,13 +42,19 @@ import logging
 import re
 from dataclasses import dataclass
 
+import cython
 import httptools
 
 from relayd import metrics
 from relayd.core.framing import encode_message
 from relayd.errors import RelaydError
+from relayd.log import RateLimitedLog, caught
+from relayd.net import abort_with_reset
 
 log = logging.getLogger("relayd.http")
+# Lines any client or service can cause at will: rate-limited (the metrics
+# count every case).
+_LOG = RateLimitedLog(log)
 
 MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
@@ -58,7 +64,7 @@ IDLE_TIMEOUT = 60.0
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
-REASONS = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large",
+REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
@@ -70,15 +76,22 @@ class Route:
 
 
 def parse_route(name: str, text: str) -> Route:
+    """``HOSTNAME[/PREFIX]``; the prefix is kept without a trailing slash
+    (``app/api/`` and ``app/api`` are the same route)."""
     host, slash, prefix = text.partition("/")
-    return Route(name, host.lower(), "/" + prefix if slash else "/")
+    prefix = prefix.strip("/")
+    return Route(name, host.lower(), "/" + prefix if prefix else "/")
 
 
 def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
+    """The route of ``host`` whose prefix is the longest run of whole path
+    segments of ``path`` (``/api`` takes ``/api`` and ``/api/x``, never
+    ``/apiX``). ``path`` must already be normalised (see _clean_path)."""
     best = None
     for r in routes:
-        if r.host == host and (path == r.prefix.rstrip("/") or path.startswith(r.prefix) or r.prefix == "/"):
-            if best is None or len(r.prefix) > len(best.prefix):
+        p = r.prefix
+        if r.host == host and (p == "/" or path == p or path.startswith(p + "/")):
+            if best is None or len(p) > len(best.prefix):
                 best = r
     return best
 
@@ -127,14 +140,15 @@ class HttpConnection:
         self.stream = None
         self.stream_endpoint = None
         self.served = 0  # responses the current stream has carried
-        self.resp_parser = None  # chunked responses: finds the end
-        self.resp_done = _Done()
+        self.resp_chunked = None  # chunked responses: finds the end (a ChunkedEnd)
         self.resp_left = -1  # Content-Length responses: body bytes still to come
         self.resp_head = b""
         self.resp_started = False
         self.resp_close = False
         self.raw = False  # after a 101: the response side is raw bytes
-        self.raw_in = False  # after an upgrade request: client bytes go raw
+        self.raw_in = False  # after an upgrade request: client bytes go raw (once raw)
+        self.held: collections.deque = collections.deque()  # ... and wait until then
+        self.held_bytes = 0
         self.closed = False
         self.write_paused = False
         self.deferred = 0
@@ -153,15 +167,15 @@ class HttpConnection:
         self.client_b = self.client.encode()
         fwd_for = b'"[' + self.client_b + b']"' if b":" in self.client_b else self.client_b
         self.fwd_head = b"X-Forwarded-Proto: https\r\nForwarded: for=" + fwd_for + b";proto=https;host="
-        self.last_host = self.last_path = self.last_route = None  # the last routing decision
+        self.last_host = self.last_path = self.last_route = self.last_clean = None  # the last routing decision
 
     # -- input from the client ----------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         if self.raw_in:
-            self._to_stream(data)
+            self._upgraded_bytes(data)
             return
-        rest = b""
+        fed = after = b""  # what the parser was given, and what came after it
         try:
             while data and not self.closed:
                 if self.body_left:
@@ -181,6 +195,7 @@ class HttpConnection:
                 if self.mid_message:
                     # A chunked body (or what follows it in the same read):
                     # the parser frames it.
+                    fed, after = data, b""
                     self.parser.feed_data(data)
                     return
                 # A request head: gather it whole, then parse it alone, so
@@ -188,28 +203,26 @@ class HttpConnection:
                 if self.inbuf:
                     data = self.inbuf + data
                     self.inbuf = b""
-                end = _head_end(data)
+                end = head_end(data)
                 if end < 0:
                     if len(data) > MAX_HEAD:
                         raise _Refuse(431, "request head too large")
+                    if not request_line_ok(data):
+                        raise _Refuse(400, "bad request line")
                     self.inbuf = data
                     return
-                head, data = data[:end], data[end:]
-                rest = data
+                fed, data = data[:end], data[end:]
+                after = data
                 self.head_alone = True
                 try:
-                    self.parser.feed_data(head)
+                    self.parser.feed_data(fed)
                 finally:
                     self.head_alone = False
-        except httptools.HttpParserUpgrade:
-            # The upgrade request's head is done; what follows is the new
-            # protocol's, for the service (which answers 101 or refuses).
-            self.raw_in = True
-            if self.stream is None:
-                self.error(400, "an upgrade request cannot be pipelined")
-                return
-            if rest:
-                self._to_stream(rest)
+        except httptools.HttpParserUpgrade as exc:
+            # The upgrade request is complete; what follows belongs to the
+            # new protocol and is held until the service accepts (101).
+            rest = fed[int(exc.args[0]):] + after if exc.args else after
+            self._upgrade_requested(rest)
         except _Refuse as exc:
             self.error(exc.status, exc.text)
         except httptools.HttpParserCallbackError as exc:
@@ -217,12 +230,37 @@ class HttpConnection:
             if isinstance(cause, _Refuse):
                 self.error(cause.status, cause.text)
             else:
-                log.exception("http ingress callback failed")
+                caught("http_request", cause or exc, client=self.client)
                 self.error(400, "bad request")
         except httptools.HttpParserError as exc:
             metrics.BAD_INPUT.labels("https", "bad_request").inc()
-            log.info("bad HTTP request: %s", exc, extra={"client": self.client})
             self.error(400, f"bad request: {exc}")
+        except Exception as exc:  # a bug: the error of this exchange only
+            caught("http_request", exc, client=self.client)
+            self.error(400, "bad request")
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        req = self.cur
+        self.raw_in = True
+        if req is None or req is not self.active or self.stream is None:
+            self.error(400, "an upgrade request cannot be pipelined")
+            return
+        if rest:
+            self._upgraded_bytes(rest)
+
+    def _upgraded_bytes(self, data: bytes) -> None:
+        """Client bytes after an upgrade request: raw to the service once it
+        has switched protocols (101), held until then (a bounded amount;
+        reading pauses beyond), dropped if it refuses."""
+        if self.raw:
+            self._to_stream(data)
+            return
+        if self.closed:
+            return
+        self.held.append(data)
+        self.held_bytes += len(data)
+        if self.held_bytes > MAX_QUEUED_BODY:
+            self._pause_reading()
 
     def _body_counted(self) -> None:
         """The counted body is all in: the request is complete. The parser
@@ -258,6 +296,10 @@ class HttpConnection:
         req = self.cur
         parser = self.parser
         method = req.method = parser.get_method()
+        if method == b"CONNECT":
+            # A reverse proxy has no business tunnelling to where a client
+            # names: nothing after this head may reach an agent.
+            raise _Refuse(405, "CONNECT is not served here")
         req.upgrade = parser.should_upgrade()
         req.head_only = method == b"HEAD"
         # One pass: what routing and framing need, and the lines that go on.
@@ -303,23 +345,32 @@ class HttpConnection:
         keep_alive = req.keep_alive = parser.should_keep_alive()
         http10 = (not keep_alive or (named is not None and b"keep-alive" in named)) \
             and parser.get_http_version() == "1.0"
-        lines[0] = method + b" " + url + (b" HTTP/1.0" if http10 else b" HTTP/1.1")
         req.chunked = te is not None
+        if url[:1] != b"/":
+            url = _origin_form(url, host, method)
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
         if host == self.last_host and path == self.last_path:
             req.route = self.last_route
+            clean = self.last_clean
         else:
             text = host.decode("latin-1").lower()
             hostname = text.split("]")[0] + "]" if text.startswith("[") else text.rsplit(":", 1)[0]
-            route = pick_route(self.routes, hostname, path.decode("latin-1"))
+            clean = _clean_path(path)
+            route = pick_route(self.routes, hostname, "/" if clean == b"*" else clean.decode("latin-1"))
             if route is None:
-                raise _Refuse(404, f"no endpoint for {hostname}{path.decode('latin-1')}")
+                raise _Refuse(404, f"no endpoint for host {hostname[:100]!r} and this path")
             req.route = self.last_route = route
-            self.last_host, self.last_path = host, path
+            self.last_host, self.last_path, self.last_clean = host, path, clean
+        if clean != path:
+            url = clean if q < 0 else clean + url[q:]
+        lines[0] = method + b" " + url + (b" HTTP/1.0" if http10 else b" HTTP/1.1")
         if named:
-            # Connection names further fields to drop (rare).
-            named.discard(b"host")
+            # Connection names further fields to drop (rare), but never the
+            # ones that frame the body or route the request: dropping
+            # Content-Length while the body still flows would make the body
+            # a second request at the service.
+            named -= _NEVER_NAMED
             lines[1:] = [line for line in lines[1:] if line.partition(b":")[0].lower() not in named]
         client = self.client_b
         lines.append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client))
@@ -421,6 +472,15 @@ class HttpConnection:
             self._pause_reading()
         return True
 
+    def _release_held(self) -> None:
+        """The service switched protocols: the client's bytes held since the
+        upgrade request go on, in order."""
+        held, self.held = self.held, collections.deque()
+        self.held_bytes = 0
+        for piece in held:
+            self._to_stream(piece)
+        self._resume_reading()
+
     def _to_stream(self, data: bytes) -> None:
         if self.stream is not None:
             self._send(data)
@@ -428,6 +488,17 @@ class HttpConnection:
     # -- stream sink: the response ------------------------------------------------
 
     def stream_data(self, data: bytes) -> None:
+        try:
+            self._response_bytes(data)
+        except Exception as exc:  # a bug: the error of this exchange only
+            caught("http_response", exc, client=self.client)
+            if self.resp_started:
+                self._drop_stream()
+                self._abort()
+            else:
+                self.error(502, "the service's response could not be handled")
+
+    def _response_bytes(self, data: bytes) -> None:
         if self.closed:
             self.stream.consumed(len(data))
             return
@@ -439,7 +510,7 @@ class HttpConnection:
             # framing cannot be trusted any more.
             self.stream.consumed(len(data))
             metrics.BAD_INPUT.labels("http_service", "unsolicited").inc()
-            log.info("service sent %d bytes with no request outstanding", len(data), extra={"client": self.client})
+            _LOG.info("service sent %d bytes with no request outstanding", len(data), extra={"client": self.client})
             self._drop_stream()
             return
         # The response head: usually whole in the first piece.
@@ -468,7 +539,7 @@ class HttpConnection:
             # byte for byte within a second): the rewrite is a pure function
             # of the bytes, so reuse it.
             status, client_head, self.resp_left, self.resp_close = hit
-            self.resp_parser = None
+            self.resp_chunked = None
         else:
             try:
                 status, client_head = self._client_head(head)
@@ -476,7 +547,7 @@ class HttpConnection:
                 metrics.BAD_INPUT.labels("http_service", "bad_response_head").inc()
                 self.error(exc.status, exc.text)
                 return
-            if plain and status >= 200 and self.resp_parser is None and len(head) <= 2048:
+            if plain and status >= 200 and self.resp_chunked is None and len(head) <= 2048:
                 if len(_HEAD_CACHE) >= 256:
                     _HEAD_CACHE.clear()
                 _HEAD_CACHE[head] = (status, client_head, self.resp_left, self.resp_close)
@@ -485,10 +556,12 @@ class HttpConnection:
             self.stream.consumed(head_part)
             self.transport.write(client_head)
             if rest:
-                self.stream_data(rest)
+                self._response_bytes(rest)
             return
         self.resp_started = True
         self.deadline = 0.0
+        if self.raw and self.held:
+            self._release_held()
         if rest:
             self._pass_body(rest, client_head, head_part)
             return
@@ -511,20 +584,31 @@ class HttpConnection:
                     # More than the service announced: framing is lost, the
                     # excess is dropped and this connection ends here.
                     metrics.BAD_INPUT.labels("http_service", "past_content_length").inc()
-                    log.info("service sent %d bytes past its Content-Length", n - left,
+                    _LOG.info("service sent %d bytes past its Content-Length", n - left,
                              extra={"client": self.client})
                     self.resp_close = True
                     data = data[:left]
             self.resp_left = left - len(data)
-        elif self.resp_parser is not None:
-            # Chunked: the parser finds the end; the bytes pass through unchanged.
-            try:
-                self.resp_parser.feed_data(data)
-            except httptools.HttpParserError:
-                self.resp_close = True
+        elif self.resp_chunked is not None:
+            # Chunked: find the end by its framing; the bytes pass unchanged.
+            end = self.resp_chunked.feed(data)
+            if end == -2:
+                metrics.BAD_INPUT.labels("http_service", "bad_chunked_response").inc()
+                _LOG.info("service sent a malformed chunked body", extra={"client": self.client})
+                self._drop_stream()
+                self._abort()
+                return
+            if end >= 0:
                 done = True
-            else:
-                done = self.resp_done.done
+                if end < n:
+                    # A forged "next response" (or anything) after the last
+                    # chunk: it is not the client's, and the connection's
+                    # framing cannot be trusted any more.
+                    metrics.BAD_INPUT.labels("http_service", "past_chunked_end").inc()
+                    _LOG.info("service sent %d bytes after its chunked body", n - end,
+                              extra={"client": self.client})
+                    self.resp_close = True
+                    data = data[:end]
         self.transport.write(head + data if head else data)
         if self.write_paused:
             self.deferred += n + credit
@@ -537,7 +621,7 @@ class HttpConnection:
         """The response ended by its own framing: the connection and the
         stream stay up for the next request."""
         self.active = None
-        self.resp_parser = None
+        self.resp_chunked = None
         self.resp_left = -1
         self.resp_started = False
         self.served += 1
@@ -562,7 +646,7 @@ class HttpConnection:
 
     def _client_head(self, head: bytes) -> tuple[int, bytes]:
         """The response head for the client, and how the body is delimited
-        (``resp_left``, ``resp_parser``, ``raw``, ``resp_close``)."""
+        (``resp_left``, ``resp_chunked``, ``raw``, ``resp_close``)."""
         # One C-speed check of the whole head's syntax (RFC 9112: status
         # line, token ":" value, CRLF only, no obs-fold, no NUL or bare CR/LF).
         if _RESP_HEAD.match(head) is None:
@@ -607,7 +691,7 @@ class HttpConnection:
             out = out[:1] + [line for line in out[1:] if line.partition(b":")[0].lower() not in named]
         out += upgrade_lines
         self.resp_left = -1
-        self.resp_parser = None
+        self.resp_chunked = None
         active = self.active
         if 100 <= status < 200 and status != 101:
             out.append(b"\r\n")
@@ -626,12 +710,7 @@ class HttpConnection:
             # smuggled (RFC 9112 6.3 says treat it as an error).
             if length is not None:
                 raise _Refuse(502, "the service sent both Content-Length and Transfer-Encoding")
-            self.resp_done = _Done()
-            self.resp_parser = httptools.HttpResponseParser(self.resp_done)
-            try:
-                self.resp_parser.feed_data(head)
-            except httptools.HttpParserError:
-                raise _Refuse(502, "the service sent a malformed response head") from None
+            self.resp_chunked = ChunkedEnd()
         elif length is not None:
             if not length.isdigit() or len(length) > 18:
                 raise _Refuse(502, "the service sent a bad Content-Length")
@@ -693,7 +772,7 @@ class HttpConnection:
             return False
         req.retried = True
         metrics.HTTP_RETRIES.inc()
-        log.info("service connection closed under a request; sending it again on a fresh one",
+        _LOG.info("service connection closed under a request; sending it again on a fresh one",
                  extra={"client": self.client, "endpoint": req.route.endpoint})
         st, self.stream = self.stream, None
         self.stream_endpoint = None
@@ -743,7 +822,7 @@ class HttpConnection:
         if self.closed:
             return
         metrics.HTTP_RESPONSES.labels(str(status)).inc()
-        log.info("http %d", status, extra={"client": self.client, "reason": text[:120]})
+        _LOG.info("http %d", status, extra={"client": self.client, "reason": text[:120]})
         if not self.resp_started:
             body = (text + "\n").encode("utf-8", "replace")
             self.transport.write(
@@ -757,9 +836,11 @@ class HttpConnection:
         self.transport.close()
 
     def _abort(self) -> None:
+        """An abnormal end: the client gets a reset, never a clean close that
+        could pass for a complete response."""
         self.closed = True
         self.deadline = 0.0
-        self.transport.abort()
+        abort_with_reset(self.transport)
 
     def expire(self) -> None:
         """The sweep found the deadline passed."""
@@ -794,7 +875,92 @@ _REQ_SPECIAL = {b"host": 1, b"transfer-encoding": 2, b"connection": 3, b"x-forwa
 # Response head -> (status, rewritten head, Content-Length, close-delimited),
 # for plain (not HEAD, not upgrade, not chunked) responses; bounded.
 _HEAD_CACHE: dict = {}
-def _head_end(buf: bytes) -> int:
+_NEVER_NAMED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^\x00-\x20\x7f]+ HTTP/1\.[01]\r\n")
+_ENCODED_DOT = re.compile(rb"%2[eE]")
+
+
+def request_line_ok(buf: bytes) -> bool:
+    """False as soon as ``buf`` holds a whole first line that is no HTTP/1.x
+    request line (HTTP/0.9, a bare LF, garbage), so that it is refused at once
+    instead of held until a timeout; a line not yet whole passes."""
+    nl = buf.find(b"\n")
+    while nl == 1 and buf[0] == 13:  # empty lines before a request are allowed
+        buf = buf[2:]
+        nl = buf.find(b"\n")
+    return nl < 0 or _REQUEST_LINE.match(buf, 0, nl + 1) is not None
+
+
+def _origin_form(url: bytes, host: bytes, method: bytes) -> bytes:
+    """The origin-form of a request target that is not one already.
+
+    Absolute-form (``http://host/path``) is what a client sends to a proxy;
+    routing uses ``Host``, so a target naming another host is refused and
+    one naming the same host is forwarded as its path and query, which is
+    all a service expects. ``*`` is kept for ``OPTIONS``."""
+    if url == b"*" and method == b"OPTIONS":
+        return url
+    scheme_end = url.find(b"://")
+    if scheme_end < 0 or url[:scheme_end].lower() not in (b"http", b"https"):
+        raise _Refuse(400, "the request target must be a path or an http(s) URL")
+    rest = url[scheme_end + 3:]
+    cut = len(rest)
+    for sep in (b"/", b"?", b"#"):
+        k = rest.find(sep)
+        if 0 <= k < cut:
+            cut = k
+    authority, target = rest[:cut], rest[cut:]
+    if b"@" in authority:
+        raise _Refuse(400, "user information in the request target")
+    if authority.lower() != host.lower():
+        raise _Refuse(400, "the request target names another host than the Host header")
+    return target if target[:1] == b"/" else b"/" + target
+
+
+def _clean_path(path: bytes) -> bytes:
+    """The path routing sees and the service gets (``path`` itself when
+    there is nothing to change; see docs/security.md, "Paths").
+
+    * ``%2F`` and ``%5C`` (encoded slash and backslash), a raw backslash and
+      a leading ``//``: refused. A service that decodes them would see more
+      segments than the relay routed on (``/api/..%2Fadmin``).
+    * ``%2E`` is a dot (RFC 3986 6.2.2.2), then dot segments are removed
+      (RFC 3986 5.2.4): ``/api/../admin`` is routed, and forwarded, as
+      ``/admin``. Climbing above the root, and a dot segment followed by a
+      ``;`` parameter (``/..;/``, which some servers take as ``..``), are
+      refused.
+    """
+    if b"%" in path:
+        low = path.lower()
+        if b"%2f" in low or b"%5c" in low:
+            raise _Refuse(400, "encoded slash or backslash in the path")
+        if b"%2e" in low:
+            path = _ENCODED_DOT.sub(b".", path)
+    if b"\\" in path:
+        raise _Refuse(400, "backslash in the path")
+    if path[:2] == b"//":
+        raise _Refuse(400, "the path starts with //")
+    if b"/." not in path:
+        return path
+    out = []
+    segments = path.split(b"/")
+    for seg in segments[1:]:
+        if seg[:1] == b"." and seg.split(b";", 1)[0] in (b".", b".."):
+            if seg not in (b".", b".."):
+                raise _Refuse(400, "a dot segment with parameters in the path")
+            if seg == b"..":
+                if not out:
+                    raise _Refuse(400, "the path climbs above the root")
+                out.pop()
+        else:
+            out.append(seg)
+    clean = b"/" + b"/".join(out)
+    if segments[len(segments) - 1] in (b".", b"..") and out:
+        clean += b"/"
+    return clean
+
+
+def head_end(buf: bytes) -> int:
     """Where the request head in ``buf`` ends (after its empty line), or -1."""
     a = buf.find(b"\n\r\n")
     b = buf.find(b"\n\n")
@@ -857,16 +1023,128 @@ class _Sweep:
         self.handle = self.loop.call_later(self.TICK, self.run)
 
 
-class _Done:
-    """Response-parser callbacks: only the end of the message matters."""
+# ChunkedEnd states
+_CH_SIZE = 0  # hex digits of a chunk size
+_CH_EXT = 1  # a chunk extension, up to CR
+_CH_SIZE_LF = 2  # the LF of a size line
+_CH_DATA = 3  # chunk data: ``left`` bytes to go
+_CH_DATA_CR = 4
+_CH_DATA_LF = 5
+_CH_TRAILER = 6  # the start of a trailer line, or of the final CRLF
+_CH_FIELD = 7  # inside a trailer field line
+_CH_FIELD_LF = 8
+_CH_END_LF = 9
+_CH_DONE = 10
+MAX_CHUNK_LINE = 4096
 
-    __slots__ = ("done",)
+
+class ChunkedEnd:
+    """Where a chunked body ends (RFC 9112 7.1), to the byte, without
+    copying or changing it: chunk data is skipped by counting, only size
+    lines and trailers are looked at. Strict, as the request parser is: hex
+    sizes of at most 15 digits, CRLF line ends only, no NUL, no obs-fold in
+    trailers, lines bounded. Knowing the exact end is what lets the relay
+    drop whatever a service sends after it instead of passing it on as a
+    next response."""
 
     def __init__(self) -> None:
-        self.done = False
+        self.state = _CH_SIZE
+        self.left = 0
+        self.digits = 0
+        self.line = 0
+        self.colon = False
 
-    def on_message_complete(self) -> None:
-        self.done = True
+    def feed(self, data: bytes) -> int:
+        """-1: the body goes on past ``data``; -2: it is malformed; else the
+        offset in ``data`` just after the body's last byte."""
+        i: cython.Py_ssize_t = 0
+        n: cython.Py_ssize_t = len(data)
+        take: cython.Py_ssize_t
+        c: cython.int
+        state: cython.int = self.state
+        while i < n:
+            if state == _CH_DATA:
+                take = n - i
+                if take > self.left:
+                    take = self.left
+                i += take
+                self.left -= take
+                if self.left == 0:
+                    state = _CH_DATA_CR
+                continue
+            c = data[i]
+            i += 1
+            if state == _CH_SIZE:
+                if 48 <= c <= 57 or 97 <= (c | 0x20) <= 102:
+                    if self.digits == 15:
+                        return -2
+                    self.left = self.left * 16 + (c - 48 if c <= 57 else (c | 0x20) - 87)
+                    self.digits += 1
+                elif self.digits == 0:
+                    return -2
+                elif c == 59:  # ';'
+                    state = _CH_EXT
+                elif c == 13:
+                    state = _CH_SIZE_LF
+                else:
+                    return -2
+            elif state == _CH_EXT:
+                if c == 13:
+                    state = _CH_SIZE_LF
+                elif c == 10 or c == 0:
+                    return -2
+                else:
+                    self.line += 1
+                    if self.line > MAX_CHUNK_LINE:
+                        return -2
+            elif state == _CH_SIZE_LF:
+                if c != 10:
+                    return -2
+                self.digits = 0
+                self.line = 0
+                state = _CH_DATA if self.left else _CH_TRAILER
+            elif state == _CH_DATA_CR:
+                if c != 13:
+                    return -2
+                state = _CH_DATA_LF
+            elif state == _CH_DATA_LF:
+                if c != 10:
+                    return -2
+                state = _CH_SIZE
+            elif state == _CH_TRAILER:
+                if c == 13:
+                    state = _CH_END_LF
+                elif c == 10 or c == 0 or c == 32 or c == 9 or c == 58:
+                    return -2  # bare LF, NUL, obs-fold, empty field name
+                else:
+                    self.colon = False
+                    state = _CH_FIELD
+            elif state == _CH_FIELD:
+                if c == 13:
+                    if not self.colon:
+                        return -2
+                    state = _CH_FIELD_LF
+                elif c == 10 or c == 0:
+                    return -2
+                else:
+                    if c == 58:
+                        self.colon = True
+                    self.line += 1
+                    if self.line > MAX_HEAD:
+                        return -2
+            elif state == _CH_FIELD_LF:
+                if c != 10:
+                    return -2
+                state = _CH_TRAILER
+            elif state == _CH_END_LF:
+                if c != 10:
+                    return -2
+                self.state = _CH_DONE
+                return i
+            else:  # _CH_DONE: nothing belongs to the body any more
+                return i - 1
+        self.state = state
+        return -1
 
 
 class _Drain:

@@ -31,12 +31,11 @@ from typing import Awaitable, Callable
 from relayd import metrics
 from relayd.core import yamux
 from relayd.core.config import MuxConfig
-from relayd.log import RateLimitedLog
+from relayd.log import RateLimitedLog, caught
 from relayd.errors import ProtocolError, SessionClosedError, StreamError, StreamResetError
 
 log = logging.getLogger("relayd.mux")
 _PROTOCOL_LOG = RateLimitedLog(log)
-_INTERNAL_LOG = RateLimitedLog(log)
 
 _DataReceived = yamux.DataReceived
 _WindowUpdated = yamux.WindowUpdated
@@ -354,7 +353,7 @@ class MuxConnection(asyncio.Protocol):
         Count and log it, reset that stream and tell its sink; a failure
         outside any stream is logged and the link goes on (a protocol error
         still closes it)."""
-        _internal_error("mux_event", exc, self.name, type(ev).__name__)
+        caught("mux_event", exc, conn=self.name, event=type(ev).__name__)
         if type(ev) is yamux.ProtocolErrorEvent:
             self._close_transport()
             return
@@ -371,7 +370,7 @@ class MuxConnection(asyncio.Protocol):
             try:
                 sink.stream_reset()
             except Exception as exc:
-                _internal_error("mux_sink_reset", exc, self.name)
+                caught("mux_sink_reset", exc, conn=self.name)
 
     def _control_event(self, ev) -> None:
         cls = type(ev)
@@ -452,7 +451,7 @@ class MuxConnection(asyncio.Protocol):
             try:
                 cb()
             except Exception as exc:
-                _internal_error("mux_resume", exc, self.name)
+                caught("mux_resume", exc, conn=self.name)
 
     def connection_lost(self, exc) -> None:
         self._closed = True
@@ -470,7 +469,7 @@ class MuxConnection(asyncio.Protocol):
                     try:
                         st._sink.stream_reset()
                     except Exception as exc:
-                        _internal_error("mux_sink_reset", exc, self.name)
+                        caught("mux_sink_reset", exc, conn=self.name)
             st._wake_reader()
             st._wake_writer(err)
             st._settle_accept(err)
@@ -649,19 +648,6 @@ class MuxConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
-
-
-def _internal_error(where: str, exc: BaseException, conn: str, event: str = "") -> None:
-    """Count and log an exception caught where none may escape. The line
-    names the code location, never the exception's text: that may quote
-    payload."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    at = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
-    metrics.INTERNAL_ERRORS.labels(where).inc()
-    _INTERNAL_LOG.error("caught %s at %s (%s)", type(exc).__name__, at, where,
-                        extra={"conn": conn, "event": event})
 
 
 async def connect(

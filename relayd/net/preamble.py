@@ -15,6 +15,7 @@ import logging
 from typing import Awaitable, Callable
 
 from relayd import metrics
+from relayd.net import peer_name
 from relayd.core.framing import FramingError, MessageReader, encode_message
 
 log = logging.getLogger("relayd.preamble")
@@ -38,7 +39,7 @@ class ServerPreamble(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
 
     def _expire(self) -> None:
-        log.info("preamble timed out", extra={"peer": _peer(self._transport)})
+        log.info("preamble timed out", extra={"peer": peer_name(self._transport)})
         metrics.BAD_INPUT.labels("agent_port", "timeout").inc()
         self._transport.abort()
 
@@ -50,14 +51,14 @@ class ServerPreamble(asyncio.Protocol):
         try:
             msg, rest = self._reader.feed(data)
         except FramingError as exc:
-            log.warning("bad preamble: %s", exc, extra={"peer": _peer(self._transport)})
+            log.warning("bad preamble: %s", exc, extra={"peer": peer_name(self._transport)})
             metrics.BAD_INPUT.labels("agent_port", type(exc).__name__).inc()
             self._transport.abort()
             return
         if msg is None:
             return
         if rest:
-            log.warning("client spoke before the reply", extra={"peer": _peer(self._transport)})
+            log.warning("client spoke before the reply", extra={"peer": peer_name(self._transport)})
             metrics.BAD_INPUT.labels("agent_port", "spoke_early").inc()
             self._transport.abort()
             return
@@ -134,9 +135,3 @@ class ClientPreamble(asyncio.Protocol):
             self.reply.set_exception(ConnectionError(f"connection closed before the reply ({exc or 'EOF'})"))
 
 
-def _peer(transport) -> str:
-    try:
-        p = transport.get_extra_info("peername")
-        return f"{p[0]}:{p[1]}" if p else "?"
-    except Exception:
-        return "?"

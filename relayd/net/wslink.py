@@ -26,8 +26,12 @@ from typing import Callable
 
 from relayd import metrics
 from relayd.core import wsframe as ws
+from relayd.log import RateLimitedLog
+from relayd.net import abort_with_reset, peer_name
+from relayd.net.http_ingress import head_end, request_line_ok
 
 log = logging.getLogger("relayd.wslink")
+_LOG = RateLimitedLog(log)
 
 AGENT_PATH = "/.relayd/agent"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -205,20 +209,32 @@ class HttpsPort(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)
+        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        # A client that never finishes its first head (slowloris).
+        metrics.BAD_INPUT.labels("https", "head_timeout").inc()
+        _LOG.info("no whole request head within %gs", HEAD_TIMEOUT, extra={"peer": peer_name(self._transport)})
+        abort_with_reset(self._transport)
 
     def data_received(self, data: bytes) -> None:
         if self._http is not None:
             self._http.feed(data)
             return
         self._buf += data
-        end = self._buf.find(b"\r\n\r\n")
+        if not request_line_ok(self._buf):
+            # HTTP/0.9, a bare LF, garbage: answered now, not held until the
+            # head timeout.
+            metrics.BAD_INPUT.labels("https", "bad_request_line").inc()
+            self._reply(400, "bad request line")
+            return
+        end = head_end(self._buf)
         if end < 0:
             if len(self._buf) > MAX_HEAD:
                 self._reply(431, "request header too large")
             return
         self._timer.cancel()
-        head, rest = self._buf[:end], self._buf[end + 4 :]
+        head, rest = self._buf[:end], self._buf[end:]
         first = head.split(b"\r\n", 1)[0].split(b" ")
         if len(first) < 2 or first[1].split(b"?")[0] != AGENT_PATH.encode():
             if self._make_http is None:
@@ -336,3 +352,5 @@ class ClientUpgrade(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if not self.done.done():
             self.done.set_exception(ConnectionError(f"connection closed during the WebSocket handshake ({exc})"))
+
+

@@ -63,7 +63,7 @@ def test_websocket_classes_are_extension_types(name):
     assert not hasattr(_wsframe_c.FrameParser(True), "_left")  # a C field
 
 
-@pytest.mark.parametrize("name", ["HttpConnection", "Request", "_Done", "_Drain"])
+@pytest.mark.parametrize("name", ["HttpConnection", "Request", "ChunkedEnd", "_Drain"])
 def test_http_ingress_classes_are_extension_types(name):
     from relayd.net import _http_c, http_ingress
 
@@ -72,3 +72,25 @@ def test_http_ingress_classes_are_extension_types(name):
     assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE and cls.__dictoffset__ == 0
     with pytest.raises(AttributeError):
         _http_c.Request().not_a_field = 1
+
+
+@pytest.mark.parametrize("base", sorted(_build.HOT_MODULES.values()))
+def test_hot_sources_never_index_from_the_end(base):
+    """The compiled builds turn off wraparound: ``x[-1]`` there reads before
+    the start of the buffer instead of from its end (a crash, or worse, in
+    the compiled build only). Negative subscripts are banned from the one
+    source; write ``x[len(x) - 1]``."""
+    import ast
+    import importlib.util
+
+    path = importlib.util.find_spec(base + "_py").origin
+    tree = ast.parse(open(path).read())
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript):
+            idx = node.slice
+            parts = [idx.lower, idx.upper] if isinstance(idx, ast.Slice) else [idx]
+            for p in parts:
+                if isinstance(p, ast.UnaryOp) and isinstance(p.op, ast.USub):
+                    bad.append(node.lineno)
+    assert not bad, f"{path}: negative subscripts on lines {bad}"

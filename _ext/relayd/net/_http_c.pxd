@@ -6,24 +6,32 @@
 # dictionary lookups. Compiled as plain Python (no contract) it was slower
 # than CPython's own specialising interpreter: bench/RESULTS.md.
 
+cimport cython
+
 cdef class Request:
     cdef public object method, url, upstream_head, body, route
     cdef public list headers
     cdef public Py_ssize_t head_bytes, body_bytes
     cdef public bint chunked, upgrade, head_only, complete, retried, has_body, expect_continue, keep_alive
 
+cdef class ChunkedEnd:
+    cdef public int state, digits
+    cdef public long long left, line
+    cdef public bint colon
+
+    @cython.locals(i=Py_ssize_t, n=Py_ssize_t, take=Py_ssize_t, c=int, state=int)
+    cpdef long long feed(self, bytes data) except? -3
+
 cdef class HttpConnection:
     cdef public object port, transport, routes, open_stream, parser, queue, stream, stream_endpoint
     cdef public double gateway_timeout, deadline
     cdef public Request cur, active
-    cdef public object inbuf, resp_parser, resp_done, resp_head, pending_body, deadline_kind, loop_time
+    cdef public ChunkedEnd resp_chunked
+    cdef public object inbuf, resp_head, pending_body, held, deadline_kind, loop_time
     cdef public bint mid_message, head_alone, resp_started, resp_close, raw, raw_in, closed
     cdef public bint write_paused, reading_paused
-    cdef public long long body_left, served, resp_left, deferred
-    cdef public object client, client_b, fwd_head, last_host, last_path, last_route, _sweep
-
-cdef class _Done:
-    cdef public bint done
+    cdef public long long body_left, served, resp_left, deferred, held_bytes
+    cdef public object client, client_b, fwd_head, last_host, last_path, last_route, last_clean, _sweep
 
 cdef class _Drain:
     cdef public object stream
