@@ -10,32 +10,20 @@ import pytest
 
 from relayd import metrics
 from relayd.net import http_ingress as hi
-from tests.net.test_http_ingress import FakeTransport, Upstream
+from tests.net.test_http_ingress import FakeStream, FakeTransport, Upstream
 
 ROUTES = [hi.parse_route("web", "app.example"), hi.parse_route("api", "app.example/api"),
           hi.parse_route("admin", "app.example/admin/")]
 
 
-class Stream:
+class Stream(FakeStream):
     """What the ingress sends to the agent, and how the stream ended."""
 
     def __init__(self, endpoint):
+        super().__init__()
         self.endpoint = endpoint
-        self.sent = bytearray()
-        self.at_eof = False
         self.was_reset = False
         self.eof_sent = False
-        self.sink = None
-
-    def attach(self, sink):
-        self.sink = sink
-
-    def send_nowait(self, data):
-        self.sent += data
-        return len(data)
-
-    def consumed(self, n):
-        pass
 
     def write_eof(self):
         self.eof_sent = True
