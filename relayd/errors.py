@@ -90,3 +90,18 @@ class SessionClosedError(RelaydError):
 
 class AuthError(RelaydError):
     """An identity, token or certificate was refused."""
+
+
+class DataDirError(ConfigError):
+    """A data directory that cannot be used (not a directory, read-only) or
+    whose parts do not belong together (the database and the CA)."""
+
+
+class StorageError(RelaydError):
+    """Reading or writing the node's database failed (disk full, I/O error,
+    read-only file system); the operation was rolled back."""
+
+
+class TemporaryError(RelaydError):
+    """A failure that may pass (the peer is unreachable or failed): trying
+    again later can succeed, unlike a refusal."""

@@ -33,6 +33,17 @@ lowercase hex text.
 
 The schema version lives in ``meta``; opening a database migrates it forward
 inside one transaction and refuses a newer one.
+
+``meta`` also records the pin of the CA whose agents the database holds.
+``open_data_dir`` opens a relay's CA and database together and refuses a
+pair that does not belong together (an empty or missing database next to an
+existing CA, a database of another CA, a lost CA with agents enrolled): the
+relay would otherwise start and tell every enrolled agent that it is unknown.
+
+A statement or COMMIT that fails (disk full, I/O error, read-only file
+system) rolls its transaction back and raises StorageError naming the
+database; the connection stays usable. Enrolling spends the join token and
+records the agent in one transaction, so a failure leaves the token valid.
 """
 
 from __future__ import annotations
@@ -42,15 +53,17 @@ import hmac
 import json
 import math
 import os
+import pathlib
 import secrets
 import sqlite3
 import threading
 import time
 from typing import Any
 
-from relayd.errors import AuthError, ConfigError
+from relayd.control.ca import CERT_FILE, CertificateAuthority
+from relayd.errors import AuthError, ConfigError, DataDirError, StorageError
 
-__all__ = ["SCHEMA_VERSION", "Store"]
+__all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
@@ -94,6 +107,8 @@ _MIGRATIONS: list[str] = [
     """,
 ]
 
+_TOKEN_SQL = "SELECT secret_sha256, endpoints, expires_at, used_at FROM join_tokens WHERE id = ?"
+
 _AGENT_COLUMNS = (
     "id, endpoints, created_at, revoked_at, cert_serial, cert_not_after,"
     " connected_since, address, bytes_in, bytes_out, last_seen"
@@ -116,6 +131,43 @@ def _endpoints_json(endpoints: list[str]) -> str:
     return json.dumps(list(endpoints))
 
 
+def _usable_token(row: tuple | None, secret: str, now: float) -> list[str]:
+    """The endpoints of a join-token row that ``secret`` may spend at
+    ``now``; AuthError otherwise. The secret is checked first: without it,
+    nobody learns whether the token is spent or expired."""
+    if row is None:
+        raise AuthError("unknown join token")
+    stored_hash, endpoints, expires_at, used_at = row
+    if not hmac.compare_digest(stored_hash, _hash_secret(secret)):
+        raise AuthError("join token secret does not match")
+    if used_at is not None:
+        raise AuthError("join token already used")
+    if now >= expires_at:
+        raise AuthError("join token expired")
+    return json.loads(endpoints)
+
+
+def _token_args(token_id: object, secret: object) -> None:
+    if not isinstance(token_id, str) or not isinstance(secret, str):
+        raise AuthError("unknown join token")
+
+
+def _full_hint(path: str, message: str) -> str:
+    """" (the file system is full)" when it is and the message does not say so
+    (SQLite reports a full disk while creating its -shm file as an I/O error)."""
+    if "full" in message:
+        return ""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return ""
+    return " (the file system is full)" if st.f_bavail == 0 else ""
+
+
+class _NoSchema(DataDirError):
+    """Opened without ``create``: the file holds no relayd tables."""
+
+
 def _agent_row(row: tuple) -> dict[str, Any]:
     return {
         "id": row[0],
@@ -135,15 +187,20 @@ def _agent_row(row: tuple) -> dict[str, Any]:
 class Store:
     """The control-plane database in one SQLite file (thread and process safe)."""
 
-    def __init__(self, path: os.PathLike | str) -> None:
+    def __init__(self, path: os.PathLike | str, *, create: bool = True) -> None:
+        """Open (``create``: and create if needed) the database at ``path``.
+
+        Without ``create`` a file that does not exist or holds no relayd
+        tables is refused (DataDirError) and left as it was found.
+        """
         self.path = os.fspath(path)
         self._lock = threading.Lock()
         # The file holds agent identities and token hashes: create it private.
         # SQLite gives its -wal and -shm files the same permissions.
         try:
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.close(os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600))
         except OSError as exc:
-            raise ConfigError(f"cannot open database {self.path}: {exc.strerror}") from None
+            raise self._cannot_open(exc.strerror) from None
         try:
             self._db = sqlite3.connect(
                 self.path,
@@ -152,7 +209,7 @@ class Store:
                 check_same_thread=False,
             )
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open database {self.path}: {exc}") from None
+            raise self._cannot_open(str(exc)) from None
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -160,21 +217,36 @@ class Store:
                 raise ConfigError(f"database {self.path} cannot use WAL mode (got {mode})")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            self._migrate(create)
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise ConfigError(f"cannot open database {self.path}: {exc}") from None
+            raise self._cannot_open(str(exc)) from None
+        except StorageError as exc:
+            self._db.close()
+            raise self._cannot_open(exc.reason) from None
         except BaseException:
             self._db.close()
             raise
 
+    def _cannot_open(self, reason: str) -> DataDirError:
+        return DataDirError(f"cannot open database {self.path}: {reason}{_full_hint(self.path, reason)}")
+
+    def _failed(self, doing: str, exc: sqlite3.Error) -> StorageError:
+        reason = str(exc) or type(exc).__name__
+        err = StorageError(f"database {self.path}: cannot {doing}: {reason}{_full_hint(self.path, reason)}")
+        err.reason = reason
+        return err
+
     # -- plumbing ---------------------------------------------------------
 
-    def _migrate(self) -> None:
+    def _migrate(self, create: bool) -> None:
         with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = 0 if row is None else int(row[0])
+            if version == 0 and not create:
+                # Raised inside the transaction: the meta table goes too.
+                raise _NoSchema(f"database {self.path} holds no relayd tables")
             if version > SCHEMA_VERSION:
                 raise ConfigError(
                     f"database {self.path} has schema version {version}, newer than"
@@ -202,17 +274,31 @@ class Store:
             self.store._lock.acquire()
             try:
                 self.store._db.execute("BEGIN IMMEDIATE")
-            except BaseException:
+            except BaseException as exc:
                 self.store._lock.release()
+                if isinstance(exc, sqlite3.Error):
+                    raise self.store._failed("write", exc) from None
                 raise
             return self.store._db
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            db = self.store._db
             try:
                 if exc_type is None:
-                    self.store._db.execute("COMMIT")
-                else:
-                    self.store._db.execute("ROLLBACK")
+                    try:
+                        db.execute("COMMIT")
+                        return
+                    except sqlite3.Error as commit_exc:
+                        exc = commit_exc
+                # SQLite may have rolled back already (a full disk does);
+                # a busy COMMIT leaves the transaction open.
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if isinstance(exc, sqlite3.Error):
+                    raise self.store._failed("write", exc) from None
             finally:
                 self.store._lock.release()
 
@@ -221,7 +307,10 @@ class Store:
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._failed("read", exc) from None
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> None:
@@ -266,6 +355,13 @@ class Store:
                     continue  # 72-bit id collision: astronomically rare, retry
         return token_id, secret
 
+    def check_join_token(self, token_id: str, secret: str, *, now: float | None = None) -> list[str]:
+        """The endpoints of a join token that could be redeemed now, without
+        spending it; AuthError as ``redeem_join_token`` would raise it."""
+        _token_args(token_id, secret)
+        rows = self._read(_TOKEN_SQL, (token_id,))
+        return _usable_token(rows[0] if rows else None, secret, time.time() if now is None else now)
+
     def redeem_join_token(self, token_id: str, secret: str, *, now: float | None = None) -> list[str]:
         """Spend a join token; returns its endpoints, AuthError if refused.
 
@@ -273,35 +369,44 @@ class Store:
         processes) succeeds. A wrong secret does not spend the token and its
         error says nothing about the token's state.
         """
-        if not isinstance(token_id, str) or not isinstance(secret, str):
-            raise AuthError("unknown join token")
-        now = time.time() if now is None else now
+        _token_args(token_id, secret)
         with self._write() as db:
-            row = db.execute(
-                "SELECT secret_sha256, endpoints, expires_at, used_at FROM join_tokens"
-                " WHERE id = ?",
-                (token_id,),
-            ).fetchone()
-            if row is None:
-                raise AuthError("unknown join token")
-            stored_hash, endpoints, expires_at, used_at = row
-            # The secret first: without it, nobody learns whether the token
-            # is spent or expired.
-            if not hmac.compare_digest(stored_hash, _hash_secret(secret)):
-                raise AuthError("join token secret does not match")
-            if used_at is not None:
-                raise AuthError("join token already used")
-            if now >= expires_at:
-                raise AuthError("join token expired")
-            cur = db.execute(
-                "UPDATE join_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
-                (now, token_id),
-            )
-            if cur.rowcount != 1:
-                raise AuthError("join token already used")
-        return json.loads(endpoints)
+            return self._spend_token(db, token_id, secret, time.time() if now is None else now)
+
+    @staticmethod
+    def _spend_token(db: sqlite3.Connection, token_id: str, secret: str, now: float) -> list[str]:
+        endpoints = _usable_token(db.execute(_TOKEN_SQL, (token_id,)).fetchone(), secret, now)
+        cur = db.execute(
+            "UPDATE join_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+            (now, token_id),
+        )
+        if cur.rowcount != 1:
+            raise AuthError("join token already used")
+        return endpoints
 
     # -- agents -----------------------------------------------------------
+
+    def enroll_agent(
+        self,
+        token_id: str,
+        secret: str,
+        agent_id: str,
+        cert_serial: int,
+        cert_not_after: float,
+        *,
+        now: float | None = None,
+    ) -> list[str]:
+        """Spend a join token and record the agent it enrolls, in one
+        transaction: if recording fails, the token stays valid. Returns the
+        token's endpoints; AuthError as ``redeem_join_token``."""
+        _token_args(token_id, secret)
+        serial = _serial_text(cert_serial)
+        now = time.time() if now is None else now
+        with self._write() as db:
+            endpoints = self._spend_token(db, token_id, secret, now)
+            self._insert_agent(db, agent_id, _endpoints_json(endpoints), serial, cert_not_after, now)
+            self._bump(db)
+        return endpoints
 
     def add_agent(
         self, agent_id: str, endpoints: list[str], cert_serial: int, cert_not_after: float
@@ -309,22 +414,26 @@ class Store:
         """Record a newly enrolled agent and its first certificate."""
         endpoints_json = _endpoints_json(endpoints)
         serial = _serial_text(cert_serial)
-        now = time.time()
         with self._write() as db:
-            try:
-                db.execute(
-                    f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES"
-                    " (?, ?, ?, NULL, ?, ?, NULL, NULL, 0, 0, NULL)",
-                    (agent_id, endpoints_json, now, serial, cert_not_after),
-                )
-                db.execute(
-                    "INSERT INTO certificates (serial, agent_id, not_after, issued_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (serial, agent_id, cert_not_after, now),
-                )
-            except sqlite3.IntegrityError:
-                raise ConfigError(f"agent {agent_id} or its certificate serial already exists") from None
+            self._insert_agent(db, agent_id, endpoints_json, serial, cert_not_after, time.time())
             self._bump(db)
+
+    @staticmethod
+    def _insert_agent(db: sqlite3.Connection, agent_id: str, endpoints_json: str, serial: str,
+                      cert_not_after: float, now: float) -> None:
+        try:
+            db.execute(
+                f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES"
+                " (?, ?, ?, NULL, ?, ?, NULL, NULL, 0, 0, NULL)",
+                (agent_id, endpoints_json, now, serial, cert_not_after),
+            )
+            db.execute(
+                "INSERT INTO certificates (serial, agent_id, not_after, issued_at)"
+                " VALUES (?, ?, ?, ?)",
+                (serial, agent_id, cert_not_after, now),
+            )
+        except sqlite3.IntegrityError:
+            raise ConfigError(f"agent {agent_id} or its certificate serial already exists") from None
 
     def update_agent_cert(self, agent_id: str, cert_serial: int, cert_not_after: float) -> None:
         """Record a renewed certificate; earlier ones stay valid until they expire.
@@ -407,6 +516,26 @@ class Store:
         """A counter that moves whenever an agent or revocation changes."""
         return int(self._read("SELECT value FROM meta WHERE key = 'revision'")[0][0])
 
+    def agent_count(self) -> int:
+        """How many agents were ever enrolled (revoked ones included)."""
+        return int(self._read("SELECT count(*) FROM agents")[0][0])
+
+    # -- the CA this database belongs to ------------------------------------
+
+    def ca_pin(self) -> str | None:
+        """The pin of the CA recorded with ``set_ca_pin``, or None."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'ca_pin'")
+        return rows[0][0] if rows else None
+
+    def set_ca_pin(self, pin: str) -> None:
+        """Record the pin of the CA that enrolls this database's agents."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('ca_pin', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (pin,),
+            )
+
     # -- live status --------------------------------------------------------
 
     def set_agent_status(
@@ -446,3 +575,94 @@ class Store:
                 "UPDATE agents SET connected_since = NULL, address = NULL"
                 " WHERE connected_since IS NOT NULL OR address IS NOT NULL"
             )
+
+
+# -- the relay's data directory ---------------------------------------------------
+
+#: The database's file name in a relay's data directory; the CA lives in ``ca/``.
+DB_FILE = "relayd.db"
+CA_DIR = "ca"
+
+
+def _short_pin(pin: str) -> str:
+    return pin[:23] + "..." if len(pin) > 23 else pin
+
+
+def _inconsistent(d: pathlib.Path, what: str, restore: str) -> DataDirError:
+    return DataDirError(
+        f"data directory {d} is inconsistent: {what}; starting like this would refuse every"
+        f" enrolled agent. To recover, {restore}; or start over: move {d} away and start again"
+        f" (every agent must then enroll again with a new join token)"
+    )
+
+
+def _make_private_dir(d: pathlib.Path) -> None:
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataDirError(f"data directory {d} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise DataDirError(f"cannot create data directory {d}: a parent is not a directory") from None
+    except OSError as exc:
+        raise DataDirError(f"cannot create data directory {d}: {exc.strerror}") from None
+    try:
+        os.chmod(d, 0o700)
+    except OSError as exc:
+        raise DataDirError(f"cannot use data directory {d}: {exc.strerror}") from None
+
+
+def open_data_dir(directory: os.PathLike | str, *, create: bool) -> tuple[CertificateAuthority, Store]:
+    """Open a relay's data directory: ``(ca, store)``, checked to belong together.
+
+    With ``create`` (``relayd serve``) the directory, database and CA are
+    made on first use, the database first: a crash in between then leaves a
+    database without a CA, which is completed at the next start. Without it
+    (``relayd admin``) only an existing relay directory is opened. A database
+    from before pins were recorded gets the current CA's pin. DataDirError,
+    with what to do, when the directory cannot be used or its parts do not
+    belong together.
+    """
+    d = pathlib.Path(directory)
+    ca_cert = d / CA_DIR / CERT_FILE
+    db_path = d / DB_FILE
+    if create:
+        _make_private_dir(d)
+    elif not ca_cert.is_file():
+        raise DataDirError(f"{d} is not a relay data directory: start `relayd serve --data {d}` once first")
+    has_ca = ca_cert.is_file()
+    backup = f"restore {db_path} from a backup"
+    if has_ca:
+        try:
+            size = db_path.stat().st_size
+        except FileNotFoundError:
+            raise _inconsistent(d, f"{db_path} is missing but the CA {ca_cert} exists", backup) from None
+        except OSError as exc:
+            raise DataDirError(f"cannot open database {db_path}: {exc.strerror}") from None
+        if size == 0:
+            raise _inconsistent(d, f"{db_path} is empty (0 bytes) but the CA {ca_cert} exists", backup)
+    try:
+        store = Store(db_path, create=not has_ca)
+    except _NoSchema:
+        raise _inconsistent(d, f"{db_path} holds no relayd tables but the CA {ca_cert} exists", backup) from None
+    try:
+        pin = store.ca_pin()
+        if not has_ca and (n := store.agent_count()):
+            raise _inconsistent(
+                d, f"{ca_cert} is missing but {db_path} records {n} agent{'s' if n > 1 else ''}"
+                f" enrolled by {'the CA ' + _short_pin(pin) if pin else 'that CA'}",
+                f"restore {d / CA_DIR} from a backup")
+        ca = CertificateAuthority.load_or_create(d / CA_DIR)
+        if pin is None or not has_ca:
+            store.set_ca_pin(ca.pin)
+        elif pin != ca.pin:
+            raise _inconsistent(
+                d, f"{db_path} belongs to another CA ({_short_pin(pin)}) than {ca_cert} ({_short_pin(ca.pin)})",
+                f"restore the {DB_FILE} that belongs to this CA (or the {CA_DIR}/ that belongs to this"
+                f" {DB_FILE}) from a backup")
+    except OSError as exc:
+        store.close()
+        raise DataDirError(f"data directory {d}: {exc.filename or d}: {exc.strerror}") from None
+    except BaseException:
+        store.close()
+        raise
+    return ca, store
