@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import platform
 import signal
+import sqlite3
 import ssl
 import sys
 import time
@@ -16,7 +18,12 @@ import orjson
 
 import relayd
 from relayd import _build
-from relayd.errors import AuthError, ConfigError
+from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
+
+#: Exit status of a failure that may pass (sysexits' EX_TEMPFAIL): the relay
+#: could not be reached or failed while enrolling; the same command may
+#: succeed later. A refusal exits with 1, a configuration error with 2.
+EX_TEMPFAIL = 75
 
 
 def version_lines() -> list[str]:
@@ -48,8 +55,19 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"relayd: error: {msg}", file=sys.stderr)
+    print(f"relayd: error: {' '.join(msg.splitlines())}", file=sys.stderr)
     return code
+
+
+def _os_error(exc: OSError) -> str:
+    """What failed and where: ``PATH: reason`` (no traceback, no errno noise)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    where = os.fsdecode(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}"
 
 
 def _signals_to(event: asyncio.Event) -> None:
@@ -165,13 +183,25 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _open_relay_data(data: str):
-    from relayd.control.ca import CertificateAuthority
-    from relayd.control.store import Store
+    from relayd.control.store import open_data_dir
 
     d = Path(data)
-    if not (d / "relay.json").exists() or not (d / "ca" / "ca.crt").exists():
+    if not (d / "relay.json").is_file() or not (d / "ca" / "ca.crt").is_file():
         raise ConfigError(f"{d} is not a relay data directory: start `relayd serve --data {d}` once first")
-    return d, CertificateAuthority.load_or_create(d / "ca"), Store(d / "relayd.db")
+    ca, store = open_data_dir(d, create=False)
+    return d, ca, store
+
+
+def _relay_info(d: Path) -> dict:
+    """relay.json: what the running relay wrote about its addresses."""
+    path = d / "relay.json"
+    try:
+        info = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("advertised"), str):
+        raise ConfigError(f"{path} is damaged: start `relayd serve --data {d}` again to rewrite it")
+    return info
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -181,7 +211,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     d, ca, store = _open_relay_data(args.data)
     try:
         if args.admin == "join-token":
-            info = orjson.loads((d / "relay.json").read_bytes())
+            info = _relay_info(d)
             ttl = parse_duration(args.ttl, "--ttl")
             if ttl <= 0:
                 raise ConfigError("--ttl must be positive")
@@ -288,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     except AuthError as exc:
         return _fail(str(exc), 1)
+    except TemporaryError as exc:
+        return _fail(str(exc), EX_TEMPFAIL)
+    except RelaydError as exc:
+        return _fail(str(exc) or type(exc).__name__, 1)
+    except OSError as exc:
+        return _fail(_os_error(exc), 1)
+    except sqlite3.Error as exc:
+        return _fail(f"database: {exc}", 1)
     except KeyboardInterrupt:
         return 130
 

@@ -89,19 +89,31 @@ class RelayNode:
     # -- life cycle -----------------------------------------------------------
 
     def _prepare_data_dir(self) -> ssl.SSLContext:
-        self.data.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.data, 0o700)
-        self.ca = CertificateAuthority.load_or_create(self.data / "ca")
-        self.store = Store(self.data / "relayd.db")
-        self.store.clear_all_status()
-        names = ["localhost", "127.0.0.1", "::1"]
-        adv_host = self.cfg.advertised[0]
-        for n in (self.cfg.hostname, adv_host, self.cfg.agents[0]):
-            if n and n not in ("0.0.0.0", "::") and n not in names:
-                names.insert(0, n)
-        chain, key = self.ca.issue_server_cert(names)
-        (self.data / "server.crt").write_bytes(chain)
-        write_private(self.data / "server.key", key)
+        from relayd.control.store import open_data_dir
+        from relayd.errors import DataDirError
+
+        # The CA and the database, checked to belong together: never start on
+        # a database that would refuse every agent the CA enrolled.
+        self.ca, self.store = open_data_dir(self.data, create=True)
+        target = self.data
+        try:
+            self.store.clear_all_status()
+            names = ["localhost", "127.0.0.1", "::1"]
+            adv_host = self.cfg.advertised[0]
+            for n in (self.cfg.hostname, adv_host, self.cfg.agents[0]):
+                if n and n not in ("0.0.0.0", "::") and n not in names:
+                    names.insert(0, n)
+            chain, key = self.ca.issue_server_cert(names)
+            target = self.data / "server.crt"
+            target.write_bytes(chain)
+            target = self.data / "server.key"
+            write_private(target, key)
+        except BaseException as exc:
+            self.store.close()
+            self.store = None
+            if isinstance(exc, OSError):
+                raise DataDirError(f"cannot write {target}: {exc.strerror}") from None
+            raise
         return tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
                                   client_ca=str(self.ca_path))
 
@@ -230,6 +242,23 @@ class RelayNode:
                 metrics.LISTENER_CONNECTIONS.labels("refused").inc()
             log.warning("agent request refused: %s", exc, extra={"op": str(op)[:16], "peer": peer})
             return {"ok": False, "error": str(exc)}, None
+        except Exception as exc:
+            # The relay's own failure (its database full or read-only, a bug),
+            # not a refusal: the agent gets a reply that says to try again
+            # instead of a cut connection. An enrollment is one transaction,
+            # so its join token is still valid (see _enroll).
+            what = {"enroll": "enrollment", "renew": "certificate renewal", "tunnel": "link"}.get(op, "request")
+            if op in ("enroll", "renew"):
+                metrics.ENROLLMENTS.labels(op, "error").inc()
+            elif op == "tunnel":
+                metrics.LISTENER_CONNECTIONS.labels("error").inc()
+            if not isinstance(exc, RelaydError):
+                metrics.INTERNAL_ERRORS.labels("agent_port").inc()
+            # relayd's and the OS's messages name causes and paths, never what
+            # the request carried; anything else is logged by type only.
+            reason = str(exc) if isinstance(exc, (RelaydError, OSError)) else type(exc).__name__
+            log.error("agent request failed: %s", reason, extra={"op": str(op)[:16], "peer": peer})
+            return {"ok": False, "error": f"relay could not complete the {what}: internal error", "retry": True}, None
 
     def _peer_identity(self, transport) -> tuple[str, int]:
         sslobj = transport.get_extra_info("ssl_object")
@@ -248,12 +277,15 @@ class RelayNode:
         token_id, secret, csr = msg.get("id"), msg.get("secret"), msg.get("csr")
         if not (isinstance(token_id, str) and isinstance(secret, str) and isinstance(csr, str)):
             raise AuthError("enroll request needs id, secret and csr")
-        endpoints = await asyncio.to_thread(self.store.redeem_join_token, token_id, secret)
+        # The token is checked before the CA signs anything for this peer, and
+        # spent in the transaction that records the agent: a refusal (a bad
+        # CSR) or a failure (a full disk) on the way leaves it valid.
+        await asyncio.to_thread(self.store.check_join_token, token_id, secret)
         agent_id = "ag-" + secrets.token_hex(6)
         cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
         info = cert_info(cert)
-        await asyncio.to_thread(self.store.add_agent, agent_id, list(endpoints), info["serial"],
-                                info["not_after"].timestamp())
+        endpoints = await asyncio.to_thread(self.store.enroll_agent, token_id, secret, agent_id, info["serial"],
+                                            info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("enroll", "success").inc()
         log.info("agent enrolled", extra={"agent": agent_id, "peer": peer, "allowed": ",".join(endpoints) or "*"})
         return {"ok": True, "agent_id": agent_id, "cert": cert.decode(), "ca": self.ca.cert_pem.decode(),

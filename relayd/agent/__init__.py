@@ -33,7 +33,8 @@ from relayd import metrics
 from relayd.config import AgentConfig, format_hostport, parse_hostport
 from relayd.control.ca import cert_info, generate_key_and_csr, pin_of, write_private
 from relayd.control.jointoken import JoinToken
-from relayd.errors import AuthError, ConfigError, RelaydError
+from relayd.core.framing import FramingError
+from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
 from relayd.net import tls
 from relayd.net.mux import MuxConnection, MuxStream
 from relayd.net.preamble import ClientPreamble
@@ -48,7 +49,14 @@ STABLE_AFTER = 10.0  # a link that lived this long resets the backoff
 
 
 class EnrollmentError(AuthError):
-    """Enrollment failed; the message says why."""
+    """The relay refused the enrollment (bad, spent or expired token, CA pin
+    mismatch); the message says why. The same token will not do better."""
+
+
+class EnrollmentUnavailable(TemporaryError):
+    """Enrollment did not complete: the relay could not be reached, or failed
+    on its side. The relay spends a token only with a completed enrollment:
+    try again with the same token while it is valid."""
 
 
 class AgentNode:
@@ -158,11 +166,20 @@ class AgentNode:
             try:
                 transport = await self._connect(lambda: pre, tls_addr, wss_addr, ctx, host)
             except (OSError, asyncio.TimeoutError) as exc:
-                raise EnrollmentError(f"cannot reach the relay at {token.address}: {exc}") from None
+                raise EnrollmentUnavailable(f"cannot reach the relay at {token.address}: "
+                                            f"{str(exc) or type(exc).__name__}") from None
             try:
-                return await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+                reply = await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, FramingError) as exc:
+                raise EnrollmentUnavailable(f"the relay at {token.address} did not answer: "
+                                            f"{str(exc) or type(exc).__name__}") from None
             finally:
                 transport.close()
+            if not reply.get("ok") and reply.get("retry"):
+                # The relay failed, it did not refuse: nothing was spent.
+                raise EnrollmentUnavailable(f"{str(reply.get('error', 'relay failed'))[:200]}; "
+                                            "the join token was not used: try again later")
+            return reply
 
         # 1. Whose CA is this? Nothing secret is sent on this connection.
         reply = await ask(tls.unverified_client_context(), {"op": "ca"})
@@ -177,10 +194,15 @@ class AgentNode:
             raise EnrollmentError(
                 f"CA pin mismatch: the relay at {token.address} is not the one that issued this token "
                 "(or something is intercepting the connection); refusing to enroll")
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.data.chmod(0o700)
         ca_file = self.data / "ca.crt"
-        ca_file.write_text(ca_pem)
+        try:
+            # Before the secret is sent: a directory we cannot write must not
+            # cost the token.
+            self.data.mkdir(parents=True, exist_ok=True)
+            self.data.chmod(0o700)
+            ca_file.write_text(ca_pem)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the agent data directory {self.data}: {exc.strerror}") from None
         # 2. Key pair here, secret + CSR over TLS verified against that CA.
         key_pem, csr_pem = generate_key_and_csr("relayd-agent")
         ctx = tls.client_context(str(ca_file))
@@ -188,11 +210,16 @@ class AgentNode:
                                 "csr": csr_pem.decode(), "endpoints": sorted(self.cfg.endpoints)})
         if not reply.get("ok"):
             raise EnrollmentError(f"enrollment refused: {reply.get('error', 'no reason given')}")
-        write_private(self.data / "agent.key", key_pem)
-        (self.data / "agent.crt").write_text(reply["cert"])
         ident = {"agent_id": reply["agent_id"], "relay": tls_addr, "wss": wss_addr or reply.get("wss"),
                  "server_hostname": host}
-        self._id_file.write_bytes(orjson.dumps(ident))
+        try:
+            write_private(self.data / "agent.key", key_pem)
+            (self.data / "agent.crt").write_text(reply["cert"])
+            self._id_file.write_bytes(orjson.dumps(ident))
+        except OSError as exc:
+            raise ConfigError(f"enrolled as {ident['agent_id']} but cannot store the identity in {self.data}: "
+                              f"{exc.strerror}; the join token is spent: revoke {ident['agent_id']} and "
+                              "enroll with a new token") from None
         log.info("enrolled", extra={"agent": ident["agent_id"], "relay": token.address})
         return ident
 
