@@ -24,6 +24,11 @@ flags, flags winning. Everything a flag can say the file can say too.
     max_window = 16777216
     ping_interval = "10s"
 
+    [admission]                       # relayd.core.config.AdmissionConfig (relay)
+    max_unauthenticated = 1024
+    max_unauthenticated_per_source = 64
+    handshake_timeout = "10s"
+
     [log]
     level = "info"
 
@@ -40,7 +45,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayd.core.config import MuxConfig
+from relayd.core.config import AdmissionConfig, MuxConfig
 from relayd.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -126,6 +131,7 @@ class ServeConfig:
     http: dict[str, str] = field(default_factory=dict)
     gateway_timeout: float = 60.0
     mux: MuxConfig = field(default_factory=MuxConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     log_level: str = "info"
 
     @property
@@ -273,26 +279,32 @@ def _str(value, key: str) -> str:
     return value
 
 
-def _mux(table) -> MuxConfig:
-    fields = {f.name for f in dataclasses.fields(MuxConfig)}
-    table = _known(table, fields, "mux")
+def _limits(table, cls, prefix: str, durations: set[str]):
+    """A table of limits -> the frozen config object ``cls`` (MuxConfig,
+    AdmissionConfig): integers, or durations for the timers."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    table = _known(table, fields, prefix)
     kwargs = {}
     for k, v in table.items():
-        key = f"mux.{k}"
-        if k in _DURATION_MUX:
+        key = f"{prefix}.{k}"
+        if k in durations:
             kwargs[k] = parse_duration(v, key)
         elif isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"config key '{key}': expected an integer, got {v!r}")
         else:
             kwargs[k] = v
     try:
-        return MuxConfig(**kwargs)
+        return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"config key {exc}") from None
 
 
+def _mux(table) -> MuxConfig:
+    return _limits(table, MuxConfig, "mux", _DURATION_MUX)
+
+
 def _common(doc: dict, cfg) -> None:
-    top = _known(doc, {"serve", "agent", "mux", "log"}, "<top>") if doc else {}
+    top = _known(doc, {"serve", "agent", "mux", "admission", "log"}, "<top>") if doc else {}
     if "mux" in top:
         cfg.mux = _mux(top["mux"])
     if "log" in top:
@@ -310,6 +322,8 @@ def load_serve(path: Path | None) -> ServeConfig:
         return cfg
     doc = _load_toml(path)
     _common(doc, cfg)
+    if "admission" in doc:
+        cfg.admission = _limits(doc["admission"], AdmissionConfig, "admission", {"handshake_timeout"})
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
     if "data" in s:
         cfg.data = Path(_str(s["data"], "serve.data"))

@@ -27,14 +27,20 @@ STREAM_OPEN_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 PROTOCOL_ERRORS = Counter("relayd_protocol_errors_total", "Links ended by a peer's protocol error", ["kind"])
 AGENT_RECONNECTS = Counter("relayd_agent_reconnects_total", "Agent-side reconnect attempts")
-BAD_INPUT = Counter("relayd_bad_input_total", "Connections closed for bad input before any session", ["where", "kind"])
+BAD_INPUT = Counter("relayd_bad_input_total",
+                    "Connections and requests refused: bad input, failed TLS handshakes, timeouts, caps",
+                    ["where", "kind"])
+UNAUTHENTICATED = Gauge("relayd_unauthenticated_connections",
+                        "Connections on the TLS listeners that have not finished their handshake and first request")
+RESOURCE_EXHAUSTED = Counter("relayd_resource_exhausted_total",
+                             "Times a listener ran out of a resource (file descriptors) and paused", ["listener", "resource"])
 INTERNAL_ERRORS = Counter("relayd_internal_errors_total",
                           "Exceptions caught at a boundary that must not raise (a relayd bug; the offending "
                           "stream or connection was closed, the rest went on)", ["where"])
 
 
-async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.1 endpoint for ``GET /metrics``."""
+async def serve_metrics(sock) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 endpoint for ``GET /metrics`` on a bound socket."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -53,7 +59,7 @@ async def serve_metrics(host: str, port: int) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, sock=sock)
 HTTP_RESPONSES = Counter("relayd_http_error_responses_total", "Error responses the HTTP ingress made itself",
                          ["status"])
 HTTP_RETRIES = Counter("relayd_http_retries_total",

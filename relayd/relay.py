@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import ssl
 import time
@@ -36,7 +35,7 @@ from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.store import Store
 from relayd.core.framing import encode_message
 from relayd.errors import AuthError, ConfigError, RelaydError
-from relayd.net import peer_name, tls
+from relayd.net import admission, peer_name, tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
@@ -75,6 +74,8 @@ class RelayNode:
         self.https_port: int | None = None
         self.certs: tls.CertSelector | None = None
         self._servers: list[asyncio.AbstractServer] = []
+        self._listeners: list[admission.TlsListener] = []
+        self.admission: admission.Admission | None = None
         self._tasks: list[asyncio.Task] = []
         self._waiting: dict[str, list] = {name: [] for name in cfg.endpoints}
         self._public: set[TcpSplice] = set()
@@ -142,12 +143,31 @@ class RelayNode:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self._prepare_data_dir()
+        # Every listener is bound first, so that an address in use or not
+        # local is one clear error before anything else starts.
         host, port = self.cfg.agents
-        srv = await loop.create_server(lambda: ServerPreamble(self._on_request), host, port, ssl=ctx,
-                                       ssl_handshake_timeout=10)
-        self._servers.append(srv)
-        self.agents_port = srv.sockets[0].getsockname()[1]
-        if self.cfg.https is not None:
+        bound: list = []
+
+        def bind(hp, what):
+            socks = admission.bind(hp[0], hp[1], what)
+            bound.extend(socks)
+            return socks
+
+        try:
+            agent_socks = bind(self.cfg.agents, "serve.agents")
+            https_socks = bind(self.cfg.https, "serve.https") if self.cfg.https is not None else None
+            tcp_socks = {name: bind(hp, f"serve.tcp.{name}") for name, hp in self.cfg.tcp.items()}
+            metrics_socks = bind(self.cfg.metrics, "serve.metrics") if self.cfg.metrics is not None else None
+        except BaseException:
+            for sock in bound:
+                sock.close()
+            raise
+        adm = self.admission = admission.Admission(self.cfg.admission)
+        lst = admission.TlsListener(adm, "agent_port", agent_socks, ctx,
+                                    lambda ticket: ServerPreamble(self._on_request, ticket=ticket))
+        self._listeners.append(lst)
+        self.agents_port = lst.port
+        if https_socks is not None:
             # Agents that can only get HTTPS out: the link as a WebSocket.
             # Its own context, so user certificates (SNI) apply there only.
             hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
@@ -161,20 +181,22 @@ class RelayNode:
             opener = open_stream_for(self)
             make_http = (lambda port, t: HttpConnection(port, t, routes, opener, self.cfg.gateway_timeout)) \
                 if routes else None
-            hs = await loop.create_server(
-                lambda: HttpsPort(lambda: ServerPreamble(self._on_request), make_http),
-                *self.cfg.https, ssl=hctx, ssl_handshake_timeout=10)
-            self._servers.append(hs)
-            self.https_port = hs.sockets[0].getsockname()[1]
+            hs = admission.TlsListener(
+                adm, "https", https_socks, hctx,
+                lambda ticket: HttpsPort(lambda: ServerPreamble(self._on_request), make_http, ticket=ticket))
+            self._listeners.append(hs)
+            self.https_port = hs.port
         self._write_relay_json()
-        for name, (h, p) in self.cfg.tcp.items():
-            s = await loop.create_server(lambda name=name: self._public_protocol(name), h, p, backlog=1024)
-            self._servers.append(s)
-            self.tcp_ports[name] = s.sockets[0].getsockname()[1]
-        if self.cfg.metrics is not None:
-            ms = await metrics.serve_metrics(*self.cfg.metrics)
-            self._servers.append(ms)
-            self.metrics_port = ms.sockets[0].getsockname()[1]
+        for name, socks in tcp_socks.items():
+            for sock in socks:
+                srv = await loop.create_server(lambda name=name: self._public_protocol(name), sock=sock,
+                                               backlog=1024)
+                self._servers.append(srv)
+            self.tcp_ports[name] = socks[0].getsockname()[1]
+        if metrics_socks is not None:
+            for sock in metrics_socks:
+                self._servers.append(await metrics.serve_metrics(sock))
+            self.metrics_port = metrics_socks[0].getsockname()[1]
         self._tasks.append(loop.create_task(self._watch_revocations()))
         self._tasks.append(loop.create_task(self._write_status()))
         log.info("relay listening", extra={
@@ -199,6 +221,8 @@ class RelayNode:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        for lst in self._listeners:
+            lst.close()
         for s in self._servers:
             s.close()
         for sess in list(self.sessions.values()):
@@ -515,7 +539,10 @@ class PublicConnection(TcpSplice):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.relay._route(self, self.endpoint)
+        if admission.public_connection_ok(self.relay.admission, transport, "tcp"):
+            self.relay._route(self, self.endpoint)
+        else:
+            self.on_close = None  # never routed: nothing to account for
 
 
 async def _refuse_stream(stream) -> None:

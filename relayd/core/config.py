@@ -66,3 +66,35 @@ class MuxConfig:
         need(0 <= self.reset_memory <= 1 << 20, "reset_memory", "must not be negative")
         for name in ("ping_interval", "ping_timeout", "open_timeout"):
             need(0 < getattr(self, name) <= 3600, name, "must be between 0 and 3600 seconds")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Limits on connections that have proven nothing yet: from accept until
+    the TLS handshake and the first request (an agent's preamble, an HTTPS
+    request head) are done. Read by the relay's listeners (I/O layer).
+
+    An attacker can open connections faster than any timeout closes them;
+    these caps bound what that costs (file descriptors, TLS state, memory) and
+    keep room for agents and established streams."""
+
+    #: Unauthenticated connections at once on the node, all listeners together.
+    max_unauthenticated: int = 1024
+    #: ... from one source (an IPv4 address, or an IPv6 /64).
+    max_unauthenticated_per_source: int = 64
+    #: Seconds a TLS handshake may take.
+    handshake_timeout: float = 10.0
+    #: File descriptors kept free: above (limit - headroom), new
+    #: unauthenticated and public connections are refused.
+    fd_headroom: int = 256
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"admission.{name}: {why} (got {getattr(self, name)!r})")
+
+        need(1 <= self.max_unauthenticated <= 1 << 20, "max_unauthenticated", "must be between 1 and 1048576")
+        need(1 <= self.max_unauthenticated_per_source <= self.max_unauthenticated,
+             "max_unauthenticated_per_source", "must be between 1 and max_unauthenticated")
+        need(0 < self.handshake_timeout <= 300, "handshake_timeout", "must be between 0 and 300 seconds")
+        need(16 <= self.fd_headroom <= 1 << 20, "fd_headroom", "must be at least 16")

@@ -26,8 +26,11 @@ class ServerPreamble(asyncio.Protocol):
     ``(reply, protocol_or_None)``; a protocol takes the transport over."""
 
     def __init__(self, handler: Callable[[dict, asyncio.Transport], Awaitable[tuple[dict, asyncio.Protocol | None]]],
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, ticket=None) -> None:
         self._handler = handler
+        # Admission ticket (relayd.net.admission): the connection counts as
+        # unauthenticated until its request is answered.
+        self._ticket = ticket
         self._reader = MessageReader()
         self._transport = None
         self._timer = None
@@ -76,6 +79,7 @@ class ServerPreamble(asyncio.Protocol):
             return
         if self._timer is not None:
             self._timer.cancel()
+        self._release()
         if t.is_closing():
             return
         t.write(encode_message(reply))
@@ -89,6 +93,12 @@ class ServerPreamble(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
 
 
 class ClientPreamble(asyncio.Protocol):

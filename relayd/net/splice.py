@@ -10,7 +10,8 @@ the relay, the local service at the agent) and the sink of the mux stream:
   goes back to the peer only once that transport is below its high-water
   mark. A slow TCP reader therefore holds at most one window plus the
   transport's buffer, whatever the sender does.
-* FIN both ways as half-closes; a reset or a lost link aborts the TCP side.
+* FIN both ways as half-closes; a reset or a lost link aborts the TCP side
+  with RST (never a FIN that would make a cut transfer look complete).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 from typing import Callable
 
 from relayd.errors import RelaydError
+from relayd.net import abort_with_reset
 
 log = logging.getLogger("relayd.splice")
 
@@ -194,8 +196,10 @@ class TcpSplice(asyncio.Protocol):
                 self.transport.close()
 
     def _abort(self) -> None:
+        # An abnormal end (reset, lost link, no agent, a stalled peer): the
+        # TCP peer gets RST, so a transfer cut short never looks complete.
         if self.transport is not None and not self._done:
-            self.transport.abort()
+            abort_with_reset(self.transport)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._done:

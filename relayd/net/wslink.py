@@ -199,8 +199,11 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
 class HttpsPort(asyncio.Protocol):
     """The relay's HTTPS listener: the agent link's WebSocket upgrade."""
 
-    def __init__(self, make_agent_protocol: Callable[[], asyncio.Protocol], make_http=None) -> None:
+    def __init__(self, make_agent_protocol: Callable[[], asyncio.Protocol], make_http=None, ticket=None) -> None:
         self._make = make_agent_protocol
+        # Admission ticket (relayd.net.admission): unauthenticated until the
+        # first request head is whole.
+        self._ticket = ticket
         self._make_http = make_http  # (port, transport) -> HttpConnection, or None: 404
         self._http = None
         self._buf = b""
@@ -234,6 +237,7 @@ class HttpsPort(asyncio.Protocol):
                 self._reply(431, "request header too large")
             return
         self._timer.cancel()
+        self._release()
         head, rest = self._buf[:end], self._buf[end:]
         first = head.split(b"\r\n", 1)[0].split(b" ")
         if len(first) < 2 or first[1].split(b"?")[0] != AGENT_PATH.encode():
@@ -301,8 +305,14 @@ class HttpsPort(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._release()
         if self._http is not None:
             self._http.lost()
+
+    def _release(self) -> None:
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
 
 
 class ClientUpgrade(asyncio.Protocol):

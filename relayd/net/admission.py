@@ -1,0 +1,415 @@
+"""Admission: what a connection may cost the node before it has proven
+anything.
+
+Theory of operation
+-------------------
+Anyone can reach the agents port and the HTTPS port, and open connections
+faster than any timeout closes them. Until a connection has finished its TLS
+handshake *and* its first request (an agent's preamble, an HTTPS request
+head) it is *unauthenticated*, and it is bounded three ways:
+
+* per node (``max_unauthenticated``) and per source address (an IPv4
+  address, or an IPv6 /64: one host owns a whole /64) - checked at accept,
+  when the peer's address is known and before any TLS state exists;
+* by file descriptors: with fewer than ``fd_headroom`` left under the
+  process limit, new unauthenticated and public connections are refused, so
+  agents that reconnect and streams already flowing never starve;
+* by time: the handshake timeout here, the preamble and head timeouts in
+  the protocols after it.
+
+A refused connection is reset at once (RST) and counted; a failed handshake
+is classified (not TLS at all, an unknown or expired client certificate, no
+shared protocol, timeout, EOF) and counted. Every class has a metric
+(``relayd_bad_input_total{where, kind}``) and a rate-limited log line; the
+number of unauthenticated connections is a gauge.
+
+That is why the TLS listeners accept sockets themselves instead of letting
+``loop.create_server(ssl=...)`` do it: there the peer's address is unknown
+when the protocol is made, and handshake failures vanish without a trace.
+Accepting is non-blocking and batched; when the process runs out of file
+descriptors, accepting pauses briefly (connections wait in the kernel's
+backlog) and that is counted too, instead of libuv's silent close.
+
+After a burst, glibc keeps the freed TLS buffers in its arenas; when the
+unauthenticated count falls back to zero after a large peak, the node asks
+the allocator to give the memory back (``malloc_trim``), so RSS returns to
+its baseline instead of ratcheting up wave after wave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import gc
+import ipaddress
+import logging
+import resource
+import socket
+import ssl
+from typing import Callable
+
+from relayd import metrics
+from relayd.core.config import AdmissionConfig
+from relayd.errors import ConfigError
+from relayd.log import RateLimitedLog
+from relayd.net import abort_with_reset
+
+log = logging.getLogger("relayd.admission")
+_LOG = RateLimitedLog(log)
+
+#: Connections accepted per readiness callback before yielding to the loop.
+ACCEPT_BATCH = 64
+#: Seconds accepting pauses when the process is out of file descriptors.
+ACCEPT_PAUSE = 0.1
+#: A peak of unauthenticated connections at least this large is a burst
+#: worth giving memory back after.
+TRIM_PEAK = 64
+#: Seconds between two trims at most once.
+TRIM_INTERVAL = 5.0
+
+_OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def source_of(address: str) -> str:
+    """The unit a per-source cap counts: an IPv4 address or an IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address) + "/64"
+    return str(ip)
+
+
+class Ticket:
+    """One admitted unauthenticated connection; ``release()`` once it has
+    proven itself or is gone (idempotent)."""
+
+    __slots__ = ("_admission", "_source")
+
+    def __init__(self, admission: "Admission", source: str) -> None:
+        self._admission = admission
+        self._source = source
+
+    def release(self) -> None:
+        adm, self._admission = self._admission, None
+        if adm is not None:
+            adm._release(self._source)
+
+
+class Admission:
+    """The node's account of unauthenticated connections and its descriptors."""
+
+    def __init__(self, cfg: AdmissionConfig | None = None) -> None:
+        self.cfg = cfg or AdmissionConfig()
+        self.fd_limit = raise_fd_limit()
+        # A node cap above what the descriptors allow would only move the
+        # failure to accept(); keep half of what is left for everyone else.
+        self.node_cap = max(1, min(self.cfg.max_unauthenticated, (self.fd_limit - self.cfg.fd_headroom) // 2))
+        self.total = 0
+        self.peak = 0
+        self.by_source: dict[str, int] = {}
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self._last_trim = 0.0
+        self._gauge = metrics.UNAUTHENTICATED
+
+    def fd_room(self, fd: int) -> bool:
+        """False when ``fd`` (a descriptor just opened: the kernel hands out
+        the lowest free one) eats into the headroom."""
+        return fd < self.fd_limit - self.cfg.fd_headroom
+
+    def admit(self, fd: int, address: str, listener: str) -> Ticket | None:
+        """A ticket, or None: refused (counted and logged, the caller closes)."""
+        if not self.fd_room(fd):
+            self._refused(listener, "fd_headroom", address)
+            return None
+        if self.total >= self.node_cap:
+            self._refused(listener, "node_cap", address)
+            return None
+        source = source_of(address)
+        n = self.by_source.get(source, 0)
+        if n >= self.cfg.max_unauthenticated_per_source:
+            self._refused(listener, "source_cap", address)
+            return None
+        self.by_source[source] = n + 1
+        self.total += 1
+        if self.total > self.peak:
+            self.peak = self.total
+        self._gauge.inc()
+        return Ticket(self, source)
+
+    def _refused(self, listener: str, kind: str, address: str) -> None:
+        metrics.BAD_INPUT.labels(listener, kind).inc()
+        _LOG.warning("connection refused: %s", kind, extra={"listener": listener, "peer": address,
+                                                             "unauthenticated": self.total})
+
+    def _release(self, source: str) -> None:
+        n = self.by_source.get(source, 0) - 1
+        if n > 0:
+            self.by_source[source] = n
+        else:
+            self.by_source.pop(source, None)
+        self.total -= 1
+        self._gauge.dec()
+        if self.total == 0 and self.peak >= TRIM_PEAK and self._trim_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            # Let the closed transports be freed first.
+            delay = max(1.0, self._last_trim + TRIM_INTERVAL - loop.time())
+            self._trim_handle = loop.call_later(delay, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        loop = asyncio.get_running_loop()
+        self._last_trim = loop.time()
+        if self.total:
+            return  # a new burst began: trim after that one
+        peak, self.peak = self.peak, 0
+        gc.collect()
+        if trim_heap():
+            log.info("memory returned to the system after a burst", extra={"peak_unauthenticated": peak})
+
+    def close(self) -> None:
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
+
+
+_libc = None
+
+
+def trim_heap() -> bool:
+    """glibc's malloc_trim(0): give freed heap pages back to the system."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+        except OSError:
+            _libc = False
+    fn = getattr(_libc, "malloc_trim", None) if _libc else None
+    if fn is None:
+        return False
+    return bool(fn(0))
+
+
+def bind(host: str, port: int, what: str, backlog: int = 1024) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` (every address the name has),
+    non-blocking. Errors become one clear ConfigError naming ``what``."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{what}: cannot listen on {where}: {exc.strerror}") from None
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as exc:
+                if port == 0 and len(socks) > 1:
+                    # Port 0 on a name with several addresses: each socket
+                    # would get a different port; the first is enough.
+                    socks.pop().close()
+                    continue
+                raise ConfigError(f"{what}: cannot listen on {where}: {_why(exc)}") from None
+            s.listen(backlog)
+            s.setblocking(False)
+            if port == 0:
+                port = s.getsockname()[1]  # the other addresses take the same port
+                break
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another relayd, or another program, listens there)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "the address is not one of this host's"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return exc.strerror or str(exc)
+
+
+def classify_handshake_error(exc: BaseException) -> str:
+    """A short, bounded label for why a TLS handshake failed."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "tls_timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        msg = (getattr(exc, "verify_message", "") or "").lower()
+        if "expired" in msg:
+            return "client_cert_expired"
+        if "not yet valid" in msg:
+            return "client_cert_not_yet_valid"
+        if "revoked" in msg:
+            return "client_cert_revoked"
+        return "client_cert_untrusted"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if reason in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL",
+                      "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "BAD_PACKET_LENGTH",
+                      "RECORD_LENGTH_MISMATCH", "WRONG_SSL_VERSION", "UNEXPECTED_MESSAGE",
+                      "DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_TYPE"):
+            return "not_tls"
+        if reason in ("UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "NO_PROTOCOLS_AVAILABLE",
+                      "TLSV1_ALERT_PROTOCOL_VERSION"):
+            return "tls_version"
+        if reason in ("NO_SHARED_CIPHER", "NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SUITABLE_KEY_SHARE",
+                      "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+            return "no_shared_cipher"
+        if "ALERT" in reason and ("CA" in reason or "CERTIFICATE" in reason):
+            return "peer_rejected_certificate"
+        if reason in ("UNEXPECTED_EOF_WHILE_READING",) or isinstance(exc, ssl.SSLEOFError):
+            return "eof_in_handshake"
+        return "tls_error"
+    if isinstance(exc, ConnectionAbortedError) and "handshake" in str(exc).lower():
+        return "tls_timeout"  # uvloop's handshake timeout
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return "eof_in_handshake"
+    return "tls_error"
+
+
+class TlsListener:
+    """A TLS listener that admits before it handshakes.
+
+    ``make_protocol(ticket)`` makes the protocol of an admitted connection;
+    it releases the ticket once the connection has proven itself (or at
+    ``connection_lost``)."""
+
+    def __init__(self, admission: Admission, name: str, socks: list[socket.socket], ctx: ssl.SSLContext,
+                 make_protocol: Callable[[Ticket], asyncio.Protocol]) -> None:
+        self.admission = admission
+        self.name = name
+        self.socks = socks
+        self.ctx = ctx
+        self.make_protocol = make_protocol
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self._paused: asyncio.TimerHandle | None = None
+        self._closed = False
+        for s in socks:
+            self._loop.add_reader(s.fileno(), self._accept, s)
+
+    @property
+    def port(self) -> int:
+        return self.socks[0].getsockname()[1]
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:
+                    self._out_of_fds(exc)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            self._admit(sock, addr)
+
+    def _admit(self, sock: socket.socket, addr) -> None:
+        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        ticket = self.admission.admit(sock.fileno(), address, self.name)
+        if ticket is None:
+            _reset(sock)
+            return
+        sock.setblocking(False)
+        task = self._loop.create_task(self._handshake(sock, address, ticket))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, sock: socket.socket, address: str, ticket: Ticket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: self.make_protocol(ticket), sock, ssl=self.ctx,
+                ssl_handshake_timeout=self.admission.cfg.handshake_timeout)
+        except asyncio.CancelledError:
+            ticket.release()
+            raise
+        except Exception as exc:
+            # The socket belongs to the loop's transport now, which closes it.
+            ticket.release()
+            kind = classify_handshake_error(exc)
+            metrics.BAD_INPUT.labels(self.name, kind).inc()
+            _LOG.info("TLS handshake failed: %s", kind, extra={"listener": self.name, "peer": address})
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        metrics.RESOURCE_EXHAUSTED.labels(self.name, "file_descriptors").inc()
+        _LOG.error("out of file descriptors: pausing accept for %gs", ACCEPT_PAUSE,
+                   extra={"listener": self.name, "errno": errno.errorcode.get(exc.errno, str(exc.errno))})
+        for s in self.socks:
+            self._loop.remove_reader(s.fileno())
+        if self._paused is None:
+            self._paused = self._loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._closed:
+            for s in self.socks:
+                self._loop.add_reader(s.fileno(), self._accept, s)
+
+    def close(self) -> None:
+        """Stop accepting; handshakes in progress are cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._paused is not None:
+            self._paused.cancel()
+        for s in self.socks:
+            self._loop.remove_reader(s.fileno())
+            s.close()
+        for t in list(self._tasks):
+            t.cancel()
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
+def public_connection_ok(admission: Admission | None, transport, listener: str) -> bool:
+    """For listeners without a handshake (public TCP endpoints): refuse with
+    a reset when descriptors run short, so agents are never starved."""
+    if admission is None:
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None or admission.fd_room(sock.fileno()):
+        return True
+    metrics.BAD_INPUT.labels(listener, "fd_headroom").inc()
+    _LOG.warning("connection refused: fd_headroom", extra={"listener": listener})
+    abort_with_reset(transport)
+    return False
