@@ -12,6 +12,16 @@ INITIAL_WINDOW = 256 * 1024
 MAX_WINDOW_LIMIT = 0xFFFFFFFF
 
 
+def _checker(cfg, table: str):
+    """``need(ok, name, why)``: a ConfigError naming ``table.name`` unless ok."""
+
+    def need(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{table}.{name}: {why} (got {getattr(cfg, name)!r})")
+
+    return need
+
+
 @dataclass(frozen=True)
 class MuxConfig:
     """Limits and timers of one yamux session.
@@ -48,10 +58,7 @@ class MuxConfig:
     open_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"mux.{name}: {why} (got {getattr(self, name)!r})")
-
+        need = _checker(self, "mux")
         need(INITIAL_WINDOW <= self.max_window <= MAX_WINDOW_LIMIT, "max_window",
              f"must be between {INITIAL_WINDOW} and {MAX_WINDOW_LIMIT}")
         need(INITIAL_WINDOW <= self.max_frame_payload <= MAX_WINDOW_LIMIT, "max_frame_payload",
@@ -89,10 +96,7 @@ class AdmissionConfig:
     fd_headroom: int = 256
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"admission.{name}: {why} (got {getattr(self, name)!r})")
-
+        need = _checker(self, "admission")
         need(1 <= self.max_unauthenticated <= 1 << 20, "max_unauthenticated", "must be between 1 and 1048576")
         need(1 <= self.max_unauthenticated_per_source <= self.max_unauthenticated,
              "max_unauthenticated_per_source", "must be between 1 and max_unauthenticated")
