@@ -35,6 +35,7 @@ from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.store import Store
 from relayd.core.framing import encode_message
 from relayd.errors import AuthError, ConfigError, RelaydError
+from relayd.log import RateLimitedLog
 from relayd.net import admission, peer_name, tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
@@ -43,6 +44,10 @@ from relayd.net.http_ingress import HttpConnection, open_stream_for, parse_route
 from relayd.net.wslink import HttpsPort
 
 log = logging.getLogger("relayd.relay")
+# Refusals anyone can cause at will: rate-limited lines (every one is counted).
+_REFUSALS = RateLimitedLog(log)
+#: The requests the agents port serves (relayd.net.preamble).
+_OPS = frozenset({"ca", "enroll", "renew", "tunnel"})
 
 REVOCATION_POLL = 0.5
 STATUS_INTERVAL = 2.0
@@ -246,6 +251,8 @@ class RelayNode:
 
     async def _on_request(self, msg: dict, transport) -> tuple[dict, asyncio.Protocol | None]:
         op = msg.get("op")
+        if op not in _OPS:
+            op = None  # attacker text: never logged, never echoed
         peer = peer_name(transport)
         try:
             if op == "ca":
@@ -257,14 +264,15 @@ class RelayNode:
                 return await self._renew(msg, ident, peer), None
             if op == "tunnel":
                 return self._tunnel(msg, ident, peer)
-            raise AuthError(f"unknown request {str(op)[:32]!r}")
+            metrics.BAD_INPUT.labels("agent_port", "unknown_op").inc()
+            raise AuthError("unknown request")
         except AuthError as exc:
             kind = {"enroll": "enroll", "renew": "renew"}.get(op)
             if kind:
                 metrics.ENROLLMENTS.labels(kind, "refused").inc()
             if op == "tunnel":
                 metrics.LISTENER_CONNECTIONS.labels("refused").inc()
-            log.warning("agent request refused: %s", exc, extra={"op": str(op)[:16], "peer": peer})
+            _REFUSALS.warning("agent request refused: %s", exc, extra={"op": op or "unknown", "peer": peer})
             return {"ok": False, "error": str(exc)}, None
         except Exception as exc:
             # The relay's own failure (its database full or read-only, a bug),
@@ -281,7 +289,7 @@ class RelayNode:
             # relayd's and the OS's messages name causes and paths, never what
             # the request carried; anything else is logged by type only.
             reason = str(exc) if isinstance(exc, (RelaydError, OSError)) else type(exc).__name__
-            log.error("agent request failed: %s", reason, extra={"op": str(op)[:16], "peer": peer})
+            log.error("agent request failed: %s", reason, extra={"op": op or "unknown", "peer": peer})
             return {"ok": False, "error": f"relay could not complete the {what}: internal error", "retry": True}, None
 
     def _peer_identity(self, transport) -> tuple[str, int]:
@@ -420,8 +428,8 @@ class RelayNode:
     def _refuse(self, sp: TcpSplice, endpoint: str, reason: str) -> None:
         metrics.SENDER_CONNECTIONS.labels(endpoint, reason).inc()
         metrics.STREAMS_FAILED.labels(endpoint, reason).inc()
-        log.info("public connection refused", extra={"endpoint": endpoint, "reason": reason,
-                                                     "client": peer_name(sp.transport)})
+        _REFUSALS.info("public connection refused", extra={"endpoint": endpoint, "reason": reason,
+                                                           "client": peer_name(sp.transport)})
         sp._abort()
 
     def _open(self, sp: TcpSplice, endpoint: str, sess: AgentSession) -> None:
