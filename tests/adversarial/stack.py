@@ -24,6 +24,7 @@ from pathlib import Path
 import httptools
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.net.test_http_ingress import Upstream
 from tests.tunnel.test_cli import Proc, cli, free_port, wait_port
 
 MARKER = b"PAYLOAD-7f3a9c"
@@ -113,49 +114,30 @@ class HttpService(socketserver.BaseRequestHandler):
     records every request it sees, and answers by path. Paths under /evil/
     answer with hostile bytes."""
 
-    requests: list = []  # (method, url, headers dict, body)
+    requests: list = []  # {"method", "url", "headers", "body"}
 
     def handle(self):
         s = self.request
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.out = []
-        self.cur = None
-        parser = httptools.HttpRequestParser(self)
-        self.parser = parser
+        up = Upstream()
         try:
             while data := s.recv(65536):
+                done = len(up.requests)
                 try:
-                    parser.feed_data(data)
+                    up.parser.feed_data(data)
                 except httptools.HttpParserUpgrade:
                     pass
                 except httptools.HttpParserError:
                     return
-                for chunk in self.out:
-                    if chunk is None:
-                        _reset(s)
-                        return
-                    s.sendall(chunk)
-                self.out = []
+                for req in up.requests[done:]:
+                    self.requests.append(req)
+                    for chunk in self.answer(req):
+                        if chunk is None:
+                            _reset(s)
+                            return
+                        s.sendall(chunk)
         except OSError:
             pass
-
-    def on_message_begin(self):
-        self.cur = {"url": b"", "headers": {}, "body": b""}
-
-    def on_url(self, url):
-        self.cur["url"] += url
-
-    def on_header(self, name, value):
-        self.cur["headers"][name.lower()] = value
-
-    def on_body(self, body):
-        self.cur["body"] += body
-
-    def on_message_complete(self):
-        req = self.cur
-        req["method"] = self.parser.get_method()
-        self.requests.append(req)
-        self.out += self.answer(req)
 
     def answer(self, req):
         path = req["url"].split(b"?")[0]

@@ -9,29 +9,7 @@ import time
 
 import pytest
 
-from tests.adversarial.stack import MARKER, Bystander, HttpService, Stack, cut, statuses
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    st = Stack(tmp_path_factory.mktemp("https-clients"))
-    by = Bystander(st)
-    st.bystander = by
-    yield st
-    try:
-        by.stop()
-    finally:
-        st.stop()
-
-
-@pytest.fixture
-def unharmed(stack):
-    """The agent's link never drops and the bystander keeps going."""
-    links = stack.links()
-    yield
-    stack.bystander.check()
-    assert stack.links() == links, "the agent's link was cut and had to reconnect"
-    assert stack.metric("relayd_active_listeners") == 1
+from tests.adversarial.stack import MARKER, HttpService, Stack, cut, statuses
 
 
 REQ = b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n"
