@@ -5,6 +5,7 @@ reach the client, and a cut response must never look complete."""
 
 from tests.adversarial.stack import MARKER, cut, statuses
 
+
 def get(stack, path: bytes) -> bytes:
     return stack.https(b"GET " + path + b" HTTP/1.1\r\nHost: app.example\r\n\r\n"
                        b"GET /next HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n")
