@@ -11,6 +11,10 @@ head) it is *unauthenticated*, and it is bounded three ways:
 * per node (``max_unauthenticated``) and per source address (an IPv4
   address, or an IPv6 /64: one host owns a whole /64) - checked at accept,
   when the peer's address is known and before any TLS state exists;
+* a reserve of a quarter of the node cap on top is kept for sources that
+  recently proved who they are (an agent's link, an enrollment): a flood
+  from many addresses fills the node cap, yet agents that reconnect from
+  where they were still get in;
 * by file descriptors: with fewer than ``fd_headroom`` left under the
   process limit, new unauthenticated and public connections are refused, so
   agents that reconnect and streams already flowing never starve;
@@ -39,6 +43,7 @@ its baseline instead of ratcheting up wave after wave.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -68,6 +73,8 @@ ACCEPT_PAUSE = 0.1
 TRIM_PEAK = 64
 #: Seconds between two trims at most once.
 TRIM_INTERVAL = 5.0
+#: Sources remembered as having proven an identity (for the reserve).
+KNOWN_SOURCES = 4096
 
 _OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -99,7 +106,8 @@ def source_of(address: str) -> str:
 
 class Ticket:
     """One admitted unauthenticated connection; ``release()`` once it has
-    proven itself or is gone (idempotent)."""
+    passed its first request or is gone, ``proven()`` once it has shown an
+    identity (idempotent both)."""
 
     __slots__ = ("_admission", "_source")
 
@@ -112,6 +120,12 @@ class Ticket:
         if adm is not None:
             adm._release(self._source)
 
+    def proven(self) -> None:
+        adm = self._admission
+        if adm is not None:
+            adm._known(self._source)
+        self.release()
+
 
 class Admission:
     """The node's account of unauthenticated connections and its descriptors."""
@@ -122,9 +136,12 @@ class Admission:
         # A node cap above what the descriptors allow would only move the
         # failure to accept(); keep half of what is left for everyone else.
         self.node_cap = max(1, min(self.cfg.max_unauthenticated, (self.fd_limit - self.cfg.fd_headroom) // 2))
+        self.reserve = max(1, self.node_cap // 4)
         self.total = 0
         self.peak = 0
         self.by_source: dict[str, int] = {}
+        # Sources that recently proved an identity, oldest first (bounded).
+        self.known: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._trim_handle: asyncio.TimerHandle | None = None
         self._last_trim = 0.0
         self._gauge = metrics.UNAUTHENTICATED
@@ -139,10 +156,10 @@ class Admission:
         if not self.fd_room(fd):
             self._refused(listener, "fd_headroom", address)
             return None
-        if self.total >= self.node_cap:
+        source = source_of(address)
+        if self.total >= self.node_cap and (source not in self.known or self.total >= self.node_cap + self.reserve):
             self._refused(listener, "node_cap", address)
             return None
-        source = source_of(address)
         n = self.by_source.get(source, 0)
         if n >= self.cfg.max_unauthenticated_per_source:
             self._refused(listener, "source_cap", address)
@@ -153,6 +170,12 @@ class Admission:
             self.peak = self.total
         self._gauge.inc()
         return Ticket(self, source)
+
+    def _known(self, source: str) -> None:
+        self.known[source] = None
+        self.known.move_to_end(source)
+        if len(self.known) > KNOWN_SOURCES:
+            self.known.popitem(last=False)
 
     def _refused(self, listener: str, kind: str, address: str) -> None:
         metrics.BAD_INPUT.labels(listener, kind).inc()

@@ -20,6 +20,9 @@ from relayd.core.framing import FramingError, MessageReader, encode_message
 
 log = logging.getLogger("relayd.preamble")
 
+#: Requests whose success shows an identity: a join token or an agent's certificate.
+_PROVING = frozenset({"enroll", "renew", "tunnel"})
+
 
 class ServerPreamble(asyncio.Protocol):
     """Server side: ``handler(request, transport)`` returns
@@ -79,7 +82,10 @@ class ServerPreamble(asyncio.Protocol):
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._release()
+        if self._ticket is not None:
+            if reply.get("ok") and msg.get("op") in _PROVING:
+                self._ticket.proven()  # its source is an agent's: see admission's reserve
+            self._release()
         if t.is_closing():
             return
         t.write(encode_message(reply))

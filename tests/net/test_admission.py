@@ -264,3 +264,15 @@ def test_bind_errors_are_one_clear_line():
     with pytest.raises(ConfigError, match="not one of this host's"):
         admission.bind("192.0.2.1", 0, "serve.https")
     taken.close()
+
+
+def test_known_sources_get_in_past_a_full_node_cap():
+    """A flood from many addresses fills the node cap; a source that proved
+    an identity before (an agent's) still gets in, from a bounded reserve."""
+    adm = admission.Admission(AdmissionConfig(max_unauthenticated=8, max_unauthenticated_per_source=8))
+    agent = adm.admit(10, "192.0.2.50", "t")
+    agent.proven()
+    flood = [adm.admit(10, f"198.51.100.{i}", "t") for i in range(8)]
+    assert all(flood) and adm.admit(10, "198.51.100.99", "t") is None
+    extra = [adm.admit(10, "192.0.2.50", "t") for _ in range(adm.reserve + 1)]
+    assert all(extra[:adm.reserve]) and extra[adm.reserve] is None

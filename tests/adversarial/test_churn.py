@@ -1,0 +1,89 @@
+"""Unauthenticated connection churn: waves of half-open TLS connections
+against the agents port and the HTTPS port. The caps hold (per node, per
+source), the excess is refused at once and counted, agents still connect in
+the middle of a wave, the bystander never notices, and the relay's memory
+returns near its baseline once the churn ends (instead of ratcheting up wave
+after wave, as it did: 50 -> 494 MB over six waves of 2,000)."""
+
+import socket
+import time
+
+from tests.adversarial.stack import Bystander, Stack
+
+WAVES = 6
+PER_WAVE = 2000
+SOURCES = [f"127.0.1.{i}" for i in range(1, 41)]  # 50 connections from each
+CAP = 1024
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def half_open(port: int, n: int) -> list[socket.socket]:
+    """n connections that start a TLS handshake and never finish it."""
+    socks = []
+    for i in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.bind((SOURCES[i % len(SOURCES)], 0))
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    time.sleep(0.3)
+    for s in socks:
+        try:
+            s.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+        except OSError:
+            pass
+    return socks
+
+
+def test_waves_of_half_open_tls_connections(tmp_path):
+    st = Stack(tmp_path, admission=f'[admission]\nhandshake_timeout = "2s"\nmax_unauthenticated = {CAP}\n')
+    try:
+        by = Bystander(st)
+        pid = st.relay.p.pid
+        time.sleep(1.0)
+        baseline = rss(pid)
+        links = st.links()
+        peaks = []
+        for wave in range(WAVES):
+            port = st.ports["agents"] if wave % 2 == 0 else st.ports["https"]
+            socks = half_open(port, PER_WAVE)
+            Stack.wait(lambda: st.metric("relayd_unauthenticated_connections") >= CAP * 0.9, 10,
+                       "the wave never filled the cap")
+            assert st.metric("relayd_unauthenticated_connections") <= CAP
+            if wave == 2:
+                # An agent enrolls and connects in the middle of a wave.
+                st.start_agent("agent2")
+            by.check()
+            peaks.append(rss(pid))
+            time.sleep(2.5)  # the handshake timeout frees the admitted ones
+            for s in socks:
+                s.close()
+            Stack.wait(lambda: st.metric("relayd_unauthenticated_connections") == 0, 15,
+                       "unauthenticated connections did not drain")
+        refused = st.metric("relayd_bad_input_total", kind="node_cap")
+        timeouts = st.metric("relayd_bad_input_total", kind="tls_timeout")
+        assert refused >= WAVES * (PER_WAVE - CAP) * 0.9, refused
+        assert timeouts >= WAVES * CAP * 0.9, timeouts
+        # Memory comes back once the churn is over.
+        deadline = time.monotonic() + 20
+        while rss(pid) > baseline + 40 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = rss(pid)
+        print(f"relay RSS: baseline {baseline / 2**20:.0f} MiB, wave peaks "
+              f"{[round(p / 2**20) for p in peaks]} MiB, after {after / 2**20:.0f} MiB")
+        assert after <= baseline + 40 * 2**20, (baseline, peaks, after)
+        by.stop()
+        assert st.links() == links + 1  # agent2 only: the first agent never dropped
+    finally:
+        st.stop()
