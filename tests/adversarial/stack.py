@@ -254,6 +254,11 @@ class Stack:
         """Agent links the relay ever accepted (a reconnect adds one)."""
         return self.metric("relayd_listener_connections_total", result="success")
 
+    def agent_links(self) -> int:
+        """Links the (first) agent process made: 1 unless it had to reconnect."""
+        self.agent.err.seek(0)
+        return self.agent.err.read().count(b'"msg":"connected"')
+
     @staticmethod
     def wait(pred, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
