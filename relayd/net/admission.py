@@ -133,9 +133,11 @@ class Admission:
     def __init__(self, cfg: AdmissionConfig | None = None) -> None:
         self.cfg = cfg or AdmissionConfig()
         self.fd_limit = raise_fd_limit()
+        # A small process limit takes a smaller headroom (never all of it).
+        self.headroom = min(self.cfg.fd_headroom, self.fd_limit // 4)
         # A node cap above what the descriptors allow would only move the
         # failure to accept(); keep half of what is left for everyone else.
-        self.node_cap = max(1, min(self.cfg.max_unauthenticated, (self.fd_limit - self.cfg.fd_headroom) // 2))
+        self.node_cap = max(1, min(self.cfg.max_unauthenticated, (self.fd_limit - self.headroom) // 2))
         self.reserve = max(1, self.node_cap // 4)
         self.total = 0
         self.peak = 0
@@ -149,7 +151,7 @@ class Admission:
     def fd_room(self, fd: int) -> bool:
         """False when ``fd`` (a descriptor just opened: the kernel hands out
         the lowest free one) eats into the headroom."""
-        return fd < self.fd_limit - self.cfg.fd_headroom
+        return fd < self.fd_limit - self.headroom
 
     def admit(self, fd: int, address: str, listener: str) -> Ticket | None:
         """A ticket, or None: refused (counted and logged, the caller closes)."""

@@ -117,7 +117,7 @@ def test_tickets_count_per_source_and_node():
 
 def test_fd_headroom_refuses_before_the_limit():
     adm = admission.Admission(AdmissionConfig(fd_headroom=100))
-    adm.fd_limit = 1000
+    adm.fd_limit, adm.headroom = 1000, 100
     before = bad("t", "fd_headroom")
     assert adm.admit(899, "192.0.2.1", "t") is not None
     assert adm.admit(900, "192.0.2.1", "t") is None
@@ -276,3 +276,60 @@ def test_known_sources_get_in_past_a_full_node_cap():
     assert all(flood) and adm.admit(10, "198.51.100.99", "t") is None
     extra = [adm.admit(10, "192.0.2.50", "t") for _ in range(adm.reserve + 1)]
     assert all(extra[:adm.reserve]) and extra[adm.reserve] is None
+
+
+EMFILE_SCRIPT = r"""
+import asyncio, os, resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from relayd import metrics
+from relayd.core.config import AdmissionConfig
+from relayd.net import admission, run, tls
+ctx = tls.server_context(sys.argv[1], sys.argv[2])
+
+async def main():
+    adm = admission.Admission(AdmissionConfig(fd_headroom=16))
+    lst = admission.TlsListener(adm, "test", admission.bind("127.0.0.1", 0, "test"), ctx, lambda t: asyncio.Protocol())
+    filler = []
+    try:
+        while True:
+            filler.append(open(os.devnull))
+    except OSError:
+        pass
+    print(lst.port, flush=True)
+    sys.stdin.readline()  # the test has connected: accept() hits EMFILE
+    await asyncio.sleep(0.5)
+    print(metrics.RESOURCE_EXHAUSTED.labels("test", "file_descriptors")._value.get(), adm.total, flush=True)
+    for f in filler:
+        f.close()
+    await asyncio.sleep(0.5)  # accepting resumes: the waiting client is taken
+    print(metrics.RESOURCE_EXHAUSTED.labels("test", "file_descriptors")._value.get() > 0, flush=True)
+    print(metrics.BAD_INPUT.labels("test", "tls_timeout")._value.get() + adm.total, flush=True)
+
+run(main())
+"""
+
+
+def test_out_of_descriptors_pauses_accepting_and_is_counted(pki):
+    """accept() failing with EMFILE is counted and logged (libuv would close
+    such connections silently), accepting pauses, and resumes once
+    descriptors are free again."""
+    import subprocess
+    import sys
+
+    tmp, ca, ctx = pki
+    p = subprocess.Popen([sys.executable, "-c", EMFILE_SCRIPT, str(tmp / "s.crt"), str(tmp / "s.key")],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(p.stdout.readline())
+        c = socket.create_connection(("127.0.0.1", port), 5)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        exhausted, admitted = p.stdout.readline().split()
+        assert float(exhausted) >= 1 and admitted == "0"
+        assert p.stdout.readline().strip() == "True"
+        assert float(p.stdout.readline()) == 1  # the client was taken once descriptors were back
+        c.close()
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
