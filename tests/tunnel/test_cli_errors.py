@@ -382,3 +382,30 @@ def test_agent_data_dir_is_a_regular_file(tmp_path):
                                    "e=127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     line = assert_clean_error(res.returncode, res.stderr)
     assert str(f) in line
+
+
+@pytest.mark.parametrize("flag,what", [("--https", "serve.https"), ("--metrics", "serve.metrics"),
+                                       ("--tcp", "serve.tcp.web")])
+def test_listen_address_in_use_is_one_line(tmp_path, flag, what):
+    """Defect: a raw OSError traceback. Now one line naming the key and the
+    address, exit 2, and nothing left listening."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    value = f"web=127.0.0.1:{port}" if flag == "--tcp" else f"127.0.0.1:{port}"
+    try:
+        rc, err = serve_refused(tmp_path / "relay", flag, value)
+        line = assert_clean_error(rc, err, 2)
+        assert f"{what}: cannot listen on 127.0.0.1:{port}: the address is already in use" in line
+    finally:
+        taken.close()
+
+
+def test_listen_address_not_of_this_host_is_one_line(tmp_path):
+    # A documentation address (TEST-NET-1): bind fails at once, no packet is sent.
+    rc, err = serve_refused(tmp_path / "relay", "--https", "192.0.2.1:8443")
+    line = assert_clean_error(rc, err, 2)
+    assert "serve.https: cannot listen on 192.0.2.1:8443: the address is not one of this host's" in line
