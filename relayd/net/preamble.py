@@ -15,10 +15,12 @@ import logging
 from typing import Awaitable, Callable
 
 from relayd import metrics
+from relayd.log import RateLimitedLog
 from relayd.net import peer_name
 from relayd.core.framing import FramingError, MessageReader, encode_message
 
 log = logging.getLogger("relayd.preamble")
+_LOG = RateLimitedLog(log)  # anyone can cause these lines at will
 
 #: Requests whose success shows an identity: a join token or an agent's certificate.
 _PROVING = frozenset({"enroll", "renew", "tunnel"})
@@ -45,7 +47,7 @@ class ServerPreamble(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
 
     def _expire(self) -> None:
-        log.info("preamble timed out", extra={"peer": peer_name(self._transport)})
+        _LOG.info("preamble timed out", extra={"peer": peer_name(self._transport)})
         metrics.BAD_INPUT.labels("agent_port", "timeout").inc()
         self._transport.abort()
 
@@ -57,14 +59,14 @@ class ServerPreamble(asyncio.Protocol):
         try:
             msg, rest = self._reader.feed(data)
         except FramingError as exc:
-            log.warning("bad preamble: %s", exc, extra={"peer": peer_name(self._transport)})
+            _LOG.warning("bad preamble: %s", exc, extra={"peer": peer_name(self._transport)})
             metrics.BAD_INPUT.labels("agent_port", type(exc).__name__).inc()
             self._transport.abort()
             return
         if msg is None:
             return
         if rest:
-            log.warning("client spoke before the reply", extra={"peer": peer_name(self._transport)})
+            _LOG.warning("client spoke before the reply", extra={"peer": peer_name(self._transport)})
             metrics.BAD_INPUT.labels("agent_port", "spoke_early").inc()
             self._transport.abort()
             return

@@ -151,7 +151,7 @@ class WsProtocol(asyncio.Protocol):
                 return
             elif kind == "WsProtocolError":
                 metrics.BAD_INPUT.labels("websocket", type(ev.error).__name__).inc()
-                log.warning("bad WebSocket frame: %s", ev.error)
+                _LOG.warning("bad WebSocket frame: %s", ev.error)
                 self._fail(ev.close_code, "")
                 return
 
@@ -283,6 +283,7 @@ class HttpsPort(asyncio.Protocol):
             proto.data_received(rest)
 
     def _reply(self, status: int, text: str) -> None:
+        metrics.HTTP_RESPONSES.labels(str(status)).inc()
         reason = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large"}[status]
         body = (text + "\n").encode()
         self._transport.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
