@@ -1,0 +1,370 @@
+"""Write the seed corpus of every harness: fuzz/corpus/<harness>/seed-*.
+
+Seeds are valid and near-valid inputs (real frames, real requests and
+responses, and the classic ways each protocol goes wrong), in the harnesses'
+input format (fuzz/harness.py). The output is deterministic: run it after
+changing a harness's input format or a seed, and commit the result.
+
+    python fuzz/make_corpus.py           # (re)write the seeds, drop stale seed-* files
+    python fuzz/make_corpus.py --check   # exit 1 if the committed seeds differ
+
+Files not named seed-* (crash reproducers added by hand, see
+docs/fuzzing.md) are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import msgpack
+
+from fuzz import fuzz_http_request, fuzz_http_response, fuzz_wsframe, fuzz_yamux
+from fuzz.harness import REQUESTS, RESPONSES, script_of
+from relayd.core import _wsframe_py as W
+from relayd.core import _yamux_py as K
+from relayd.core.framing import encode_message
+from tests.core.frames import data, frame, goaway, ping, syn, wnd
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def small_reads(blob: bytes, size: int = 1, last: int = 0) -> list:
+    """``blob`` in reads of ``size`` bytes, ``last`` the command after them."""
+    pieces = [(blob[i : i + size], 0) for i in range(0, len(blob), size)]
+    pieces[-1] = (pieces[-1][0], last)
+    return pieces
+
+
+# --- yamux --------------------------------------------------------------------------------
+
+
+def yamux_seeds() -> dict:
+    Y = fuzz_yamux.COMMANDS.index
+    SERVER, CLIENT, TINY = 0, 1, 2
+    FIN, RST, ACK, SYN = K.FLAG_FIN, K.FLAG_RST, K.FLAG_ACK, K.FLAG_SYN
+    return {
+        "open-data-fin": (SERVER, [(syn(1), Y("accept")), (data(1, b"hello"), Y("consume")),
+                                   (data(1, b"bye", FIN), Y("send")), (b"", Y("eof")), (b"", Y("flush"))]),
+        "we-open-ack-window": (CLIENT, [(b"", Y("open")), (wnd(1, 0, ACK), Y("send-big")),
+                                        (wnd(1, 100000), Y("send-big")), (b"", Y("flush-list")),
+                                        (data(1, b"reply", FIN), Y("consume")), (b"", Y("eof"))]),
+        "ping-pong-goaway": (CLIENT, [(b"", Y("ping")), (ping(1, ACK), Y("flush")), (ping(77), 0),
+                                      (goaway(0), Y("open"))]),
+        "one-byte-reads": (SERVER, small_reads(syn(1) + data(1, b"abc") + wnd(1, 5) + ping(3), 1, Y("accept"))),
+        "header-split-at-11": (SERVER, [(syn(1)[:11], 0), (syn(1)[11:] + data(1, b"xyz")[:5], 0),
+                                        (data(1, b"xyz")[5:], Y("accept"))]),
+        "payload-in-pieces": (SERVER, [(syn(1), Y("accept")), (data(1, bytes(range(250)))[:112], Y("consume-half")),
+                                       (data(1, bytes(range(250)))[112:], Y("consume"))]),
+        "peer-reset-then-late-data": (SERVER, [(syn(1), Y("accept")), (data(1, b"abc"), 0),
+                                               (wnd(1, 0, RST), Y("consume")), (data(1, b"late"), 0)]),
+        "syn-data-rst-in-one-read": (SERVER, [(syn(1) + data(1, b"x") + wnd(1, 0, RST), Y("accept"))]),
+        "syn-flood-tiny-limits": (SERVER | TINY, [(b"".join(syn(i) for i in range(1, 14, 2)), Y("flush"))]),
+        "ping-flood-tiny-limits": (SERVER | TINY, [(b"".join(ping(i) for i in range(5)), 0)]),
+        "window-overflow": (SERVER, [(syn(1), Y("accept")), (wnd(1, 0xFFFFFFFF), 0)]),
+        "bad-version": (SERVER, [(b"\x01" + syn(1)[1:], 0)]),
+        "unknown-type": (SERVER, [(frame(7, 0, 0, 0), 0)]),
+        "unknown-flag": (SERVER, [(frame(K.TYPE_DATA, 0x10, 1, 0), 0)]),
+        "syn-and-ack": (SERVER, [(wnd(1, 0, SYN | ACK), 0)]),
+        "data-on-stream-zero": (SERVER, [(data(0, b"x"), 0)]),
+        "data-beyond-window": (SERVER, [(syn(1) + frame(K.TYPE_DATA, 0, 1, 262145) + b"x" * 20, 0)]),
+        "frame-too-large": (SERVER, [(frame(K.TYPE_DATA, 0, 1, 16 * 1024 * 1024 + 1), 0)]),
+        "syns-out-of-order-then-reuse": (SERVER, [(syn(5) + syn(3) + syn(1), Y("accept")), (syn(3), 0)]),
+        "id-gap-too-large-tiny": (SERVER | TINY, [(syn(101), 0)]),
+        "wrong-parity": (SERVER, [(syn(2), 0)]),
+        "local-reset-late-data": (SERVER, [(syn(1), Y("accept")), (b"", Y("reset")), (data(1, b"in flight"), 0),
+                                           (wnd(1, 10), Y("flush"))]),
+        "goaway-then-open": (CLIENT, [(goaway(0), Y("open")), (goaway(5), 0)]),
+        "both-fins-then-window": (SERVER, [(syn(1), Y("accept")), (b"", Y("eof")), (data(1, b"x", FIN), 0),
+                                           (wnd(1, 10), Y("flush"))]),
+        "data-after-fin": (SERVER, [(syn(1) + data(1, b"a", FIN) + data(1, b"b"), 0)]),
+        "unexpected-ack": (CLIENT, [(wnd(1, 0, ACK), 0)]),
+        "send-view-and-eof": (CLIENT, [(b"", Y("open")), (wnd(1, 0, ACK), Y("send-view")),
+                                       (b"", Y("send-eof-bytearray")), (b"", Y("flush-list"))]),
+        "rtt-and-consume": (SERVER, [(b"", Y("rtt")), (syn(1), Y("accept")), (data(1, bytes(600)), Y("consume")),
+                                     (b"", Y("flush"))]),
+        "syn-fin-with-data": (SERVER, [(frame(K.TYPE_DATA, SYN | FIN, 1, 5, b"hello"), Y("accept"))]),
+        "we-go-away-then-syn": (SERVER, [(b"", Y("go-away")), (syn(1), Y("flush"))]),
+    }
+
+
+# --- WebSocket ------------------------------------------------------------------------------
+
+
+def wsframe_seeds() -> dict:
+    C = fuzz_wsframe.COMMANDS.index
+    CLIENT, SERVER, SMALL = 0, 1, 2
+    key = b"\x01\x02\x03\x04"
+
+    def m(op, payload, fin=True):  # a client's frame (masked)
+        return W.encode_frame(op, payload, fin, key)
+
+    def u(op, payload, fin=True):  # a server's frame
+        return W.encode_frame(op, payload, fin)
+
+    return {
+        "text-masked": (SERVER, [(m(1, b"hello"), 0)]),
+        "text-unmasked": (CLIENT, [(u(1, b"hello"), 0)]),
+        "fragments-with-ping": (SERVER, [(m(1, b"Hel", False) + m(9, b"p") + m(0, b"lo", False), 0),
+                                         (m(0, b"!"), 0)]),
+        "binary-16-bit-length": (SERVER, [(m(2, bytes(range(256)) + bytes(44)), 0)]),
+        "binary-64-bit-length-prefix": (SERVER, [(W.encode_header(2, 70000, True, key) + bytes(100), 0)]),
+        "close-code-reason": (SERVER, [(W.encode_close(1001, "going away", key), 0)]),
+        "close-empty": (CLIENT, [(u(8, b""), 0)]),
+        "close-one-byte": (CLIENT, [(u(8, b"\x03"), 0)]),
+        "close-code-1005": (CLIENT, [(u(8, b"\x03\xed"), 0)]),
+        "close-reason-not-utf8": (CLIENT, [(u(8, b"\x03\xe8\xff"), 0)]),
+        "unmasked-from-client": (SERVER, [(u(2, b"x"), 0)]),
+        "masked-from-server": (CLIENT, [(m(2, b"x"), 0)]),
+        "utf8-char-across-fragments": (SERVER, [(m(1, b"\xe2", False), 0), (m(0, b"\x82\xac"), 0)]),
+        "bad-utf8-across-fragments": (SERVER, [(m(1, b"ok \xe2\x82", False), 0), (m(0, b"\xff"), 0)]),
+        "reserved-bits": (CLIENT, [(b"\xc1\x00", 0)]),
+        "unknown-opcode": (CLIENT, [(b"\x83\x00", 0)]),
+        "fragmented-control": (CLIENT, [(b"\x09\x00", 0)]),
+        "control-too-long": (CLIENT, [(b"\x89\x7e\x00\x7e" + bytes(126), 0)]),
+        "length-not-shortest": (CLIENT, [(b"\x82\x7e\x00\x05hello", 0)]),
+        "length-63-bits": (SERVER, [(b"\x82\xff\x7f" + b"\xff" * 7 + key, 0)]),
+        "length-high-bit": (CLIENT, [(b"\x82\xff\x80" + bytes(7), 0)]),
+        "continuation-without-start": (CLIENT, [(u(0, b"x"), 0)]),
+        "new-message-before-end": (CLIENT, [(u(1, b"a", False) + u(2, b"b"), 0)]),
+        "too-big-small-limit": (SERVER | SMALL, [(m(2, bytes(600), False), 0), (m(0, bytes(500)), 0)]),
+        "ping-pong-client": (CLIENT, [(u(9, b"are you there") + u(10, b"yes"), 0)]),
+        "empty-fragments": (CLIENT, [(u(1, b"", False) + u(0, b"", False) + u(0, b""), 0)]),
+        "one-byte-reads": (SERVER, small_reads(m(1, b"split me") + m(10, b""))),
+        "feed-other-buffers": (SERVER, [(m(2, b"as a bytearray"), C("feed-bytearray")),
+                                        (m(2, b"as a memoryview"), C("feed-view"))]),
+        "encoder-side": (CLIENT, [(u(2, bytes(range(37))), C("mask+0")), (u(2, b"abc"), C("mask+3")),
+                                  (u(1, "h\u00e9llo".encode()), C("encode-text")),
+                                  (u(2, bytes(range(200))), C("encode-binary")), (u(2, bytes(13)), C("mask+1"))]),
+    }
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+def http_request_seeds() -> dict:
+    R = fuzz_http_request.COMMANDS
+
+    def respond(i):
+        return R.index(("service", RESPONSES[i]))
+
+    def do(name):
+        return R.index((name,))
+
+    ok0, ok5, chunked, switching, cont, no_content, close_delim, not_modified = range(8)
+    get = b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"
+    post = b"POST /form HTTP/1.1\r\nHost: app.example\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n"
+    chunked_post = (b"POST /up HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: v\r\n\r\n")
+    upgrade = REQUESTS[4]
+    return {
+        "get": (0, [(b"GET /index.html?q=1 HTTP/1.1\r\nHost: app.example\r\nUser-Agent: fuzz\r\nAccept: */*\r\n\r\n",
+                     respond(ok5))]),
+        "pipelined-gets": (0, [(get + get.replace(b"/ ", b"/a ") + get.replace(b"/ ", b"/b "), respond(ok0)),
+                               (b"", respond(ok5)), (b"", respond(chunked))]),
+        "post-content-length-split": (0, [(post, 0), (b"hello", 0), (b" world", respond(ok0))]),
+        "post-chunked-extensions-trailers": (0, [(chunked_post[:60], 0), (chunked_post[60:75], 0),
+                                                 (chunked_post[75:], respond(ok0))]),
+        "chunked-then-pipelined-get": (0, [(chunked_post + get, respond(ok0)), (b"", respond(ok0))]),
+        "upgrade-websocket": (0, [(upgrade, respond(switching)), (b"\x81\x85\x01\x02\x03\x04ig`hn", 0),
+                                  (b"", do("client_eof")), (b"", do("service_eof"))]),
+        "upgrade-refused": (0, [(upgrade, respond(ok5)), (b"more", 0)]),
+        "connect-method": (0, [(b"CONNECT app.example:443 HTTP/1.1\r\nHost: app.example:443\r\n\r\n", 0)]),
+        "absolute-form": (0, [(b"GET http://app.example/x?q=1 HTTP/1.1\r\nHost: app.example\r\n\r\n",
+                               respond(ok0))]),
+        "options-asterisk": (0, [(b"OPTIONS * HTTP/1.1\r\nHost: app.example\r\n\r\n", respond(ok0))]),
+        "http10-keep-alive": (0, [(b"GET / HTTP/1.0\r\nHost: app.example\r\nConnection: keep-alive\r\n\r\n",
+                                   respond(ok5)), (b"GET /2 HTTP/1.0\r\nHost: app.example\r\n\r\n", respond(ok5))]),
+        "http10-without-host": (0, [(b"GET / HTTP/1.0\r\n\r\n", 0)]),
+        "expect-continue": (0, [(b"PUT /f HTTP/1.1\r\nHost: app.example\r\nExpect: 100-continue\r\n"
+                                 b"Content-Length: 5\r\n\r\n", respond(cont)), (b"hello", respond(ok0))]),
+        "forwarding-headers": (0, [(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                                    b"Forwarded: for=1.2.3.4\r\nX-Forwarded-Proto: http\r\nConnection: close, X-Drop\r\n"
+                                    b"X-Drop: secret\r\nKeep-Alive: 5\r\nTE: trailers\r\n\r\n", respond(ok0))]),
+        "two-host-headers": (0, [(b"GET / HTTP/1.1\r\nHost: app.example\r\nHost: alt.example\r\n\r\n", 0)]),
+        "content-length-and-chunked": (0, [(b"POST / HTTP/1.1\r\nHost: app.example\r\nContent-Length: 5\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0)]),
+        "transfer-encoding-gzip-chunked": (0, [(b"POST / HTTP/1.1\r\nHost: app.example\r\n"
+                                                b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 0)]),
+        "obs-fold": (0, [(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-A: 1\r\n  folded\r\n\r\n", 0)]),
+        "bare-lf": (0, [(b"GET / HTTP/1.1\nHost: app.example\n\n", respond(ok0))]),
+        "routes-and-endpoints": (0, [(b"GET /api/v1 HTTP/1.1\r\nHost: app.example\r\n\r\n", respond(ok0)),
+                                     (b"GET / HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n", respond(ok0)),
+                                     (b"GET /x HTTP/1.1\r\nHost: ALT.example\r\n\r\n", respond(ok0)),
+                                     (b"GET / HTTP/1.1\r\nHost: unknown.example\r\n\r\n", 0)]),
+        "small-window-post": (4, [(post + b"hello", do("grant")), (b" world", do("grant")),
+                                  (b"", respond(ok0))]),
+        "no-agent": (1, [(get, 0)]),
+        "agent-busy-on-endpoint-change": (2, [(get, respond(ok0)),
+                                              (b"GET /api HTTP/1.1\r\nHost: app.example\r\n\r\n", 0)]),
+        "head-not-modified": (0, [(b"HEAD / HTTP/1.1\r\nHost: app.example\r\n\r\n", respond(not_modified))]),
+        "retry-after-service-closed": (0, [(get, respond(ok0)), (get, do("service_eof"))]),
+        "service-reset-before-response": (0, [(get, do("service_reset"))]),
+        "gateway-timeout": (0, [(get, do("expire"))]),
+        "idle-timeout": (0, [(get, respond(ok0)), (b"", do("expire"))]),
+        "client-transport-paused": (0, [(get, do("pause_writing")), (b"", respond(ok5)),
+                                        (b"", do("resume_writing"))]),
+        "close-delimited-response": (0, [(get, respond(close_delim)), (b"", do("service_eof"))]),
+        "no-content": (0, [(get, respond(no_content))]),
+        "chunked-capitalised": (0, [(b"POST / HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: Chunked\r\n\r\n"
+                                     b"3\r\nabc\r\n0\r\n\r\n", respond(ok0))]),
+        "content-length-leading-zeros": (0, [(b"POST / HTTP/1.1\r\nHost: app.example\r\nContent-Length: 0003\r\n\r\n"
+                                              b"abc", respond(ok0))]),
+        "many-headers": (0, [(b"GET / HTTP/1.1\r\nHost: app.example\r\n"
+                              + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * i) for i in range(60)) + b"\r\n", 0)]),
+        "one-byte-reads": (0, small_reads(get, 1, respond(ok0))),
+    }
+
+
+def http_response_seeds() -> dict:
+    S = fuzz_http_response.COMMANDS
+
+    def do(name):
+        return S.index((name,))
+
+    def client(i):
+        return S.index(("client", REQUESTS[i]))
+
+    def mode(request, ingress=0):
+        return (request << 3) | ingress
+
+    GET, HEAD, POST, CHUNKED_POST, UPGRADE, HTTP10, CLOSE, EXPECT = range(8)
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+               b"5;name=value\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Checksum: 1\r\n\r\n")
+    ok5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    return {
+        "content-length": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: svc\r\n\r\nhello", 0)]),
+        "chunked-extensions-trailers": (mode(GET), [(chunked[:40], 0), (chunked[40:90], 0), (chunked[90:], 0)]),
+        "chunked-three-byte-reads": (mode(GET), small_reads(chunked, 3)),
+        "head-with-length": (mode(HEAD), [(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", client(GET)),
+                                          (ok5, 0)]),
+        "switching-protocols": (mode(UPGRADE), [(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n\x81\x02hi", 0),
+                                                (b"\x88\x00", do("client_eof")), (b"", do("service_eof"))]),
+        "upgrade-refused": (mode(UPGRADE), [(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", 0)]),
+        "continue-then-ok": (mode(EXPECT), [(b"HTTP/1.1 100 Continue\r\n\r\n", 0), (ok5, 0)]),
+        "early-hints": (mode(GET), [(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + ok5, 0)]),
+        "close-delimited": (mode(GET), [(b"HTTP/1.1 200 OK\r\n\r\nuntil", 0), (b" the end", do("service_eof"))]),
+        "http10-client": (mode(HTTP10), [(ok5, 0)]),
+        "client-said-close": (mode(CLOSE), [(chunked, 0)]),
+        "past-content-length": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhello", 0)]),
+        "bare-lf-head": (mode(GET), [(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n\r\n\r\n", 0)]),
+        "obs-fold-head": (mode(GET), [(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n", 0)]),
+        "conflicting-lengths": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 0)]),
+        "length-and-chunked": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+                                            b"\r\n\r\n0\r\n\r\n", 0)]),
+        "gzip-transfer-encoding": (mode(GET), [(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxx", 0)]),
+        "bad-status-lines": (mode(GET), [(b"HTTP/2.0 200 OK\r\n\r\n", 0)]),
+        "status-without-reason": (mode(GET), [(b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", client(GET)),
+                                              (b"HTTP/1.1 099 Low\r\n\r\n", 0)]),
+        "same-head-twice": (mode(GET), [(ok5, client(GET)), (ok5, client(POST)), (ok5, 0)]),
+        "reset-mid-body": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", do("service_reset"))]),
+        "reset-before-response": (mode(GET), [(b"", do("service_reset"))]),
+        "eof-before-response": (mode(GET), [(b"", do("service_eof"))]),
+        "small-window-post": (mode(POST, 4), [(b"", do("grant")), (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                                                                   client(CHUNKED_POST)), (b"", do("grant"))]),
+        "connection-named-fields": (mode(GET), [(b"HTTP/1.1 200 OK\r\nConnection: X-Custom, keep-alive\r\nX-Custom: 1"
+                                                 b"\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nUpgrade: h2c\r\n"
+                                                 b"Content-Length: 0\r\n\r\n", 0)]),
+        "unsolicited-bytes": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0), (b"extra", 0)]),
+        "paused-client-credit": (mode(GET), [(b"", do("pause_writing")), (ok5, do("resume_writing"))]),
+        "no-content-with-body": (mode(GET), [(b"HTTP/1.1 204 No Content\r\n\r\noops", 0)]),
+        "chunk-size-not-hex": (mode(GET), [(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 0)]),
+        "gateway-timeout": (mode(GET), [(b"HTTP/1.1 200", do("expire"))]),
+        "pipelined-while-answering": (mode(GET), [(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", client(HEAD)),
+                                                  (b"cd", 0), (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", 0)]),
+    }
+
+
+# --- preamble -------------------------------------------------------------------------------
+
+
+def preamble_seeds() -> dict:
+    READER, SMALL, SERVER, CLIENT = range(4)
+    tunnel = encode_message({"op": "tunnel", "endpoints": ["web", "db"]})
+    csr = "-----BEGIN CERTIFICATE REQUEST-----\n" + "MIIB" * 60 + "\n-----END CERTIFICATE REQUEST-----\n"
+    enroll = encode_message({"op": "enroll", "id": "jt-1a2b", "secret": "s" * 43, "csr": csr})
+    ok = encode_message({"ok": True, "agent_id": "ag-0123456789ab"})
+
+    def raw(body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + body
+
+    return {
+        "tunnel": (READER, [(tunnel, 0)]),
+        "enroll": (READER, [(enroll[:100], 0), (enroll[100:], 0)]),
+        "two-messages-and-a-tail": (READER, [(tunnel + encode_message({"op": "ca"}) + tunnel[:7], 0)]),
+        "length-too-large": (READER, [(b"\xff\xff\xff\xff", 0)]),
+        "empty-body": (READER, [(raw(b""), 0)]),
+        "not-a-map": (READER, [(raw(msgpack.packb([1, 2, 3])), 0)]),
+        "truncated-msgpack": (READER, [(raw(msgpack.packb({"op": "tunnel"})[:-2]), 0)]),
+        "integer-key": (READER, [(raw(msgpack.packb({1: "x"})), 0)]),
+        "deep-nesting": (READER, [(raw(b"\x81\xa1a" + b"\x91" * 3000 + b"\xc0"), 0)]),
+        "ext-timestamp-bin-float": (READER, [(raw(msgpack.packb({"e": msgpack.ExtType(5, b"xy"),
+                                                                  "t": msgpack.Timestamp(1, 2),
+                                                                  "b": b"\x00\xff", "f": 1.5, "n": None},
+                                                                 use_bin_type=True)), 0)]),
+        "limit-64-exact": (SMALL, [(raw(msgpack.packb({"k": "v" * 59})), 0)]),
+        "limit-64-above": (SMALL, [(raw(msgpack.packb({"k": "v" * 60})), 0)]),
+        "server-tunnel": (SERVER, [(tunnel, 0)]),
+        "server-one-byte-reads": (SERVER, small_reads(encode_message({"op": "ca"}))),
+        "server-client-spoke-early": (SERVER, [(tunnel + b"\x00\x00\x00\x0c", 0)]),
+        "server-spoke-after-request": (SERVER, [(tunnel, 0), (b"more", 0)]),
+        "server-bad-length": (SERVER, [(b"\x7f\xff\xff\xff", 0)]),
+        "client-ok-then-yamux": (CLIENT, [(ok + syn(2) + data(2, b"hi"), 0), (ping(1), 0)]),
+        "client-refused": (CLIENT, [(encode_message({"ok": False, "error": "agent ag-1: certificate revoked"}), 0)]),
+        "client-reply-split": (CLIENT, [(ok[:3], 0), (ok[3:9], 0), (ok[9:], 0)]),
+        "client-not-a-map": (CLIENT, [(raw(msgpack.packb("ok")), 0)]),
+    }
+
+
+HARNESSES = {
+    "yamux": yamux_seeds,
+    "wsframe": wsframe_seeds,
+    "http_request": http_request_seeds,
+    "http_response": http_response_seeds,
+    "preamble": preamble_seeds,
+}
+
+
+def seeds() -> dict:
+    """{harness: {file name: bytes}} of every seed."""
+    return {h: {"seed-" + name: script_of(mode, pieces) for name, (mode, pieces) in make().items()}
+            for h, make in HARNESSES.items()}
+
+
+def main(argv: list) -> int:
+    check = "--check" in argv
+    stale = 0
+    for h, files in seeds().items():
+        d = os.path.join(CORPUS, h)
+        os.makedirs(d, exist_ok=True)
+        present = {n for n in os.listdir(d) if n.startswith("seed-")}
+        for name, blob in files.items():
+            path = os.path.join(d, name)
+            old = open(path, "rb").read() if name in present else None
+            if old == blob:
+                continue
+            stale += 1
+            if check:
+                print(f"{path}: {'differs' if old is not None else 'missing'}")
+            else:
+                with open(path, "wb") as f:
+                    f.write(blob)
+        for name in sorted(present - set(files)):
+            stale += 1
+            path = os.path.join(d, name)
+            if check:
+                print(f"{path}: not made by make_corpus.py")
+            else:
+                os.remove(path)
+    if check:
+        return 1 if stale else 0
+    print(f"make_corpus: {sum(len(f) for f in seeds().values())} seeds, {stale} written or removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
