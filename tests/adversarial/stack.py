@@ -191,6 +191,7 @@ class Stack:
             args += ["--tcp", f"{name}=127.0.0.1:{self.ports[name]}"]
         self.relay = Proc(args)
         self.agent = None
+        self.more_agents: list[Proc] = []
         try:
             wait_port(self.ports["agents"])
             wait_port(self.ports["metrics"])
@@ -210,12 +211,18 @@ class Stack:
         for svc in (*TCP, "web"):
             args += ["--endpoint", f"{svc}=127.0.0.1:{self.services[svc].server_address[1]}"]
         links = self.links()
-        self.agent = Proc(args)
+        proc = Proc(args)
+        if self.agent is None:
+            self.agent = proc  # the first agent: the one the bystander's traffic goes through
+        else:
+            self.more_agents.append(proc)
         self.wait(lambda: self.links() > links and self.metric("relayd_active_listeners") >= 1, 30,
                   "the agent did not connect")
-        return self.agent
+        return proc
 
     def stop(self, check: bool = True) -> tuple[str, str]:
+        for p in self.more_agents:
+            p.stop()
         outs = []
         for p in (self.agent, self.relay):
             if p is not None:
