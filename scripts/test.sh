@@ -36,7 +36,7 @@ RELAYD_NO_EXTENSIONS=1 run_pytest "pure-Python twins (RELAYD_NO_EXTENSIONS=1)" -
 log "debug build of the extensions"
 RELAYD_DEBUG_BUILD=1 "$PY" setup.py -q build_ext --inplace --force >/dev/null 2>&1 \
     || { RELAYD_DEBUG_BUILD=1 "$PY" setup.py build_ext --inplace --force; exit 1; }
-run_pytest "debug build: core and HTTP ingress" -p no:cacheprovider tests/core tests/net/test_http_ingress.py "$@"
+run_pytest "debug build: core and HTTP ingress" -p no:cacheprovider tests/core tests/net/test_http_ingress.py tests/net/test_http_hostile.py "$@"
 log "restoring the optimised build"
 "$PY" setup.py -q build_ext --inplace --force >/dev/null 2>&1 || { "$PY" setup.py build_ext --inplace --force; exit 1; }
 log "all test runs passed"
