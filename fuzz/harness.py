@@ -177,15 +177,19 @@ def _short(x) -> str:
 
 def describe(ev) -> tuple:
     """A build-independent description of a core event (yamux or WebSocket)."""
-    out = [type(ev).__name__]
-    for f in _EVENT_FIELDS:
-        if hasattr(ev, f):
-            v = getattr(ev, f)
-            out.append((type(v).__name__, str(v)) if f == "error" else v)
+    t = type(ev)
+    fields = _fields.get(t)
+    if fields is None:
+        fields = _fields[t] = tuple(f for f in _EVENT_FIELDS if hasattr(ev, f))
+    out = [t.__name__]
+    for f in fields:
+        v = getattr(ev, f)
+        out.append((type(v).__name__, str(v)) if f == "error" else v)
     return tuple(out)
 
 
 _EVENT_FIELDS = ("stream_id", "opcode", "data", "fin", "delta", "opaque", "code", "reason", "error", "close_code")
+_fields: dict = {}  # event type -> its fields among _EVENT_FIELDS
 
 
 def check(ok: bool, what: str) -> None:
