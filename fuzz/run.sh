@@ -29,7 +29,7 @@ if [ "$mode" = --long ] && [[ "${1:-}" =~ ^[0-9]+$ ]]; then
 fi
 case "$mode" in
     --short|--long) ;;
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
 harnesses=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do
