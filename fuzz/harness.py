@@ -314,20 +314,7 @@ def main(test_one_input) -> None:
 #: tests/fuzz/test_findings.py (xfail until fixed), and tolerated here, each
 #: as narrowly as it allows, so that the fuzzer looks further and the short
 #: run of CI stays green. Remove an entry with the fix of its bug.
-KNOWN = {
-    # A keep-alive HTTP/1.0 request goes to the service as HTTP/1.0 without
-    # keep-alive, and the stream is reused anyway: the upstream check parses
-    # with llhttp's lenient keep-alive.
-    "http10-keep-alive-reuse",
-    # Request body bytes arriving after the service already answered are
-    # dropped, and the next request on the stream is read by the service as
-    # the rest of that body: the fake client stops sending in that state.
-    "body-after-early-response",
-    # Window credit deferred while the client's transport was paused is
-    # given to the next stream after an endpoint change: credit is checked
-    # over all streams together.
-    "deferred-credit-other-stream",
-}
+KNOWN: set = set()  # none left: the findings were fixed (tests/fuzz/test_findings.py)
 
 #: Routes of the fake relay: several endpoints, so requests can move a
 #: connection from one stream to another.

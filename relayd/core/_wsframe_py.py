@@ -287,9 +287,11 @@ class FrameParser:
         else:
             raise WebSocketError(f"unknown WebSocket opcode {opcode}")
         if opcode < OP_CLOSE:
-            self._msg_size += length
-            if self._msg_size > self.max_message:
+            # Compare before adding: a 63-bit length would overflow the
+            # compiled build's 64-bit counter and slip past the limit.
+            if length > self.max_message - self._msg_size:
                 raise MessageTooBig(f"WebSocket message above {self.max_message} bytes")
+            self._msg_size += length
         self._opcode = opcode
         self._fin = fin
         self._masked = masked

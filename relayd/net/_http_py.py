@@ -99,7 +99,7 @@ def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
 class Request:
     __slots__ = ("method", "url", "headers", "head_bytes", "chunked", "upgrade", "head_only", "body",
                  "body_bytes", "complete", "upstream_head", "route", "retried", "has_body",
-                 "expect_continue", "keep_alive")
+                 "expect_continue", "keep_alive", "last_upstream")
 
     def __init__(self) -> None:
         self.method = b""
@@ -118,6 +118,7 @@ class Request:
         self.has_body = False
         self.expect_continue = False
         self.keep_alive = True
+        self.last_upstream = False  # the service connection closes after this exchange
 
 
 class HttpConnection:
@@ -145,6 +146,7 @@ class HttpConnection:
         self.resp_head = b""
         self.resp_started = False
         self.resp_close = False
+        self.upstream_close = False  # the service closes its connection after this response
         self.raw = False  # after a 101: the response side is raw bytes
         self.raw_in = False  # after an upgrade request: client bytes go raw (once raw)
         self.held: collections.deque = collections.deque()  # ... and wait until then
@@ -333,6 +335,8 @@ class HttpConnection:
             elif special == 6:  # expect
                 req.expect_continue = value.lower() == b"100-continue"
             elif special == 7:  # content-length (llhttp has checked it: digits, one value)
+                if len(value.lstrip(b"0")) > 18:
+                    raise _Refuse(400, "Content-Length too large")
                 length = value
                 lines.append(name + b": " + value)
             # else: hop-by-hop, or a forwarding header the relay writes itself
@@ -365,6 +369,9 @@ class HttpConnection:
         if clean != path:
             url = clean if q < 0 else clean + url[q:]
         lines[0] = method + b" " + url + (b" HTTP/1.0" if http10 else b" HTTP/1.1")
+        # Asked in HTTP/1.0, a service closes after its answer: never send
+        # another request after it on that connection.
+        req.last_upstream = http10
         if named:
             # Connection names further fields to drop (rare), but never the
             # ones that frame the body or route the request: dropping
@@ -538,7 +545,7 @@ class HttpConnection:
             # The same head as a recent response (services repeat theirs
             # byte for byte within a second): the rewrite is a pure function
             # of the bytes, so reuse it.
-            status, client_head, self.resp_left, self.resp_close = hit
+            status, client_head, self.resp_left, self.resp_close, self.upstream_close = hit
             self.resp_chunked = None
         else:
             try:
@@ -550,7 +557,7 @@ class HttpConnection:
             if plain and status >= 200 and self.resp_chunked is None and len(head) <= 2048:
                 if len(_HEAD_CACHE) >= 256:
                     _HEAD_CACHE.clear()
-                _HEAD_CACHE[head] = (status, client_head, self.resp_left, self.resp_close)
+                _HEAD_CACHE[head] = (status, client_head, self.resp_left, self.resp_close, self.upstream_close)
         if 100 <= status < 200 and status != 101:
             # Interim (100 Continue, 103): the final response follows.
             self.stream.consumed(head_part)
@@ -558,6 +565,15 @@ class HttpConnection:
             if rest:
                 self._response_bytes(rest)
             return
+        if active.last_upstream:
+            self.upstream_close = True
+        if not active.complete and not self.resp_close and status != 101:
+            # An early answer (401, 413...) while the request body still
+            # comes: where that body ends on the service connection is
+            # unknown, so neither that connection nor this one carries
+            # another request (the rest of the body could be read as one).
+            self.resp_close = True
+            client_head = client_head[:len(client_head) - 2] + b"Connection: close\r\n\r\n"
         self.resp_started = True
         self.deadline = 0.0
         if self.raw and self.held:
@@ -630,6 +646,8 @@ class HttpConnection:
             self.closed = True
             self.transport.close()
             return
+        if self.upstream_close:
+            self._drop_stream()  # the next request goes on a fresh one
         if self.queue:
             self._start(self.queue.popleft())
         else:
@@ -640,7 +658,13 @@ class HttpConnection:
         st, self.stream = self.stream, None
         self.stream_endpoint = None
         self.served = 0
+        self.upstream_close = False
         if st is not None:
+            if self.deferred:
+                # Credit held back for bytes this stream delivered goes back
+                # to it, not to whichever stream comes next.
+                n, self.deferred = self.deferred, 0
+                st.consumed(n)
             st.attach(_Drain(st))  # whatever still comes on it is dropped
             st.write_eof()
 
@@ -684,6 +708,10 @@ class HttpConnection:
                 out.append(line)
             elif lname == b"upgrade" and status == 101:
                 upgrade_lines.append(line)
+        # The service says it closes after this response: Connection: close,
+        # or an HTTP/1.0 response without keep-alive (RFC 9112 9.3).
+        tokens = named or _NO_TOKENS
+        self.upstream_close = b"close" in tokens or (lines[0][5:8] == b"1.0" and b"keep-alive" not in tokens)
         if named and not named <= _PLAIN_CONNECTION:
             # Connection names further fields to drop (rare): filter by name.
             named.discard(b"content-length")
@@ -979,6 +1007,7 @@ _RESP_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: [^\r\n\x00]*)?\r\n"
 # First letters (lower case) of the response fields the relay acts on.
 _RESP_FIRST = frozenset(b"cktpu")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+_NO_TOKENS: frozenset = frozenset()
 
 
 class _Sweep:

@@ -1,12 +1,12 @@
 """Bugs the fuzz harnesses found, each as a minimal reproducer.
 
-Each test states the correct behaviour and is marked
+Each test states the correct behaviour. A new finding is added marked
 ``xfail(strict=True)`` until the bug is fixed: a fix makes it pass, strict
-turns that into a failure, and whoever fixed the bug drops the marker, drops
+turns that into a failure, and whoever fixes the bug drops the marker, drops
 the bug's entry from ``fuzz.harness.KNOWN`` if it has one, and adds the input
-to the harness's corpus (docs/fuzzing.md). The first two are divergences of
-a compiled build (RELAYD_NO_EXTENSIONS=1 skips them); the others are in the
-HTTP ingress's logic and hold for both builds.
+to the harness's corpus (docs/fuzzing.md). All found so far are fixed. The
+first two were divergences of a compiled build (RELAYD_NO_EXTENSIONS=1 skips
+them); the others were in the HTTP ingress's logic and hold for both builds.
 """
 
 import struct
@@ -23,10 +23,6 @@ KEY = b"\x01\x02\x03\x04"
 
 
 @needs_compiled
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "compiled relayd.core._wsframe_c: the message size counter is a C long long; a continuation frame "
-    "with a 63-bit length after a fragment overflows it, so the message passes max_message (the pure "
-    "twin answers 1009 MessageTooBig)"))
 def test_ws_continuation_with_63_bit_length_is_too_big_in_both_builds():
     from relayd.core import _wsframe_c, _wsframe_py
 
@@ -40,10 +36,6 @@ def test_ws_continuation_with_63_bit_length_is_too_big_in_both_builds():
 
 
 @needs_compiled
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "compiled relayd.net._http_c: body_left is a C long long; a request Content-Length from 2**63 to "
-    "2**64-1 (llhttp accepts it) raises OverflowError in on_headers_complete: counted as an internal "
-    "error (relayd_internal_errors_total) and answered 400, where the pure twin forwards the request"))
 def test_request_content_length_above_2_63_is_handled_alike_in_both_builds():
     wire = b"POST / HTTP/1.1\r\nHost: app.example\r\nContent-Length: 9223372036854775808\r\n\r\nabc"
     fuzz_http_request.test_one_input(harness.script_of(0, [(wire, 0)]))
@@ -98,10 +90,6 @@ def service_reads(sent: bytes) -> list:
     return heads.seen
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HTTP ingress: a keep-alive HTTP/1.0 request is forwarded as HTTP/1.0 with its Connection: keep-alive "
-    "dropped, which tells the service to close after the response; the stream is reused for the next "
-    "request all the same (lost, or retried, or 502 for a POST)"))
 def test_http10_keep_alive_request_is_not_followed_on_a_closing_service_connection(http):
     req = b"GET /%d HTTP/1.0\r\nHost: app.example\r\nConnection: keep-alive\r\n\r\n"
     streams = ingress(http, ("client", req % 1), ("service", OK5), ("client", req % 2))
@@ -109,11 +97,6 @@ def test_http10_keep_alive_request_is_not_followed_on_a_closing_service_connecti
         service_reads(st.sent)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HTTP ingress: request body bytes that arrive after the service has answered (an early 200, 401, 413) "
-    "are dropped, and the next request goes on the same stream: the service reads that request's first "
-    "bytes as the rest of the body, and a client choosing the lengths can make it read a request of its "
-    "own (request smuggling past the relay's routing, path checks and forwarding headers)"))
 def test_body_after_an_early_response_cannot_smuggle_a_request(http):
     smuggled = b"GET /admin HTTP/1.1\r\nHost: app.example\r\n\r\n"
     second = b"POST /x HTTP/1.1\r\nHost: app.example\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
@@ -127,21 +110,12 @@ def test_body_after_an_early_response_cannot_smuggle_a_request(http):
     assert b"/admin" not in seen
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HTTP ingress: window credit held back while the client's transport is paused (HttpConnection.deferred) "
-    "is given to whichever stream is current when it resumes; after a request to another endpoint that is "
-    "a new stream, which never received those bytes: MuxStream.consumed raises StreamError there, and the "
-    "stream that did receive them never gets its window back"))
 def test_deferred_credit_goes_back_to_the_stream_that_received_the_bytes(http):
     streams = ingress(http, ("client", GET), ("pause_writing",), ("service", OK5),
                       ("client", b"GET /api/x HTTP/1.1\r\nHost: app.example\r\n\r\n"), ("resume_writing",))
     assert [(st.delivered, st.credited) for st in streams] == [(len(OK5), len(OK5)), (0, 0)]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HTTP ingress: a response carrying Connection: close does not stop the relay from sending the next "
-    "request on that service connection (RFC 9112 9.6: the client must stop); seen while reducing the "
-    "HTTP/1.0 finding, not by a fuzz oracle"))
 def test_service_connection_close_is_not_reused(http):
     closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
     streams = ingress(http, ("client", GET), ("service", closing), ("client", GET))

@@ -13,6 +13,7 @@ cdef class Request:
     cdef public list headers
     cdef public Py_ssize_t head_bytes, body_bytes
     cdef public bint chunked, upgrade, head_only, complete, retried, has_body, expect_continue, keep_alive
+    cdef public bint last_upstream
 
 cdef class ChunkedEnd:
     cdef public int state, digits
@@ -28,7 +29,7 @@ cdef class HttpConnection:
     cdef public Request cur, active
     cdef public ChunkedEnd resp_chunked
     cdef public object inbuf, resp_head, pending_body, held, deadline_kind, loop_time
-    cdef public bint mid_message, head_alone, resp_started, resp_close, raw, raw_in, closed
+    cdef public bint mid_message, head_alone, resp_started, resp_close, upstream_close, raw, raw_in, closed
     cdef public bint write_paused, reading_paused
     cdef public long long body_left, served, resp_left, deferred, held_bytes
     cdef public object client, client_b, fwd_head, last_host, last_path, last_route, last_clean, _sweep
