@@ -53,10 +53,13 @@ setup_venv() {
     "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
         || need_debs python3-dev
     log "installing relayd (compiling the Cython core)"
-    "$PY" -m pip install -q --upgrade pip setuptools wheel "cython>=3.0.10,<4" >/dev/null
+    # Exact versions from requirements.lock, for the build environment too.
+    export PIP_CONSTRAINT="$ROOT/requirements.lock"
+    "$PY" -m pip install -q --upgrade pip setuptools wheel cython >/dev/null
     if [ "$extras" = test ]; then
         "$PY" -m pip install -q -e ".[test]"
     else
         "$PY" -m pip install -q -e .
     fi
+    unset PIP_CONSTRAINT
 }
