@@ -16,7 +16,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,8 +84,11 @@ http {{
     return conf
 
 
-def wrk(url: str, seconds: int, conns: int) -> tuple[float, float]:
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url],
+def wrk(url: str, seconds: int, conns: int, close: bool = False) -> tuple[float, float]:
+    """requests/s and p99 (us); ``close``: a new connection (and TLS
+    handshake) for every request."""
+    extra = ["-H", "Connection: close"] if close else []
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -197,30 +199,37 @@ def main() -> None:
         # The machine's speed drifts over a run: take the paths in turn, not
         # one after the other, and report each path's median.
         downloads = {name: [] for name in paths}
+        fresh = {name: [] for name in paths}
         for _ in range(args.repeat):
             for name, url in paths.items():
                 runs[name].append(wrk(url + "/", args.seconds, args.conns))
+            for name, url in paths.items():
+                fresh[name].append(wrk(url + "/", args.seconds, args.conns, close=True)[0])
             for name, url in paths.items():
                 downloads[name].append(download(url + "/big.bin"))
         rows = {}
         for name, url in paths.items():
             rps, p99 = sorted(runs[name])[len(runs[name]) // 2]
             gbit = sorted(downloads[name])[len(downloads[name]) // 2]
-            rows[name] = (rps, p99, gbit, ws_rate(ws_urls[name], args.seconds))
+            new = sorted(fresh[name])[len(fresh[name]) // 2]
+            rows[name] = (rps, p99, new, gbit, ws_rate(ws_urls[name], args.seconds))
         for name in paths:
             print(f"{name}: requests/s of each run: " + ", ".join(f"{r:,.0f}" for r, _ in runs[name])
+                  + "; new connections/s: " + ", ".join(f"{r:,.0f}" for r in fresh[name])
                   + "; download Gbit/s: " + ", ".join(f"{g:.2f}" for g in downloads[name]))
-        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive, median of {args.repeat} runs "
+        print(f"\nwrk -t1 -c{args.conns} -d{args.seconds}s small GET with keep-alive, and with `Connection: close` "
+              f"(a new connection and TLS handshake per request), medians of {args.repeat} runs "
               f"taken in turn; curl download of 256 MiB, median of {args.repeat}; "
               f"WebSocket echo of 64-byte messages, one at a time, Python websockets client and server\n")
-        print("| path | requests/s | p99 latency us | 256 MiB download Gbit/s | WebSocket echoes/s |")
-        print("|---|---:|---:|---:|---:|")
-        for name, (rps, p99, gbit, wsr) in rows.items():
-            print(f"| {name} | {rps:,.0f} | {p99:,.0f} | {gbit:.2f} | {wsr:,.0f} |")
+        print("| path | requests/s | p99 latency us | new connections/s | 256 MiB download Gbit/s | WebSocket echoes/s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, (rps, p99, new, gbit, wsr) in rows.items():
+            print(f"| {name} | {rps:,.0f} | {p99:,.0f} | {new:,.0f} | {gbit:.2f} | {wsr:,.0f} |")
         ng = rows["nginx TLS reverse proxy"]
         rl = rows["relayd HTTPS ingress + agent"]
         print(f"\nrelayd / nginx: requests/s {rl[0] / ng[0]:.2f}x, p99 {rl[1] / ng[1]:.2f}x, "
-              f"download {rl[2] / ng[2]:.2f}x, WebSocket echoes {rl[3] / ng[3]:.2f}x")
+              f"new connections/s {rl[2] / ng[2]:.2f}x, download {rl[3] / ng[3]:.2f}x, "
+              f"WebSocket echoes {rl[4] / ng[4]:.2f}x")
     finally:
         procs.stop()
         subprocess.run(["rm", "-rf", str(tmp)])
