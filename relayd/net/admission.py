@@ -34,10 +34,10 @@ Accepting is non-blocking and batched; when the process runs out of file
 descriptors, accepting pauses briefly (connections wait in the kernel's
 backlog) and that is counted too, instead of libuv's silent close.
 
-After a burst, glibc keeps the freed TLS buffers in its arenas; when the
-unauthenticated count falls back to zero after a large peak, the node asks
-the allocator to give the memory back (``malloc_trim``), so RSS returns to
-its baseline instead of ratcheting up wave after wave.
+After a burst, glibc keeps the freed TLS buffers in its arenas; after every
+burst of unauthenticated connections (and every few seconds while one goes
+on), the node asks the allocator to give the memory back (``malloc_trim``),
+so RSS returns to its baseline instead of ratcheting up wave after wave.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ _LOG = RateLimitedLog(log)
 ACCEPT_BATCH = 64
 #: Seconds accepting pauses when the process is out of file descriptors.
 ACCEPT_PAUSE = 0.1
-#: A peak of unauthenticated connections at least this large is a burst
+#: Unauthenticated connections ended since the last trim that make a burst
 #: worth giving memory back after.
-TRIM_PEAK = 64
-#: Seconds between two trims at most once.
+TRIM_CHURN = 64
+#: Seconds between two trims at least.
 TRIM_INTERVAL = 5.0
 #: Sources remembered as having proven an identity (for the reserve).
 KNOWN_SOURCES = 4096
@@ -141,6 +141,7 @@ class Admission:
         self.reserve = max(1, self.node_cap // 4)
         self.total = 0
         self.peak = 0
+        self.churn = 0  # released since the last heap trim
         self.by_source: dict[str, int] = {}
         # Sources that recently proved an identity, oldest first (bounded).
         self.known: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -191,26 +192,28 @@ class Admission:
         else:
             self.by_source.pop(source, None)
         self.total -= 1
+        self.churn += 1
         self._gauge.dec()
-        if self.total == 0 and self.peak >= TRIM_PEAK and self._trim_handle is None:
+        if self.churn >= TRIM_CHURN and self._trim_handle is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return
-            # Let the closed transports be freed first.
-            delay = max(1.0, self._last_trim + TRIM_INTERVAL - loop.time())
+            # Soon (the closed transports are freed first), and at most
+            # every TRIM_INTERVAL: during a long flood too, since freed TLS
+            # buffers fragment the heap and it grows even under the cap.
+            delay = max(0.2, self._last_trim + TRIM_INTERVAL - loop.time())
             self._trim_handle = loop.call_later(delay, self._trim)
 
     def _trim(self) -> None:
         self._trim_handle = None
-        loop = asyncio.get_running_loop()
-        self._last_trim = loop.time()
-        if self.total:
-            return  # a new burst began: trim after that one
-        peak, self.peak = self.peak, 0
+        self._last_trim = asyncio.get_running_loop().time()
+        churn, self.churn = self.churn, 0
+        peak, self.peak = self.peak, self.total
         gc.collect()
         if trim_heap():
-            log.info("memory returned to the system after a burst", extra={"peak_unauthenticated": peak})
+            _LOG.info("memory returned to the system after a burst",
+                      extra={"connections": churn, "peak_unauthenticated": peak})
 
     def close(self) -> None:
         if self._trim_handle is not None:

@@ -16,14 +16,6 @@ SOURCES = [f"127.0.1.{i}" for i in range(1, 41)]  # 50 connections from each
 CAP = 1024
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def half_open(port: int, n: int) -> list[socket.socket]:
     """n connections that start a TLS handshake and never finish it."""
     socks = []
@@ -50,9 +42,9 @@ def test_waves_of_half_open_tls_connections(tmp_path):
     st = Stack(tmp_path, admission=f'[admission]\nhandshake_timeout = "2s"\nmax_unauthenticated = {CAP}\n')
     try:
         by = Bystander(st)
-        pid = st.relay.p.pid
+        rss = st.relay.rss
         time.sleep(1.0)
-        baseline = rss(pid)
+        baseline = rss()
         links = st.links()
         peaks = []
         for wave in range(WAVES):
@@ -65,7 +57,7 @@ def test_waves_of_half_open_tls_connections(tmp_path):
                 # An agent enrolls and connects in the middle of a wave.
                 st.start_agent("agent2")
             by.check()
-            peaks.append(rss(pid))
+            peaks.append(rss())
             time.sleep(2.5)  # the handshake timeout frees the admitted ones
             for s in socks:
                 s.close()
@@ -77,9 +69,9 @@ def test_waves_of_half_open_tls_connections(tmp_path):
         assert timeouts >= WAVES * CAP * 0.9, timeouts
         # Memory comes back once the churn is over.
         deadline = time.monotonic() + 20
-        while rss(pid) > baseline + 40 * 2**20 and time.monotonic() < deadline:
+        while rss() > baseline + 40 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.5)
-        after = rss(pid)
+        after = rss()
         print(f"relay RSS: baseline {baseline / 2**20:.0f} MiB, wave peaks "
               f"{[round(p / 2**20) for p in peaks]} MiB, after {after / 2**20:.0f} MiB")
         assert after <= baseline + 40 * 2**20, (baseline, peaks, after)
