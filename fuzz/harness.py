@@ -459,13 +459,15 @@ class Ingress:
         self.conn = mod.HttpConnection(None, self.transport, [mod.parse_route(n, t) for n, t in ROUTES],
                                        self._open, 30.0)
 
-    def _open(self, endpoint: str, client: str):
+    def _open(self, endpoint: str, client: str, ready) -> None:
+        """The stream seam's part: answers ready(stream, None) or ready(None, reason)."""
         self.log.append(("open", endpoint, client))
         if self.opener == 1 or (self.opener >= 2 and self.streams):
-            return None if self.opener != 2 else False
+            ready(None, "no_agent" if self.opener != 2 else "agent_busy")
+            return
         st = FakeStream(len(self.streams), self.log, self.window)
         self.streams.append(st)
-        return st
+        ready(st, None)
 
     def _live(self):
         """The newest stream, if the service can still send on it."""

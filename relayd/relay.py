@@ -7,9 +7,10 @@ CSR -> certificate), ``renew`` (current certificate + CSR -> new
 certificate) and ``tunnel`` (mTLS; the link becomes a yamux session).
 
 Each public TCP endpoint is a listener; every connection to it becomes one
-yamux stream to an agent serving that endpoint (the one with the fewest open
-streams), opened with a length-prefixed msgpack header (endpoint, trace id,
-client address), then spliced with back-pressure (relayd.net.splice).
+yamux stream to an agent serving that endpoint, opened by the gateway's
+stream seam (relayd.gateway.streams: agent choice, grace period, header,
+metrics), then spliced with back-pressure (relayd.net.splice). HTTP
+endpoints open their streams through the same seam.
 
 The control plane (SQLite store, CA) is consulted when a link or stream
 opens, never per byte. Revocations are noticed by polling the store's
@@ -23,8 +24,6 @@ import asyncio
 import logging
 import secrets
 import ssl
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -33,14 +32,15 @@ from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
 from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.store import Store
-from relayd.core.framing import encode_message
 from relayd.errors import AuthError, ConfigError, RelaydError
+from relayd.gateway.registry import AgentRegistry, AgentSession
+from relayd.gateway.streams import StreamSeam
 from relayd.log import RateLimitedLog
 from relayd.net import admission, peer_name, tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
-from relayd.net.http_ingress import HttpConnection, open_stream_for, parse_route
+from relayd.net.http_ingress import HttpConnection, parse_route
 from relayd.net.wslink import HttpsPort
 
 log = logging.getLogger("relayd.relay")
@@ -53,16 +53,6 @@ REVOCATION_POLL = 0.5
 STATUS_INTERVAL = 2.0
 
 
-@dataclass(eq=False)
-class AgentSession:
-    agent_id: str
-    serial: int
-    endpoints: list[str]
-    conn: MuxConnection
-    address: str
-    connected_since: float = field(default_factory=time.time)
-
-
 class RelayNode:
     """One relay process: agent listener, public endpoints, control plane."""
 
@@ -71,8 +61,8 @@ class RelayNode:
         self.data = Path(cfg.data)
         self.store: Store | None = None
         self.ca: CertificateAuthority | None = None
-        self.sessions: dict[str, AgentSession] = {}
-        self.by_endpoint: dict[str, list[AgentSession]] = {name: [] for name in cfg.endpoints}
+        self.registry = AgentRegistry(cfg.endpoints)
+        self.seam = StreamSeam(self.registry, cfg.grace)
         self.agents_port: int | None = None
         self.tcp_ports: dict[str, int] = {}
         self.metrics_port: int | None = None
@@ -82,15 +72,20 @@ class RelayNode:
         self._listeners: list[admission.TlsListener] = []
         self.admission: admission.Admission | None = None
         self._tasks: list[asyncio.Task] = []
-        self._waiting: dict[str, list] = {name: [] for name in cfg.endpoints}
         self._public: set[TcpSplice] = set()
         self._revision = -1
         self._status_writes: set[asyncio.Task] = set()
-        self._metric_children: dict[tuple[str, str], tuple] = {}
         self._active_children: dict[str, object] = {}
-        self._trace_prefix = secrets.token_hex(4) + "-"
-        self._trace_seq = 0
         self.stopped = asyncio.Event()
+
+    @property
+    def sessions(self) -> dict[str, AgentSession]:
+        """Connected agents by id (the registry's)."""
+        return self.registry.sessions
+
+    @property
+    def by_endpoint(self) -> dict[str, list[AgentSession]]:
+        return self.registry.by_endpoint
 
     # -- life cycle -----------------------------------------------------------
 
@@ -183,7 +178,7 @@ class RelayNode:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
             routes = [parse_route(name, r) for name, r in self.cfg.http.items()]
-            opener = open_stream_for(self)
+            opener = self.seam.open
             make_http = (lambda port, t: HttpConnection(port, t, routes, opener, self.cfg.gateway_timeout)) \
                 if routes else None
             hs = admission.TlsListener(
@@ -226,6 +221,7 @@ class RelayNode:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        self.seam.close()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:
@@ -347,15 +343,12 @@ class RelayNode:
         unknown = [e for e in wanted if e not in self.cfg.endpoints]
         conn = MuxConnection(False, self.cfg.mux, on_stream=_refuse_stream, name=agent_id)
         sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.cfg.endpoints], conn, peer)
-        old = self.sessions.get(agent_id)
+        old = self.registry.add(sess)
         if old is not None:
             # The same agent authenticated again: its old link is stale.
             log.info("agent reconnected: replacing its previous link", extra={"agent": agent_id})
-            self._unregister(old)
+            self._set_status(old, connected=False)
             old.conn.abort()
-        self.sessions[agent_id] = sess
-        for e in sess.endpoints:
-            self.by_endpoint[e].append(sess)
         conn.closed_future.add_done_callback(lambda _f, s=sess: self._on_link_closed(s))
         metrics.LISTENER_CONNECTIONS.labels("success").inc()
         metrics.ACTIVE_LISTENERS.set(len(self.sessions))
@@ -363,7 +356,6 @@ class RelayNode:
         log.info("agent connected", extra={"agent": agent_id, "peer": peer, "endpoints": ",".join(sess.endpoints),
                                            "unknown_endpoints": ",".join(unknown)})
         self._set_status(sess, connected=True)
-        asyncio.get_running_loop().call_soon(self._serve_waiting, sess)
         return {"ok": True, "agent_id": agent_id, "unknown_endpoints": unknown, "wss": self.wss_address}, conn
 
     def _on_link_closed(self, sess: AgentSession) -> None:
@@ -373,14 +365,9 @@ class RelayNode:
             log.info("agent disconnected", extra={"agent": sess.agent_id, "error": str(err) if err else None})
 
     def _unregister(self, sess: AgentSession) -> None:
-        if self.sessions.get(sess.agent_id) is sess:
-            del self.sessions[sess.agent_id]
+        if self.registry.remove(sess):
             metrics.AGENT_ONLINE.labels(sess.agent_id).set(0)
-        for e in sess.endpoints:
-            lst = self.by_endpoint.get(e, [])
-            if sess in lst:
-                lst.remove(sess)
-        metrics.ACTIVE_LISTENERS.set(len(self.sessions))
+        metrics.ACTIVE_LISTENERS.set(len(self.registry))
         self._set_status(sess, connected=False)
 
     # -- public endpoints -------------------------------------------------------------
@@ -388,102 +375,17 @@ class RelayNode:
     def _public_protocol(self, endpoint: str) -> TcpSplice:
         return PublicConnection(self, endpoint)
 
-    def _route(self, sp: TcpSplice, endpoint: str) -> None:
+    def _route(self, sp: PublicConnection, endpoint: str) -> None:
         self._public.add(sp)
         self._active_gauge(endpoint).inc()
-        sess = self._pick(endpoint)
-        if sess is not None:
-            self._open(sp, endpoint, sess)
-        elif self.cfg.grace > 0:
-            waiting = self._waiting[endpoint]
-            timer = asyncio.get_running_loop().call_later(self.cfg.grace, self._give_up, sp, endpoint)
-            waiting.append((sp, timer))
-        else:
-            self._refuse(sp, endpoint, "no_agent")
-
-    def _pick(self, endpoint: str) -> AgentSession | None:
-        live = [s for s in self.by_endpoint.get(endpoint, ()) if not s.conn.closed]
-        if not live:
-            return None
-        return min(live, key=lambda s: s.conn.stream_count())
-
-    def _serve_waiting(self, sess: AgentSession) -> None:
-        for endpoint in sess.endpoints:
-            waiting, self._waiting[endpoint] = self._waiting.get(endpoint, []), []
-            for sp, timer in waiting:
-                timer.cancel()
-                if sp._done:
-                    continue
-                target = self._pick(endpoint)
-                if target is None:
-                    self._refuse(sp, endpoint, "no_agent")
-                else:
-                    self._open(sp, endpoint, target)
-
-    def _give_up(self, sp: TcpSplice, endpoint: str) -> None:
-        waiting = self._waiting.get(endpoint, [])
-        self._waiting[endpoint] = [(s, t) for s, t in waiting if s is not sp]
-        self._refuse(sp, endpoint, "no_agent")
-
-    def _refuse(self, sp: TcpSplice, endpoint: str, reason: str) -> None:
-        metrics.SENDER_CONNECTIONS.labels(endpoint, reason).inc()
-        metrics.STREAMS_FAILED.labels(endpoint, reason).inc()
-        _REFUSALS.info("public connection refused", extra={"endpoint": endpoint, "reason": reason,
-                                                           "client": peer_name(sp.transport)})
-        sp._abort()
-
-    def _open(self, sp: TcpSplice, endpoint: str, sess: AgentSession) -> None:
-        try:
-            st = sess.conn.open_stream_nowait()
-        except RelaydError as exc:
-            self._refuse(sp, endpoint, type(exc).__name__)
-            return
-        self._trace_seq += 1
-        trace = f"{self._trace_prefix}{self._trace_seq:x}"
-        client = peer_name(sp.transport)
-        st.send_nowait(encode_message({"e": endpoint, "t": trace, "c": client}))
-        agent = sess.agent_id
-        key = (endpoint, agent)
-        children = self._metric_children.get(key)
-        if children is None:
-            # labels() is a locked dict lookup: resolve once per (endpoint, agent).
-            children = self._metric_children[key] = (
-                metrics.BYTES.labels(endpoint, agent, "in"), metrics.BYTES.labels(endpoint, agent, "out"),
-                metrics.STREAMS_OPENED.labels(endpoint, agent), metrics.STREAMS_ACTIVE.labels(endpoint, agent),
-                metrics.SENDER_CONNECTIONS.labels(endpoint, "success"))
-        up, down, opened, active, success = children
-
-        def on_bytes(n_up: int, n_down: int) -> None:
-            if n_up:
-                up.inc(n_up)
-            if n_down:
-                down.inc(n_down)
-
-        sp.on_bytes = on_bytes
-        sp.agent = agent
-        success.inc()
-        opened.inc()
-        active.inc()
-        t0 = st.opened_at
-
-        def accepted(f: asyncio.Future) -> None:
-            if not f.cancelled() and f.exception() is None:
-                metrics.STREAM_OPEN_SECONDS.observe(time.monotonic() - t0)
-            else:
-                metrics.STREAMS_FAILED.labels(endpoint, "agent_refused").inc()
-
-        st._accepted.add_done_callback(accepted)
-        log.debug("stream opened", extra={"endpoint": endpoint, "agent": agent, "trace": trace,
-                                          "stream": st.stream_id, "client": client})
-        sp.bind(st)
+        sp.opening = self.seam.open(endpoint, peer_name(sp.transport), sp.stream_ready)
 
     def _public_closed(self, sp: PublicConnection) -> None:
         self._public.discard(sp)
         self._active_gauge(sp.endpoint).dec()
-        if sp.agent is not None:
-            children = self._metric_children.get((sp.endpoint, sp.agent))
-            if children is not None:
-                children[3].dec()
+        if sp.opening is not None:  # gone while held for an agent
+            sp.opening.cancel()
+            sp.opening = None
 
     def _active_gauge(self, endpoint: str):
         g = self._active_children.get(endpoint)
@@ -543,7 +445,7 @@ class PublicConnection(TcpSplice):
         super().__init__(on_close=relay._public_closed)
         self.relay = relay
         self.endpoint = endpoint
-        self.agent: str | None = None
+        self.opening = None  # the stream seam's Opening while held for an agent
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -551,6 +453,16 @@ class PublicConnection(TcpSplice):
             self.relay._route(self, self.endpoint)
         else:
             self.on_close = None  # never routed: nothing to account for
+
+    def stream_ready(self, stream, reason) -> None:
+        """The stream seam's answer: splice, or reset the client."""
+        self.opening = None
+        if stream is None:
+            self._abort()
+        elif self._done:
+            stream.reset()  # the client left meanwhile
+        else:
+            self.bind(stream)
 
 
 async def _refuse_stream(stream) -> None:

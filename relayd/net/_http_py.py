@@ -46,7 +46,6 @@ import cython
 import httptools
 
 from relayd import metrics
-from relayd.core.framing import encode_message
 from relayd.errors import RelaydError
 from relayd.log import RateLimitedLog, caught
 from relayd.net import abort_with_reset
@@ -128,7 +127,11 @@ class HttpConnection:
         self.port = port  # the HttpsPort protocol (owns the transport callbacks)
         self.transport = transport
         self.routes = routes
-        self.open_stream = open_stream  # endpoint, meta -> MuxStream | None (no agent)
+        # open_stream(endpoint, client, ready) -> Opening | None: the gateway's
+        # stream seam; it answers ready(stream, None) or ready(None, reason),
+        # at once or (held for an agent) later.
+        self.open_stream = open_stream
+        self.opening = None  # the seam's Opening while a stream is held for an agent
         self.gateway_timeout = gateway_timeout
         self.parser = httptools.HttpRequestParser(self)
         self.cur: Request | None = None  # being parsed
@@ -244,7 +247,7 @@ class HttpConnection:
     def _upgrade_requested(self, rest: bytes) -> None:
         req = self.cur
         self.raw_in = True
-        if req is None or req is not self.active or self.stream is None:
+        if req is None or req is not self.active:
             self.error(400, "an upgrade request cannot be pipelined")
             return
         if rest:
@@ -429,19 +432,33 @@ class HttpConnection:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.stream is not None and self.stream_endpoint != req.route.endpoint:
             self._drop_stream()
+        self.deadline = self.loop_time() + self.gateway_timeout
+        self.deadline_kind = _GATEWAY
         if self.stream is None:
             # One stream (and one service connection behind the agent) per
             # client connection and endpoint, kept alive across requests.
-            stream = self.open_stream(req.route.endpoint, self.client)
-            if stream is None:
-                self.error(503, f"no agent is connected for endpoint {req.route.endpoint!r}")
-                return
-            if stream is False:
-                self.error(503, f"the agent for endpoint {req.route.endpoint!r} cannot take another stream now")
-                return
-            self.stream = stream
-            self.stream_endpoint = req.route.endpoint
-            stream.attach(self)  # the stream's events come straight here
+            # _stream_ready goes on: now, or once an agent arrives.
+            self.opening = self.open_stream(req.route.endpoint, self.client, self._stream_ready)
+            return
+        self._send_request(req)
+
+    def _stream_ready(self, stream, reason) -> None:
+        """The stream seam's answer for the active request."""
+        self.opening = None
+        req = self.active
+        if self.closed or req is None:
+            if stream is not None:
+                stream.reset()
+            return
+        if stream is None:
+            self.error(503, f"no agent can take a stream for endpoint {req.route.endpoint!r} ({reason})")
+            return
+        self.stream = stream
+        self.stream_endpoint = req.route.endpoint
+        stream.attach(self)  # the stream's events come straight here
+        self._send_request(req)
+
+    def _send_request(self, req: Request) -> None:
         if not self._send(req.upstream_head):
             return
         while req.body:
@@ -452,8 +469,6 @@ class HttpConnection:
         if req.complete:
             self._finish_body(req)
         self._resume_reading()
-        self.deadline = self.loop_time() + self.gateway_timeout
-        self.deadline_kind = _GATEWAY
 
     def _send_body(self, req: Request, body: bytes) -> bool:
         if req.chunked:
@@ -840,6 +855,7 @@ class HttpConnection:
     def lost(self) -> None:
         self.closed = True
         self.deadline = 0.0
+        self._cancel_opening()
         _Sweep.discard(self)
         if self.stream is not None and not (self.resp_started and self.stream.at_eof):
             self.stream.reset()
@@ -861,6 +877,7 @@ class HttpConnection:
             self.stream = None
         self.closed = True
         self.deadline = 0.0
+        self._cancel_opening()
         self.transport.close()
 
     def _abort(self) -> None:
@@ -868,7 +885,13 @@ class HttpConnection:
         could pass for a complete response."""
         self.closed = True
         self.deadline = 0.0
+        self._cancel_opening()
         abort_with_reset(self.transport)
+
+    def _cancel_opening(self) -> None:
+        op, self.opening = self.opening, None
+        if op is not None:
+            op.cancel()
 
     def expire(self) -> None:
         """The sweep found the deadline passed."""
@@ -1203,25 +1226,3 @@ class _Refuse(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-def open_stream_for(relay):
-    """The relay's stream opener for HTTP endpoints (None: no agent)."""
-
-    def open_stream(endpoint: str, client: str):
-        sess = relay._pick(endpoint)
-        if sess is None:
-            metrics.STREAMS_FAILED.labels(endpoint, "no_agent").inc()
-            return None
-        try:
-            st = sess.conn.open_stream_nowait()
-        except RelaydError as exc:
-            log.warning("cannot open a stream: %s", exc, extra={"endpoint": endpoint, "agent": sess.agent_id})
-            metrics.STREAMS_FAILED.labels(endpoint, type(exc).__name__).inc()
-            return False
-        relay._trace_seq += 1
-        st.send_nowait(encode_message({"e": endpoint, "t": f"{relay._trace_prefix}{relay._trace_seq:x}", "c": client}))
-        metrics.STREAMS_OPENED.labels(endpoint, sess.agent_id).inc()
-        return st
-
-    return open_stream

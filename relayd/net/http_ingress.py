@@ -10,7 +10,6 @@ Request = _impl.Request
 Route = _impl.Route
 parse_route = _impl.parse_route
 pick_route = _impl.pick_route
-open_stream_for = _impl.open_stream_for
 head_end = _impl.head_end
 request_line_ok = _impl.request_line_ok
 MAX_HEAD = _impl.MAX_HEAD

@@ -46,7 +46,7 @@ class MuxStream:
 
     __slots__ = (
         "_conn", "stream_id", "_chunks", "_buffered", "_eof", "_reset", "_local_closed",
-        "_read_waiter", "_write_waiter", "_accepted", "_sink", "opened_at",
+        "_read_waiter", "_write_waiter", "_accepted", "_sink", "opened_at", "meter",
         "__weakref__",
     )
 
@@ -63,6 +63,10 @@ class MuxStream:
         self._accepted: asyncio.Future | None = None
         self._sink = None
         self.opened_at = 0.0
+        # Counts the stream's bytes as they flow and hears when it ends:
+        # ``sent(n)`` (toward the peer), ``received(n)``, ``ended()`` (once).
+        # Set by whoever opened the stream (the gateway's stream seam).
+        self.meter = None
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self._conn.session.stream_state(self.stream_id)}>"
@@ -70,6 +74,8 @@ class MuxStream:
     # -- events from the connection ----------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        if self.meter is not None:
+            self.meter.received(len(data))
         if self._sink is not None:
             self._sink.stream_data(data)
             return
@@ -178,6 +184,8 @@ class MuxStream:
             if n:
                 conn._flush()
                 view = view[n:]
+                if self.meter is not None:
+                    self.meter.sent(n)
             if not view:
                 break
             if n == 0:
@@ -253,6 +261,8 @@ class MuxStream:
         n = conn.session.send_data(self.stream_id, data)
         if n:
             conn._flush()
+            if self.meter is not None:
+                self.meter.sent(n)
         return n
 
     @property
@@ -403,7 +413,7 @@ class MuxConnection(asyncio.Protocol):
                 self._maybe_forget(st)
         elif cls is yamux.StreamReset:
             if st is not None:
-                self._streams.pop(ev.stream_id, None)
+                self._forget(ev.stream_id)
                 st._on_reset()
         elif cls is yamux.PongReceived:
             entry = self._pings.pop(ev.opaque, None)
@@ -473,7 +483,8 @@ class MuxConnection(asyncio.Protocol):
             st._wake_reader()
             st._wake_writer(err)
             st._settle_accept(err)
-        self._streams.clear()
+        for sid in list(self._streams):
+            self._forget(sid)
         for _, fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -520,10 +531,17 @@ class MuxConnection(asyncio.Protocol):
         # A stream whose both directions are done and whose data is read
         # leaves the table; its object lives on only in the application.
         if st._eof and not st._chunks and self.session.stream_state(st.stream_id) == "closed":
-            self._streams.pop(st.stream_id, None)
+            self._forget(st.stream_id)
 
     def _forget(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        """The one way out of the stream table: tells the stream's meter."""
+        st = self._streams.pop(stream_id, None)
+        if st is not None and st.meter is not None:
+            meter, st.meter = st.meter, None
+            try:
+                meter.ended()
+            except Exception as exc:
+                caught("mux_meter", exc, conn=self.name)
 
     async def _drain(self) -> None:
         if not self._write_paused or self._closed:

@@ -28,15 +28,17 @@ log = logging.getLogger("relayd.splice")
 #: Bytes held from the TCP side while reading is paused (only what was in
 #: flight when the pause took effect can arrive); beyond this, abort.
 MAX_PENDING = 4 * 1024 * 1024
+#: Bytes held from a client that waits for its stream before reading pauses.
+MAX_HELD = 256 * 1024
 
 
 class TcpSplice(asyncio.Protocol):
     __slots__ = (
         "stream", "transport", "_pending", "_reading_paused", "_write_paused", "_deferred",
-        "_tcp_eof", "_stream_eof", "_fin_sent", "_done", "on_close", "on_bytes", "bytes_up", "bytes_down",
+        "_tcp_eof", "_stream_eof", "_fin_sent", "_done", "on_close",
     )
 
-    def __init__(self, stream=None, *, on_close: Callable | None = None, on_bytes: Callable | None = None) -> None:
+    def __init__(self, stream=None, *, on_close: Callable | None = None) -> None:
         self.stream = None
         self.transport: asyncio.Transport | None = None
         self._pending: bytes | None = None
@@ -48,10 +50,6 @@ class TcpSplice(asyncio.Protocol):
         self._fin_sent = False
         self._done = False
         self.on_close = on_close
-        # on_bytes(up, down): called as bytes flow (metrics), never with payload.
-        self.on_bytes = on_bytes
-        self.bytes_up = 0
-        self.bytes_down = 0
         if stream is not None:
             self.stream = stream
 
@@ -62,26 +60,32 @@ class TcpSplice(asyncio.Protocol):
         self.stream = stream
         stream.attach(self)
         if self._pending is not None:
-            self.stream_window()  # bytes that arrived before the stream existed
+            self.stream_window()  # bytes that arrived before the stream existed (then the FIN)
+        elif self._tcp_eof:
+            self._send_fin()  # the client half-closed while waiting for its stream
         elif self.transport is not None and not self._done:
             self._resume_reading()
 
     # -- TCP side ------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        # Without a stream yet (held for an agent) reading goes on, so that a
+        # client who leaves is noticed; what it sends is held, up to
+        # MAX_HELD, then reading pauses until bind().
         self.transport = transport
-        if self.stream is None:
-            self._pause_reading()  # until bind()
-        else:
+        if self.stream is not None:
             self.stream.attach(self)
 
     def data_received(self, data: bytes) -> None:
         if self._pending is not None or self.stream is None:
-            # Reading is paused; only what was already in flight lands here.
+            # Held: waiting for the stream or its window (reading is paused
+            # then; only what was already in flight lands here).
             self._pending = data if self._pending is None else self._pending + data
             if len(self._pending) > MAX_PENDING:
                 log.warning("peer kept sending while paused; closing", extra={"pending": len(self._pending)})
                 self._abort()
+            elif self.stream is None and len(self._pending) > MAX_HELD:
+                self._pause_reading()
             return
         self._send(data)
 
@@ -92,9 +96,6 @@ class TcpSplice(asyncio.Protocol):
             self._pending = None
             self._abort()
             return
-        self.bytes_up += n
-        if self.on_bytes is not None and n:
-            self.on_bytes(n, 0)
         if n < len(data):
             self._pending = bytes(data[n:])
             self._pause_reading()
@@ -155,9 +156,6 @@ class TcpSplice(asyncio.Protocol):
             return
         self.transport.write(data)
         n = len(data)
-        self.bytes_down += n
-        if self.on_bytes is not None:
-            self.on_bytes(0, n)
         if self._write_paused:
             self._deferred += n
         else:

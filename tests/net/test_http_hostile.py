@@ -45,10 +45,10 @@ class Client:
         self.t.abort = aborted
         self.streams = []
 
-        def open_stream(endpoint, client):
+        def open_stream(endpoint, client, ready):
             st = Stream(endpoint)
             self.streams.append(st)
-            return st
+            ready(st, None)
 
         self.conn = hi.HttpConnection(None, self.t, routes, open_stream, 60)
 
@@ -296,7 +296,7 @@ def test_https_port_answers_a_bad_first_line_at_once(first, with_routes):
 
     async def main():
         t = FakeTransport()
-        make_http = (lambda port, tr: hi.HttpConnection(port, tr, ROUTES, lambda e, c: Stream(e), 60)) \
+        make_http = (lambda port, tr: hi.HttpConnection(port, tr, ROUTES, lambda e, c, ready: ready(Stream(e), None), 60)) \
             if with_routes else None
         port = HttpsPort(lambda: None, make_http)
         port.connection_made(t)

@@ -107,7 +107,7 @@ def test_any_split_of_pipelined_requests_reaches_the_service_unchanged(reqs, cut
         stream = FakeStream()
         transport = FakeTransport()
         conn = hi.HttpConnection(None, transport, [hi.Route("web", "app.example")],
-                                 lambda endpoint, client: stream, 60)
+                                 lambda endpoint, client, ready: ready(stream, None), 60)
         wire = b""
         expected = []
         for method, n, body, chunked, parts in reqs:
@@ -146,7 +146,7 @@ def test_content_length_body_is_counted_not_parsed():
     async def main():
         stream = FakeStream()
         conn = hi.HttpConnection(None, FakeTransport(), [hi.Route("web", "app.example")],
-                                 lambda endpoint, client: stream, 60)
+                                 lambda endpoint, client, ready: ready(stream, None), 60)
         fed = []
 
         class Spy:
@@ -175,7 +175,7 @@ def test_content_length_body_is_counted_not_parsed():
 def test_oversized_head_without_an_end_is_refused():
     async def main():
         t = FakeTransport()
-        conn = hi.HttpConnection(None, t, [hi.Route("web", "app.example")], lambda e, c: FakeStream(), 60)
+        conn = hi.HttpConnection(None, t, [hi.Route("web", "app.example")], lambda e, c, ready: ready(FakeStream(), None), 60)
         conn.feed(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Big: " + b"a" * (hi.MAX_HEAD + 10))
         assert bytes(t.out).startswith(b"HTTP/1.1 431") and t.closed
         conn.lost()
@@ -193,7 +193,7 @@ def test_service_is_asked_in_the_clients_http_version():
                                b"GET /d HTTP/1.1\r\n")]:
             stream = FakeStream()
             conn = hi.HttpConnection(None, FakeTransport(), [hi.Route("web", "app.example")],
-                                     lambda endpoint, client: stream, 60)
+                                     lambda endpoint, client, ready: ready(stream, None), 60)
             conn.feed(request)
             assert bytes(stream.sent).startswith(line), (request, bytes(stream.sent))
             assert b"keep-alive" not in bytes(stream.sent).lower()  # hop-by-hop, dropped

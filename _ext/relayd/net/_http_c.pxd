@@ -24,7 +24,7 @@ cdef class ChunkedEnd:
     cpdef long long feed(self, bytes data) except? -3
 
 cdef class HttpConnection:
-    cdef public object port, transport, routes, open_stream, parser, queue, stream, stream_endpoint
+    cdef public object port, transport, routes, open_stream, opening, parser, queue, stream, stream_endpoint
     cdef public double gateway_timeout, deadline
     cdef public Request cur, active
     cdef public ChunkedEnd resp_chunked

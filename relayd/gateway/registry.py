@@ -1,0 +1,72 @@
+"""The agents connected to this node, by id and by endpoint.
+
+In-process; the scale-out capability adds an implementation shared between
+nodes behind the same methods. A newly authenticated link of an agent
+replaces its old one at once (a stale session must not keep its endpoints).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from relayd.net.mux import MuxConnection
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One agent's live link."""
+
+    agent_id: str
+    serial: int
+    endpoints: list[str]
+    conn: MuxConnection
+    address: str
+    connected_since: float = field(default_factory=time.time)
+
+
+class AgentRegistry:
+    def __init__(self, endpoints: Iterable[str]) -> None:
+        self.sessions: dict[str, AgentSession] = {}
+        self.by_endpoint: dict[str, list[AgentSession]] = {name: [] for name in endpoints}
+        #: Called with each session added (the stream seam serves its waiters).
+        self.on_added: list[Callable[[AgentSession], None]] = []
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, agent_id: str) -> AgentSession | None:
+        return self.sessions.get(agent_id)
+
+    def add(self, sess: AgentSession) -> AgentSession | None:
+        """Register ``sess``; returns the session of the same agent it
+        replaced (still open: the caller closes it), or None."""
+        old = self.sessions.get(sess.agent_id)
+        if old is not None:
+            self.remove(old)
+        self.sessions[sess.agent_id] = sess
+        for e in sess.endpoints:
+            self.by_endpoint.setdefault(e, []).append(sess)
+        for cb in self.on_added:
+            cb(sess)
+        return old
+
+    def remove(self, sess: AgentSession) -> bool:
+        """Unregister ``sess``; True if it was the agent's current session."""
+        current = self.sessions.get(sess.agent_id) is sess
+        if current:
+            del self.sessions[sess.agent_id]
+        for e in sess.endpoints:
+            lst = self.by_endpoint.get(e)
+            if lst and sess in lst:
+                lst.remove(sess)
+        return current
+
+    def pick(self, endpoint: str) -> AgentSession | None:
+        """A live agent serving ``endpoint``: the one with the fewest open streams."""
+        best = None
+        for s in self.by_endpoint.get(endpoint, ()):
+            if not s.conn.closed and (best is None or s.conn.stream_count() < best.conn.stream_count()):
+                best = s
+        return best
