@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -49,57 +50,72 @@ from relayd.core.config import AdmissionConfig, MuxConfig
 from relayd.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
 
 
 def parse_duration(value, key: str = "duration") -> float:
-    """'30s', '15m', '2h', '7d', '1h30m', '250ms' or a number of seconds."""
+    """'30s', '15m', '2h', '7d', '1h30m', '250ms' or a number of seconds;
+    finite and not negative. Units are lower case (no 'M' that could be
+    minutes or months); nothing else is accepted (no '1e3', 'inf', '1_000')."""
     if isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected a duration like '15m', got {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str) and value.strip():
-        text = value.strip().lower()
-        pos, seconds = 0, 0.0
-        for m in _DURATION.finditer(text):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(text):
-            try:
-                seconds = float(text)
-            except ValueError:
-                raise ConfigError(f"config key '{key}': {value!r} is not a duration like '15m'") from None
+        text = value.strip()
+        if _PLAIN_NUMBER.match(text):
+            seconds = float(text)
+        else:
+            pos, seconds = 0, 0.0
+            for m in _DURATION.finditer(text):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _UNITS[m.group(2)]
+                pos = m.end()
+            if pos != len(text):
+                raise ConfigError(f"config key '{key}': {value!r} is not a duration like '15m'")
     else:
         raise ConfigError(f"config key '{key}': expected a duration like '15m', got {value!r}")
-    if not seconds >= 0:
-        raise ConfigError(f"config key '{key}': duration must not be negative")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ConfigError(f"config key '{key}': a duration must be finite and not negative")
     return seconds
 
 
-def parse_hostport(value, key: str) -> tuple[str, int]:
-    """'host:port', '[::1]:port' or ':port' (all interfaces)."""
+def parse_hostport(value, key: str, *, need_host: bool = False) -> tuple[str, int]:
+    """'host:port', '[v6addr]:port' or ':port' (all interfaces; not with
+    ``need_host``, for addresses to dial). The host comes back without
+    brackets; an IPv6 address must be bracketed; port 0 is accepted (bind to
+    an ephemeral port)."""
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"config key '{key}': expected HOST:PORT, got {value!r}")
-    host, _, port_s = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+        raise ConfigError(f"config key '{key}': expected HOST:PORT, got {str(value)[:100]!r}")
+    shown = value[:100]
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1:]
+        if end < 0 or not rest.startswith(":"):
+            raise ConfigError(f"config key '{key}': {shown!r} is not [IPv6]:PORT")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigError(f"config key '{key}': {host!r} is not an IPv6 address") from None
-    host = host or "0.0.0.0"
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ConfigError(f"config key '{key}': port {port_s!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"config key '{key}': port {port} is out of range")
-    if not host or any(c.isspace() for c in host):
-        raise ConfigError(f"config key '{key}': bad host {host!r}")
-    return host, port
+        port_s = rest[1:]
+    else:
+        host, _, port_s = value.rpartition(":")
+        if ":" in host:
+            raise ConfigError(f"config key '{key}': write an IPv6 address as [addr]:port, not {shown!r}")
+        if host and (not _HOSTNAME.match(host) or ".." in host):
+            raise ConfigError(f"config key '{key}': bad host name in {shown!r}")
+        if not host:
+            if need_host:
+                raise ConfigError(f"config key '{key}': {shown!r} names no host")
+            host = "0.0.0.0"
+    if not _PORT.match(port_s) or int(port_s) > 65535:
+        raise ConfigError(f"config key '{key}': port in {shown!r} must be 0-65535")
+    return host, int(port_s)
 
 
 def format_hostport(hp: tuple[str, int]) -> str:

@@ -1,4 +1,4 @@
-"""Join tokens (kubeadm/k3s style) and the small parsers the CLI shares.
+"""Join tokens (kubeadm/k3s style).
 
 A join token is everything an agent needs to enroll, in one pasteable line::
 
@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
-import math
 import re
 from dataclasses import dataclass, field
 
 import msgpack
 
+from relayd.config import parse_hostport
 from relayd.errors import AuthError, ConfigError
 
-__all__ = ["PREFIX", "JoinToken", "host_port", "parse_duration"]
+__all__ = ["PREFIX", "JoinToken"]
 
 PREFIX = "relayd1."
 #: Far above any real token (~150 characters); bounds the work of decoding.
@@ -38,69 +37,7 @@ _B64URL_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _TOKEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,16}\Z")
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{32,256}\Z")
 _PIN_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?\Z")
-_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _FIELDS = ("a", "p", "i", "s")
-
-
-def host_port(text: str) -> tuple[str, int]:
-    """Parse ``host:port`` or ``[v6addr]:port`` into ``(host, port)``.
-
-    The host comes back without brackets. Port 0 is accepted (bind to an
-    ephemeral port); join tokens require a real one.
-    """
-    if not isinstance(text, str):
-        raise ConfigError("address must be a string of the form host:port")
-    shown = text[:100]
-    if text.startswith("["):
-        end = text.find("]")
-        host, rest = text[1:end], text[end + 1 :]
-        if end < 0 or not rest.startswith(":"):
-            raise ConfigError(f"invalid address {shown!r}: expected [ipv6]:port")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"invalid address {shown!r}: {host!r} is not an IPv6 address") from None
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ConfigError(f"invalid address {shown!r}: expected host:port")
-        if ":" in host:
-            raise ConfigError(f"invalid address {shown!r}: write IPv6 addresses as [addr]:port")
-        if not _HOSTNAME_RE.match(host) or ".." in host:
-            raise ConfigError(f"invalid address {shown!r}: bad host name")
-    if not _PORT_RE.match(port_text) or int(port_text) > 65535:
-        raise ConfigError(f"invalid address {shown!r}: port must be 0-65535")
-    return host, int(port_text)
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
-_PLAIN_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``30s``, ``15m``, ``2h``, ``7d``, ``1h30m``, ``500ms`` or ``90``."""
-    if isinstance(text, str):
-        s = text.strip()
-        if _PLAIN_NUMBER_RE.match(s):
-            seconds = float(s)
-        else:
-            seconds, pos = 0.0, 0
-            for m in _DURATION_PART_RE.finditer(s):
-                if m.start() != pos:
-                    break
-                seconds += float(m.group(1)) * _UNITS[m.group(2)]
-                pos = m.end()
-            if pos != len(s) or not s:
-                seconds = -1.0
-        if math.isfinite(seconds) and seconds > 0:
-            return seconds
-    raise ConfigError(
-        f"invalid duration {str(text)[:40]!r}: expected a positive duration"
-        " such as 30s, 15m, 2h, 7d or 1h30m"
-    )
 
 
 def _malformed(reason: str) -> AuthError:
@@ -122,7 +59,7 @@ class JoinToken:
             if not isinstance(getattr(self, name), str):
                 return f"{name} must be a string"
         try:
-            _, port = host_port(self.address)
+            _, port = parse_hostport(self.address, "join token address", need_host=True)
         except ConfigError:
             return "bad relay address"
         if port == 0:

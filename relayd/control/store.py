@@ -23,7 +23,7 @@ at once: the relay (long-lived) and ``relayd admin ...`` commands. So:
 
 ``revision()`` is a counter bumped in the same transaction as every change to
 an agent or a revocation; the relay polls it and re-checks its live sessions
-only when it moved. Connection status (``set_agent_status``) changes often
+only when it moved. Connection status (``set_agent_statuses``) changes often
 and does not bump it.
 
 Join token secrets are stored only as SHA-256 hashes (they are 256-bit random
@@ -538,26 +538,10 @@ class Store:
 
     # -- live status --------------------------------------------------------
 
-    def set_agent_status(
-        self,
-        agent_id: str,
-        *,
-        connected_since: float | None,
-        address: str | None,
-        bytes_in: int,
-        bytes_out: int,
-    ) -> None:
-        """Record an agent's connection status (does not bump ``revision``)."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE agents SET connected_since = ?, address = ?, bytes_in = ?,"
-                " bytes_out = ?, last_seen = ? WHERE id = ?",
-                (connected_since, address, bytes_in, bytes_out, time.time(), agent_id),
-            )
-
     def set_agent_statuses(self, rows: list[tuple[str, float | None, str | None, int, int]]) -> None:
-        """``set_agent_status`` for many agents in one transaction (one fsync):
-        rows of (agent_id, connected_since, address, bytes_in, bytes_out)."""
+        """Record agents' connection status in one transaction (one fsync):
+        rows of (agent_id, connected_since, address, bytes_in, bytes_out).
+        Does not bump ``revision``."""
         if not rows:
             return
         now = time.time()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 from typing import Any, Coroutine
@@ -13,10 +12,6 @@ import uvloop
 def run(main: Coroutine[Any, Any, Any], *, debug: bool | None = None) -> Any:
     """Run ``main`` to completion on a fresh uvloop event loop."""
     return uvloop.run(main, debug=debug)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    return uvloop.new_event_loop()
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)

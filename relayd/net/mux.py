@@ -274,12 +274,6 @@ class MuxStream:
         """Call ``callback()`` once the connection's transport drains."""
         self._conn._resume_callbacks.append(callback)
 
-    async def wait_accepted(self, timeout: float | None = None) -> None:
-        """Wait for the peer's ACK of a stream we opened."""
-        if self._accepted is None:
-            return
-        await asyncio.wait_for(asyncio.shield(self._accepted), timeout)
-
 
 class MuxConnection(asyncio.Protocol):
     """A yamux session over one transport (TCP, TLS or a WebSocket shim)."""

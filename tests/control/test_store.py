@@ -223,14 +223,13 @@ def test_agents_fields(store):
 def test_status_does_not_bump_revision(store):
     store.add_agent("ag-1", ["web"], 1, 2e9)
     rev = store.revision()
-    store.set_agent_status("ag-1", connected_since=100.0, address="10.0.0.5:51000",
-                           bytes_in=2**40, bytes_out=5)
+    store.set_agent_statuses([("ag-1", 100.0, "10.0.0.5:51000", 2**40, 5)])
     assert store.revision() == rev
     a = store.get_agent("ag-1")
     assert (a["connected_since"], a["address"], a["bytes_in"], a["bytes_out"]) == (
         100.0, "10.0.0.5:51000", 2**40, 5)
     assert a["last_seen"] is not None
-    store.set_agent_status("nobody", connected_since=None, address=None, bytes_in=0, bytes_out=0)
+    store.set_agent_statuses([("nobody", None, None, 0, 0)])
     store.clear_all_status()
     a = store.get_agent("ag-1")
     assert a["connected_since"] is None and a["address"] is None

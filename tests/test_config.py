@@ -1,0 +1,51 @@
+"""The one duration parser and the one host:port parser of relayd's config
+(flags, TOML, join-token addresses): strict, with errors that name the key."""
+
+import pytest
+
+from relayd.config import parse_duration, parse_hostport
+from relayd.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("30s", 30), ("15m", 900), ("2h", 7200), ("7d", 604800), ("1h30m", 5400),
+     ("90", 90), ("1.5", 1.5), ("0.5h", 1800), (" 10m ", 600), ("500ms", 0.5),
+     ("1d2h3m4s", 93784), ("0s", 0), (0, 0), (2.5, 2.5)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "-5m", "5x", "m", "1h 30m", "h1", "inf", "nan", "1e3", "1_000",
+             "5M", "1.h", None, True, -1, float("inf")]
+)
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError, match="config key 'serve.grace'"):
+        parse_duration(text, "serve.grace")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("example.com:443", ("example.com", 443)), ("127.0.0.1:0", ("127.0.0.1", 0)),
+     ("[::1]:8443", ("::1", 8443)), ("localhost:65535", ("localhost", 65535)),
+     (":7000", ("0.0.0.0", 7000))],
+)
+def test_parse_hostport(text, expected):
+    assert parse_hostport(text, "serve.agents") == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "example.com", "example.com:", "example.com:http", "h:65536",
+             "h:-1", "::1:443", "[::1]", "[::1]443", "[nope]:443", "[::1:443", "a b:1",
+             "h:+1", "h: 1", "é.com:1", "a..b:1", None]
+)
+def test_parse_hostport_rejects(text):
+    with pytest.raises(ConfigError, match="config key 'serve.agents'"):
+        parse_hostport(text, "serve.agents")
+
+
+def test_an_address_to_dial_needs_a_host():
+    with pytest.raises(ConfigError, match="names no host"):
+        parse_hostport(":443", "join token address", need_host=True)
