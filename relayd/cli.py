@@ -99,6 +99,8 @@ def serve_config(args: argparse.Namespace):
         cfg.grace = C.parse_duration(args.grace, "--grace")
     if args.agent_cert_ttl is not None:
         cfg.agent_cert_ttl = C.parse_duration(args.agent_cert_ttl, "--agent-cert-ttl")
+    if args.drain is not None:
+        cfg.drain = C.parse_duration(args.drain, "--drain")
     for item in args.tcp or []:
         name, hp = C.parse_endpoint_flag(item, "--tcp")
         cfg.tcp[name] = hp
@@ -126,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await node.start()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, node.reload_certs)
         await stop.wait()
-        await node.stop()
+        await node.stop(drain=cfg.drain)
         return 0
 
     return run(run_relay())
@@ -147,6 +149,8 @@ def agent_config(args: argparse.Namespace):
         cfg.transport = args.transport
     if args.proxy:
         cfg.proxy = args.proxy
+    if args.drain is not None:
+        cfg.drain = C.parse_duration(args.drain, "--drain")
     for item in args.endpoint or []:
         name, hp = C.parse_endpoint_flag(item, "--endpoint")
         cfg.endpoints[name] = hp
@@ -171,7 +175,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        await node.stop()
+        await node.stop(drain=cfg.drain if stop.is_set() else 0.0)
         if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
             raise waiter.exception()
         return 0
@@ -274,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP endpoint on the HTTPS port, routed by Host and path prefix (repeatable)")
     s.add_argument("--grace", help="hold public connections this long while no agent serves them (default 0s)")
     s.add_argument("--agent-cert-ttl", help="lifetime of agent certificates (default 30d)")
+    s.add_argument("--drain", help="on stop, let open streams finish this long after GoAway (default 10s)")
     s.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("agent", help="run an agent: dial out to the relay, serve local endpoints")
@@ -283,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--endpoint", action="append", metavar="NAME=HOST:PORT", help="local service (repeatable)")
     a.add_argument("--transport", choices=["tls", "wss", "auto"], help="agent link transport (default tls)")
     a.add_argument("--proxy", help="forward proxy URL")
+    a.add_argument("--drain", help="on stop, let open streams finish this long after GoAway (default 10s)")
     a.set_defaults(func=cmd_agent)
 
     ad = sub.add_parser("admin", help="manage a relay's data directory")

@@ -8,6 +8,7 @@ flags, flags winning. Everything a flag can say the file can say too.
     hostname = "relay.example.com"    # name on the relay's TLS certificate
     metrics = "127.0.0.1:9100"
     grace = "0s"                      # hold public connections while no agent
+    drain = "10s"                     # on stop: GoAway, open streams may finish
     agent_cert_ttl = "30d"
     [serve.tcp]
     web = "0.0.0.0:8080"              # endpoint name = public TCP listener
@@ -17,6 +18,7 @@ flags, flags winning. Everything a flag can say the file can say too.
     join = "relayd1...."              # only needed once
     transport = "tls"
     reconnect_max = "30s"
+    drain = "10s"                     # on stop: GoAway, open streams may finish
     [agent.endpoints]
     web = "127.0.0.1:80"
 
@@ -146,6 +148,8 @@ class ServeConfig:
     #: HTTP endpoints on the HTTPS port: NAME -> "HOSTNAME[/PREFIX]"
     http: dict[str, str] = field(default_factory=dict)
     gateway_timeout: float = 60.0
+    #: On SIGTERM/SIGINT: seconds open streams may finish after GoAway.
+    drain: float = 10.0
     mux: MuxConfig = field(default_factory=MuxConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     log_level: str = "info"
@@ -236,6 +240,8 @@ class AgentConfig:
     transport: str = "tls"
     proxy: str | None = None
     reconnect_max: float = 30.0
+    #: On SIGTERM/SIGINT: seconds open streams may finish after GoAway.
+    drain: float = 10.0
     mux: MuxConfig = field(default_factory=MuxConfig)
     log_level: str = "info"
 
@@ -265,8 +271,8 @@ class AgentConfig:
 
 
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
-               "http", "gateway_timeout"}
-_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints"}
+               "http", "gateway_timeout", "drain"}
+_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints", "drain"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
 
 
@@ -368,6 +374,8 @@ def load_serve(path: Path | None) -> ServeConfig:
         cfg.http[_check_name(name, f"serve.http.{name}")] = _str(v, f"serve.http.{name}")
     if "gateway_timeout" in s:
         cfg.gateway_timeout = parse_duration(s["gateway_timeout"], "serve.gateway_timeout")
+    if "drain" in s:
+        cfg.drain = parse_duration(s["drain"], "serve.drain")
     tcp = s.get("tcp", {})
     if not isinstance(tcp, dict):
         raise ConfigError("config key 'serve.tcp': expected a table of NAME = \"HOST:PORT\"")
@@ -393,6 +401,8 @@ def load_agent(path: Path | None) -> AgentConfig:
         cfg.proxy = _str(a["proxy"], "agent.proxy")
     if "reconnect_max" in a:
         cfg.reconnect_max = parse_duration(a["reconnect_max"], "agent.reconnect_max")
+    if "drain" in a:
+        cfg.drain = parse_duration(a["drain"], "agent.drain")
     eps = a.get("endpoints", {})
     if not isinstance(eps, dict):
         raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")

@@ -218,7 +218,10 @@ class RelayNode:
         log.info("certificates reloaded", extra={"names": ",".join(sorted(names))})
         return True
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting, send every agent link GoAway, let open streams
+        finish for up to ``drain`` seconds, then close; what is still open
+        then is cut (reset)."""
         for t in self._tasks:
             t.cancel()
         self.seam.close()
@@ -226,10 +229,20 @@ class RelayNode:
             lst.close()
         for s in self._servers:
             s.close()
-        for sess in list(self.sessions.values()):
-            sess.conn.abort()
+        links = [sess.conn for sess in self.sessions.values()]
+        for conn in links:
+            conn.go_away()
+        if drain > 0 and links:
+            busy = sum(c.stream_count() for c in links)
+            log.info("draining: no new streams, open ones may finish",
+                     extra={"streams": busy, "drain_s": drain})
+            done = await asyncio.gather(*(c.drained(drain) for c in links))
+            left = sum(c.stream_count() for c, ok in zip(links, done) if not ok)
+            log.info("drained" if not left else "drain time over: cutting what is left", extra={"streams": left})
         for sp in list(self._public):
             sp._abort()
+        for conn in links:
+            conn.abort()
         for s in self._servers:
             try:
                 await asyncio.wait_for(s.wait_closed(), 2)

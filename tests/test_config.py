@@ -49,3 +49,12 @@ def test_parse_hostport_rejects(text):
 def test_an_address_to_dial_needs_a_host():
     with pytest.raises(ConfigError, match="names no host"):
         parse_hostport(":443", "join token address", need_host=True)
+
+
+def test_drain_has_a_key_in_both_configs(tmp_path):
+    from relayd.config import load_agent, load_serve
+
+    f = tmp_path / "c.toml"
+    f.write_text('[serve]\ndrain = "30s"\n[agent]\ndrain = "2m"\n')
+    assert load_serve(f).drain == 30 and load_agent(f).drain == 120
+    assert load_serve(None).drain == 10  # the default

@@ -247,8 +247,17 @@ class AgentNode:
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop. With ``drain``: first send the relay GoAway (it sends new
+        streams to other agents from then on) and let open streams finish for
+        up to ``drain`` seconds."""
         self._stopping = True
+        conn = self.conn
+        if conn is not None and drain > 0 and not conn.closed:
+            conn.go_away()
+            log.info("draining: the relay sends new streams elsewhere", extra={"streams": conn.stream_count()})
+            if not await conn.drained(drain):
+                log.info("drain time over: cutting what is left", extra={"streams": conn.stream_count()})
         for t in (self._task, self._renew_task):
             if t is not None:
                 t.cancel()

@@ -64,9 +64,10 @@ class AgentRegistry:
         return current
 
     def pick(self, endpoint: str) -> AgentSession | None:
-        """A live agent serving ``endpoint``: the one with the fewest open streams."""
+        """A live agent serving ``endpoint`` that takes new streams (not
+        draining): the one with the fewest open streams."""
         best = None
         for s in self.by_endpoint.get(endpoint, ()):
-            if not s.conn.closed and (best is None or s.conn.stream_count() < best.conn.stream_count()):
+            if s.conn.accepting_streams and (best is None or s.conn.stream_count() < best.conn.stream_count()):
                 best = s
         return best

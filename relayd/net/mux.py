@@ -305,6 +305,7 @@ class MuxConnection(asyncio.Protocol):
         self._resume_callbacks: list = []
         self._flush_scheduled = False
         self._opening: dict[int, MuxStream] = {}
+        self._idle_waiters: list[asyncio.Future] = []
         self._open_sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self.closed_future: asyncio.Future = self._loop.create_future()
@@ -528,7 +529,8 @@ class MuxConnection(asyncio.Protocol):
             self._forget(st.stream_id)
 
     def _forget(self, stream_id: int) -> None:
-        """The one way out of the stream table: tells the stream's meter."""
+        """The one way out of the stream table: tells the stream's meter,
+        and whoever waits for the table to empty (``drained``)."""
         st = self._streams.pop(stream_id, None)
         if st is not None and st.meter is not None:
             meter, st.meter = st.meter, None
@@ -536,6 +538,11 @@ class MuxConnection(asyncio.Protocol):
                 meter.ended()
             except Exception as exc:
                 caught("mux_meter", exc, conn=self.name)
+        if not self._streams and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
 
     async def _drain(self) -> None:
         if not self._write_paused or self._closed:
@@ -573,6 +580,25 @@ class MuxConnection(asyncio.Protocol):
 
     def stream_count(self) -> int:
         return len(self._streams)
+
+    @property
+    def accepting_streams(self) -> bool:
+        """False once either side sent GoAway (draining) or the link is gone."""
+        s = self.session
+        return not self._closed and s.local_go_away is None and s.remote_go_away is None
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no stream is left (or the link is gone); False if
+        ``timeout`` passed first."""
+        if not self._streams or self._closed:
+            return True
+        fut = self._loop.create_future()
+        self._idle_waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return not self._streams
 
     async def open_stream(self) -> MuxStream:
         """Open a stream; it may be written to at once (yamux needs no wait).

@@ -1,0 +1,93 @@
+"""Planned stops that drop nothing: a node that stops sends GoAway, takes no
+new streams, and lets the open ones finish for its drain time; an agent that
+drains sends the relay GoAway and the relay sends new streams to its other
+agents meanwhile."""
+
+import asyncio
+import os
+
+from relayd.net import run
+from tests.tunnel.util import echo_service, join_token, start_agent, start_relay, wait_for
+
+
+async def echo_once(r, w, size=100_000) -> bool:
+    payload = os.urandom(size)
+    w.write(payload)
+    return await asyncio.wait_for(r.readexactly(size), 10) == payload
+
+
+def test_relay_stop_lets_open_streams_finish(tmp_path):
+    async def main():
+        loop = asyncio.get_running_loop()
+        relay = await start_relay(tmp_path)
+        port = relay.tcp_ports["echo"]
+        async with echo_service() as svc:
+            agent = await start_agent(tmp_path, "a1", join_token(relay), {"echo": ("127.0.0.1", svc)})
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            assert await echo_once(r, w)
+            t0 = loop.time()
+            stopping = asyncio.ensure_future(relay.stop(drain=5.0))
+            await asyncio.sleep(0.2)
+            # Draining: the listener is closed, the open stream still works.
+            try:
+                await asyncio.open_connection("127.0.0.1", port)
+                raise AssertionError("a new connection was accepted while draining")
+            except ConnectionRefusedError:
+                pass
+            assert await echo_once(r, w)
+            assert not stopping.done()
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b""  # a clean end, not a cut
+            w.close()
+            await asyncio.wait_for(stopping, 5)
+            assert loop.time() - t0 < 3  # done when the stream was, not at the end of the drain time
+            await agent.stop()
+
+    run(main())
+
+
+def test_relay_stop_cuts_what_outlives_the_drain_time(tmp_path):
+    async def main():
+        relay = await start_relay(tmp_path)
+        async with echo_service() as svc:
+            agent = await start_agent(tmp_path, "a1", join_token(relay), {"echo": ("127.0.0.1", svc)})
+            r, w = await asyncio.open_connection("127.0.0.1", relay.tcp_ports["echo"])
+            assert await echo_once(r, w)
+            await relay.stop(drain=0.5)
+            try:
+                data = await asyncio.wait_for(r.read(), 5)
+                raise AssertionError(f"clean end after the drain time: {data!r}")
+            except ConnectionResetError:
+                pass
+            w.close()
+            await agent.stop()
+
+    run(main())
+
+
+def test_a_draining_agent_gets_no_new_streams(tmp_path):
+    async def main():
+        relay = await start_relay(tmp_path)
+        port = relay.tcp_ports["echo"]
+        async with echo_service() as svc:
+            a = await start_agent(tmp_path, "a", join_token(relay), {"echo": ("127.0.0.1", svc)})
+            r, w = await asyncio.open_connection("127.0.0.1", port)  # on a: the only agent
+            assert await echo_once(r, w)
+            b = await start_agent(tmp_path, "b", join_token(relay), {"echo": ("127.0.0.1", svc)})
+            served_a, served_b = a.streams_served, b.streams_served
+            draining = asyncio.ensure_future(a.stop(drain=5.0))
+            await wait_for(lambda: not relay.sessions[a.identity["agent_id"]].conn.accepting_streams, 5)
+            for _ in range(6):  # new connections all go to b
+                r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+                assert await echo_once(r2, w2, 1000)
+                w2.close()
+            assert a.streams_served == served_a and b.streams_served == served_b + 6
+            assert await echo_once(r, w)  # a's open stream goes on meanwhile
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+            await asyncio.wait_for(draining, 5)
+            await b.stop()
+        await relay.stop()
+
+    run(main())
