@@ -89,12 +89,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
-def rss_kib(pids: list[int]) -> int:
+def rss_kib(pids: list[int], field: str = "VmRSS:") -> int:
+    """Summed RSS of ``pids`` (``VmHWM:``: their peaks since they started)."""
     total = 0
     for pid in pids:
         try:
             for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -460,6 +461,8 @@ def run_target(ctx: Ctx, name: str) -> dict:
         public, procs = SETUP[name](ctx, iperf_port, "iperf")
         out["ready_iperf_s"] = round(wait_ready("iperf", public, a.ready_timeout, procs), 3)
         settle(a.settle)
+        if procs:
+            out["rss_before_iperf_kib"] = rss_kib([pid for p in procs for pid in p.tree()])
         for streams in (1, 8):
             pids = [pid for p in procs for pid in p.tree()]
             c0 = cpu_seconds(pids)
@@ -473,6 +476,12 @@ def run_target(ctx: Ctx, name: str) -> dict:
             print(f"  {name}: iperf3 -P {streams}: "
                   + (f"{r['gbit_s']:.2f} Gbit/s" if "error" not in r else r["error"]), flush=True)
             settle(a.settle)
+        if procs:
+            # Peak during the runs (the 8-stream one dominates), and what is
+            # left once they are over.
+            pids = [pid for p in procs for pid in p.tree()]
+            out["rss_peak_iperf_kib"] = rss_kib(pids, "VmHWM:")
+            out["rss_after_iperf_kib"] = rss_kib(pids)
         reg.stop(procs)
         procs = []
         settle(a.settle)
@@ -546,6 +555,8 @@ COLUMNS = [  # key, header, better ("hi"/"lo"), proxy-only
     ("cpu", "CPU s/GB", "lo", True),
     ("rss", "RSS idle MiB", "lo", True),
     ("rss1k", "RSS per 1000 streams MiB", "lo", True),
+    ("rsspk", "peak RSS under iperf MiB", "lo", True),
+    ("rssaft", "RSS after iperf MiB", "lo", True),
 ]
 
 
@@ -566,6 +577,8 @@ def metrics(r: dict) -> dict:
         "rss": r["rss_idle_kib"] / 1024 if r.get("rss_idle_kib") else None,
         "rss1k": (get("hold", "rss_per_1000_kib") / 1024
                   if get("hold", "rss_per_1000_kib") is not None else None),
+        "rsspk": r["rss_peak_iperf_kib"] / 1024 if r.get("rss_peak_iperf_kib") else None,
+        "rssaft": r["rss_after_iperf_kib"] / 1024 if r.get("rss_after_iperf_kib") else None,
     }
     return m
 
@@ -575,7 +588,7 @@ def fmt(v, key: str) -> str:
         return "-"
     if key in ("p50", "p99", "cps"):
         return f"{v:,.0f}"
-    if key in ("rss", "rss1k"):
+    if key in ("rss", "rss1k", "rsspk", "rssaft"):
         return f"{v:.1f}"
     return f"{v:.2f}"
 
