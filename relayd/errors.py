@@ -70,6 +70,24 @@ class FloodError(ProtocolError):
     """The peer makes us queue more replies (pongs, refusals) than allowed."""
 
 
+class WebSocketError(ProtocolError):
+    """A WebSocket peer broke RFC 6455; ``close_code`` is the code to close with."""
+
+    close_code = 1002  # protocol error
+
+
+class InvalidUtf8(WebSocketError):
+    """Text (or a close reason) that is not UTF-8."""
+
+    close_code = 1007  # invalid frame payload data
+
+
+class MessageTooBig(FrameTooLarge):
+    """A WebSocket message above the configured limit."""
+
+    close_code = 1009  # message too big
+
+
 class InternalError(RelaydError):
     """A bug in relayd itself; the session ends with GoAway internal-error."""
 

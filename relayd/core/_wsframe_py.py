@@ -36,7 +36,9 @@ import struct
 
 import cython
 
-from relayd.errors import FrameTooLarge, InvalidFlags, ProtocolError
+# The errors are defined once, outside this module, so that both builds raise
+# the very same classes (an except clause or isinstance works for either).
+from relayd.errors import FrameTooLarge, InvalidFlags, InvalidUtf8, MessageTooBig, ProtocolError, WebSocketError
 
 OP_CONTINUATION = 0
 OP_TEXT = 1
@@ -52,20 +54,6 @@ CLOSE_TOO_BIG = 1009
 
 _MAX_CONTROL = 125
 _MAX_LEN = (1 << 63) - 1
-
-
-class WebSocketError(ProtocolError):
-    """A WebSocket peer broke RFC 6455."""
-
-    close_code = CLOSE_PROTOCOL_ERROR
-
-
-class InvalidUtf8(WebSocketError):
-    close_code = CLOSE_INVALID_DATA
-
-
-class MessageTooBig(FrameTooLarge):
-    close_code = CLOSE_TOO_BIG
 
 
 # --- events -------------------------------------------------------------------
