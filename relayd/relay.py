@@ -251,7 +251,7 @@ class RelayNode:
         if self._status_writes:
             await asyncio.gather(*self._status_writes, return_exceptions=True)
         if self.store is not None:
-            self._flush_status()
+            await self._flush_status()
             self.store.close()
             self.store = None
         self.stopped.set()
@@ -268,11 +268,11 @@ class RelayNode:
                 return {"ok": True, "ca": self.ca.cert_pem.decode(), "wss": self.wss_address}, None
             if op == "enroll":
                 return await self._enroll(msg, peer), None
-            ident = self._peer_identity(transport)
+            ident = await self._peer_identity(transport)
             if op == "renew":
                 return await self._renew(msg, ident, peer), None
             if op == "tunnel":
-                return self._tunnel(msg, ident, peer)
+                return await self._tunnel(msg, ident, peer)
             metrics.BAD_INPUT.labels("agent_port", "unknown_op").inc()
             raise AuthError("unknown request")
         except AuthError as exc:
@@ -301,7 +301,13 @@ class RelayNode:
             log.error("agent request failed: %s", reason, extra={"op": op or "unknown", "peer": peer})
             return {"ok": False, "error": f"relay could not complete the {what}: internal error", "retry": True}, None
 
-    def _peer_identity(self, transport) -> tuple[str, int]:
+    async def _db(self, fn, *args):
+        """Every store call goes through here: in a worker thread, never on
+        the event loop (a write fsyncs, and a loop stalled on the disk stalls
+        every link)."""
+        return await asyncio.to_thread(fn, *args)
+
+    async def _peer_identity(self, transport) -> tuple[str, int]:
         sslobj = transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         if not der:
@@ -310,7 +316,7 @@ class RelayNode:
         agent_id = info.get("agent_id") or info.get("common_name")
         if not agent_id:
             raise AuthError("client certificate names no agent")
-        if self.store.is_revoked(agent_id, info["serial"]):
+        if await self._db(self.store.is_revoked, agent_id, info["serial"]):
             raise AuthError(f"agent {agent_id}: certificate revoked or unknown")
         return agent_id, info["serial"]
 
@@ -321,11 +327,11 @@ class RelayNode:
         # The token is checked before the CA signs anything for this peer, and
         # spent in the transaction that records the agent: a refusal (a bad
         # CSR) or a failure (a full disk) on the way leaves it valid.
-        await asyncio.to_thread(self.store.check_join_token, token_id, secret)
+        await self._db(self.store.check_join_token, token_id, secret)
         agent_id = "ag-" + secrets.token_hex(6)
         cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
         info = cert_info(cert)
-        endpoints = await asyncio.to_thread(self.store.enroll_agent, token_id, secret, agent_id, info["serial"],
+        endpoints = await self._db(self.store.enroll_agent, token_id, secret, agent_id, info["serial"],
                                             info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("enroll", "success").inc()
         log.info("agent enrolled", extra={"agent": agent_id, "peer": peer, "allowed": ",".join(endpoints) or "*"})
@@ -339,17 +345,17 @@ class RelayNode:
             raise AuthError("renew request needs csr")
         cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
         info = cert_info(cert)
-        await asyncio.to_thread(self.store.update_agent_cert, agent_id, info["serial"], info["not_after"].timestamp())
+        await self._db(self.store.update_agent_cert, agent_id, info["serial"], info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("renew", "success").inc()
         log.info("agent certificate renewed", extra={"agent": agent_id, "peer": peer})
         return {"ok": True, "cert": cert.decode()}
 
-    def _tunnel(self, msg: dict, ident: tuple[str, int], peer: str) -> tuple[dict, asyncio.Protocol]:
+    async def _tunnel(self, msg: dict, ident: tuple[str, int], peer: str) -> tuple[dict, asyncio.Protocol]:
         agent_id, serial = ident
         wanted = msg.get("endpoints")
         if not isinstance(wanted, list) or not all(isinstance(e, str) for e in wanted):
             raise AuthError("tunnel request needs a list of endpoints")
-        record = self.store.get_agent(agent_id)
+        record = await self._db(self.store.get_agent, agent_id)
         allowed = set(record["endpoints"]) if record else set()
         if allowed and not set(wanted) <= allowed:
             raise AuthError(f"agent {agent_id} may not serve {sorted(set(wanted) - allowed)}")
@@ -412,15 +418,17 @@ class RelayNode:
         while True:
             await asyncio.sleep(REVOCATION_POLL)
             try:
-                rev = self.store.revision()
+                rev = await self._db(self.store.revision)
                 if rev == self._revision:
                     continue
                 self._revision = rev
-                for sess in list(self.sessions.values()):
-                    if self.store.is_revoked(sess.agent_id, sess.serial):
-                        log.warning("agent revoked: cutting its link", extra={"agent": sess.agent_id})
-                        self._unregister(sess)
-                        sess.conn.abort()
+                sessions = list(self.sessions.values())
+                revoked = await self._db(
+                    lambda: [s for s in sessions if self.store.is_revoked(s.agent_id, s.serial)])
+                for sess in revoked:
+                    log.warning("agent revoked: cutting its link", extra={"agent": sess.agent_id})
+                    self._unregister(sess)
+                    sess.conn.abort()
             except Exception:
                 log.exception("revocation check failed")
 
@@ -430,13 +438,14 @@ class RelayNode:
             return
         row = (sess.agent_id, sess.connected_since if connected else None, sess.address,
                sess.conn.bytes_in, sess.conn.bytes_out)
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.set_agent_statuses, [row]))
+        task = asyncio.get_running_loop().create_task(self._db(self.store.set_agent_statuses, [row]))
         self._status_writes.add(task)
         task.add_done_callback(self._status_writes.discard)
 
-    def _flush_status(self) -> None:
-        self.store.set_agent_statuses([(s.agent_id, None, s.address, s.conn.bytes_in, s.conn.bytes_out)
-                                       for s in self.sessions.values()])
+    async def _flush_status(self) -> None:
+        await self._db(self.store.set_agent_statuses,
+                       [(s.agent_id, None, s.address, s.conn.bytes_in, s.conn.bytes_out)
+                        for s in self.sessions.values()])
 
     async def _write_status(self) -> None:
         # One transaction for all agents, off the event loop: the store
@@ -446,7 +455,7 @@ class RelayNode:
             rows = [(s.agent_id, s.connected_since, s.address, s.conn.bytes_in, s.conn.bytes_out)
                     for s in self.sessions.values()]
             try:
-                await asyncio.to_thread(self.store.set_agent_statuses, rows)
+                await self._db(self.store.set_agent_statuses, rows)
             except Exception:
                 log.exception("status update failed")
 
