@@ -10,9 +10,10 @@ Mode byte, bits 0-1:
    would);
 1. the same with a 64-byte limit;
 2. ``ServerPreamble`` (the relay): the request goes to a handler that
-   answers ``{"ok": True}`` and closes;
-3. ``ClientPreamble`` (the agent): the reply; an ``ok`` reply hands the
-   transport, and the bytes after the reply, to the next protocol.
+   types it with ``wire.decode_request``, answers and closes;
+3. ``ClientPreamble`` (the agent): the reply, read by ``wire.check_reply``;
+   an ``ok`` reply of this link version hands the transport, and the bytes
+   after the reply, to the next protocol.
 
 Oracles: nothing but ``FramingError`` escapes ``feed``, ``data_received``
 raises nothing, relayd logs no error of its own; a message comes exactly when its 4-byte length and body are
@@ -20,7 +21,8 @@ in, is a map of at most ``limit`` bytes whose decoded objects number no more
 than its bytes, and the bytes after it are exactly the rest of the input so
 far; a length above the limit is refused as soon as the length is in; the
 server's handler runs at most once, and the client's next protocol gets
-exactly the bytes after the reply.
+exactly the bytes after the reply; the typed decoders raise only
+``WireError`` and ``Refusal``.
 
     python fuzz/fuzz_preamble.py [libFuzzer options] [corpus dirs or a crash file]
 """
@@ -38,10 +40,11 @@ from fuzz import harness
 from fuzz.harness import FakeTransport, Finding, check
 
 with harness.instrumented(__name__ == "__main__"):
+    from relayd.core import wire
     from relayd.core.framing import MAX_MESSAGE, FramingError, MessageReader
     from relayd.net.preamble import ClientPreamble, ServerPreamble
 
-REPLY = {"ok": True}
+REPLY = wire.ok_reply()
 
 
 def test_one_input(data: bytes) -> None:
@@ -123,6 +126,11 @@ async def server(reads) -> None:
 
     async def handler(msg, transport):
         requests.append(msg)
+        try:
+            wire.decode_request(msg)
+        except wire.WireError as exc:
+            return wire.refusal_reply(exc.code if isinstance(exc, wire.VersionMismatch) else wire.BAD_REQUEST,
+                                      str(exc)), None
         return REPLY, None
 
     log: list = []
@@ -155,7 +163,7 @@ class _Next(asyncio.Protocol):
 async def client(reads) -> None:
     nxt = _Next()
     t = FakeTransport([])
-    pre = ClientPreamble({"op": "tunnel", "endpoints": ["web"]}, lambda reply: nxt)
+    pre = ClientPreamble(wire.TunnelRequest(("web",)), lambda reply: nxt)
     pre.connection_made(t)
     fed = b""
     done_at = None
@@ -176,7 +184,11 @@ async def client(reads) -> None:
     reply = pre.reply.result()
     n = _length(fed)
     _check_message(fed[:done_at], reply, fed[4 + n:done_at], MAX_MESSAGE)
-    if reply.get("ok"):
+    try:
+        ok = wire.check_reply(reply) is reply
+    except (wire.Refusal, wire.VersionMismatch):
+        ok = False
+    if ok:
         check(pre.protocol is nxt, "an ok reply did not hand the link over")
         check(nxt.got == fed[4 + n:done_at], "the next protocol did not get exactly the bytes after the reply")
     else:

@@ -26,6 +26,7 @@ from fuzz import fuzz_http_request, fuzz_http_response, fuzz_wsframe, fuzz_yamux
 from fuzz.harness import REQUESTS, RESPONSES, script_of
 from relayd.core import _wsframe_py as W
 from relayd.core import _yamux_py as K
+from relayd.core import wire
 from relayd.core.framing import encode_message
 from tests.core.frames import data, frame, goaway, ping, syn, wnd
 
@@ -284,10 +285,10 @@ def http_response_seeds() -> dict:
 
 def preamble_seeds() -> dict:
     READER, SMALL, SERVER, CLIENT = range(4)
-    tunnel = encode_message({"op": "tunnel", "endpoints": ["web", "db"]})
+    tunnel = encode_message(wire.encode_request(wire.TunnelRequest(("web", "db"))))
     csr = "-----BEGIN CERTIFICATE REQUEST-----\n" + "MIIB" * 60 + "\n-----END CERTIFICATE REQUEST-----\n"
-    enroll = encode_message({"op": "enroll", "id": "jt-1a2b", "secret": "s" * 43, "csr": csr})
-    ok = encode_message({"ok": True, "agent_id": "ag-0123456789ab"})
+    enroll = encode_message(wire.encode_request(wire.EnrollRequest("jt-1a2b", "s" * 43, csr)))
+    ok = encode_message(wire.ok_reply(agent_id="ag-0123456789ab"))
 
     def raw(body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + body
@@ -295,7 +296,7 @@ def preamble_seeds() -> dict:
     return {
         "tunnel": (READER, [(tunnel, 0)]),
         "enroll": (READER, [(enroll[:100], 0), (enroll[100:], 0)]),
-        "two-messages-and-a-tail": (READER, [(tunnel + encode_message({"op": "ca"}) + tunnel[:7], 0)]),
+        "two-messages-and-a-tail": (READER, [(tunnel + encode_message(wire.encode_request(wire.CaRequest())) + tunnel[:7], 0)]),
         "length-too-large": (READER, [(b"\xff\xff\xff\xff", 0)]),
         "empty-body": (READER, [(raw(b""), 0)]),
         "not-a-map": (READER, [(raw(msgpack.packb([1, 2, 3])), 0)]),
@@ -309,14 +310,17 @@ def preamble_seeds() -> dict:
         "limit-64-exact": (SMALL, [(raw(msgpack.packb({"k": "v" * 59})), 0)]),
         "limit-64-above": (SMALL, [(raw(msgpack.packb({"k": "v" * 60})), 0)]),
         "server-tunnel": (SERVER, [(tunnel, 0)]),
-        "server-one-byte-reads": (SERVER, small_reads(encode_message({"op": "ca"}))),
+        "server-one-byte-reads": (SERVER, small_reads(encode_message(wire.encode_request(wire.CaRequest())))),
         "server-client-spoke-early": (SERVER, [(tunnel + b"\x00\x00\x00\x0c", 0)]),
         "server-spoke-after-request": (SERVER, [(tunnel, 0), (b"more", 0)]),
         "server-bad-length": (SERVER, [(b"\x7f\xff\xff\xff", 0)]),
         "client-ok-then-yamux": (CLIENT, [(ok + syn(2) + data(2, b"hi"), 0), (ping(1), 0)]),
-        "client-refused": (CLIENT, [(encode_message({"ok": False, "error": "agent ag-1: certificate revoked"}), 0)]),
+        "client-refused": (CLIENT, [(encode_message(wire.refusal_reply(wire.REVOKED, "agent ag-1: certificate revoked")), 0)]),
         "client-reply-split": (CLIENT, [(ok[:3], 0), (ok[3:9], 0), (ok[9:], 0)]),
         "client-not-a-map": (CLIENT, [(raw(msgpack.packb("ok")), 0)]),
+        "client-other-version": (CLIENT, [(encode_message({"v": 2, "ok": True}) + syn(2), 0)]),
+        "server-other-version": (SERVER, [(encode_message({"v": 2, "op": "tunnel", "endpoints": []}), 0)]),
+        "server-unversioned": (SERVER, [(encode_message({"op": "ca"}), 0)]),
     }
 
 

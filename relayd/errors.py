@@ -107,7 +107,25 @@ class SessionClosedError(RelaydError):
 
 
 class AuthError(RelaydError):
-    """An identity, token or certificate was refused."""
+    """An identity, token or certificate was refused.
+
+    ``code`` is the refusal's kind as the link protocol carries it
+    (relayd.core.wire): peers act on the code, never on the text.
+    """
+
+    code = "unauthorized"
+
+
+class RevokedError(AuthError):
+    """A certificate or identity that was revoked (or is unknown)."""
+
+    code = "revoked"
+
+
+class ForbiddenError(AuthError):
+    """A known identity asking for something it may not have."""
+
+    code = "forbidden"
 
 
 class DataDirError(ConfigError):

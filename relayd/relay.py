@@ -21,6 +21,7 @@ a live link within a second.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import ssl
@@ -32,11 +33,13 @@ from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
 from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.store import Store
-from relayd.errors import AuthError, ConfigError, RelaydError
+from relayd.core import wire
+from relayd.core.wire import KIND_CONTROL, KIND_HTTP, StreamHeader
+from relayd.errors import AuthError, ConfigError, ForbiddenError, RelaydError, RevokedError
 from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.gateway.streams import StreamSeam
 from relayd.log import RateLimitedLog
-from relayd.net import admission, peer_name, tls
+from relayd.net import admission, control, peer_name, tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
@@ -46,8 +49,6 @@ from relayd.net.wslink import HttpsPort
 log = logging.getLogger("relayd.relay")
 # Refusals anyone can cause at will: rate-limited lines (every one is counted).
 _REFUSALS = RateLimitedLog(log)
-#: The requests the agents port serves (relayd.net.preamble).
-_OPS = frozenset({"ca", "enroll", "renew", "tunnel"})
 
 REVOCATION_POLL = 0.5
 STATUS_INTERVAL = 2.0
@@ -76,6 +77,7 @@ class RelayNode:
         self._revision = -1
         self._status_writes: set[asyncio.Task] = set()
         self._active_children: dict[str, object] = {}
+        self.control_handlers: dict = {}  # control message type -> handler (on_control)
         self.stopped = asyncio.Event()
 
     @property
@@ -178,7 +180,7 @@ class RelayNode:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
             routes = [parse_route(name, r) for name, r in self.cfg.http.items()]
-            opener = self.seam.open
+            opener = functools.partial(self.seam.open, kind=KIND_HTTP)
             make_http = (lambda port, t: HttpConnection(port, t, routes, opener, self.cfg.gateway_timeout)) \
                 if routes else None
             hs = admission.TlsListener(
@@ -260,29 +262,31 @@ class RelayNode:
 
     async def _on_request(self, msg: dict, transport) -> tuple[dict, asyncio.Protocol | None]:
         op = msg.get("op")
-        if op not in _OPS:
+        if op not in wire.REQUESTS:
             op = None  # attacker text: never logged, never echoed
         peer = peer_name(transport)
         try:
-            if op == "ca":
-                return {"ok": True, "ca": self.ca.cert_pem.decode(), "wss": self.wss_address}, None
-            if op == "enroll":
-                return await self._enroll(msg, peer), None
+            req = wire.decode_request(msg)
+            if isinstance(req, wire.CaRequest):
+                return wire.ok_reply(ca=self.ca.cert_pem.decode(), wss=self.wss_address), None
+            if isinstance(req, wire.EnrollRequest):
+                return await self._enroll(req, peer), None
             ident = await self._peer_identity(transport)
-            if op == "renew":
-                return await self._renew(msg, ident, peer), None
-            if op == "tunnel":
-                return await self._tunnel(msg, ident, peer)
-            metrics.BAD_INPUT.labels("agent_port", "unknown_op").inc()
-            raise AuthError("unknown request")
-        except AuthError as exc:
-            kind = {"enroll": "enroll", "renew": "renew"}.get(op)
-            if kind:
-                metrics.ENROLLMENTS.labels(kind, "refused").inc()
+            if isinstance(req, wire.RenewRequest):
+                return await self._renew(req, ident, peer), None
+            return await self._tunnel(req, ident, peer)
+        except (AuthError, wire.WireError) as exc:
+            code = getattr(exc, "code", wire.BAD_REQUEST)
+            if isinstance(exc, wire.WireError) and not isinstance(exc, wire.VersionMismatch):
+                code = wire.BAD_REQUEST
+                metrics.BAD_INPUT.labels("agent_port", "unknown_op" if op is None else "bad_request").inc()
+            if op in ("enroll", "renew"):
+                metrics.ENROLLMENTS.labels(op, "refused").inc()
             if op == "tunnel":
                 metrics.LISTENER_CONNECTIONS.labels("refused").inc()
-            _REFUSALS.warning("agent request refused: %s", exc, extra={"op": op or "unknown", "peer": peer})
-            return {"ok": False, "error": str(exc)}, None
+            _REFUSALS.warning("agent request refused: %s", exc,
+                              extra={"op": op or "unknown", "code": code, "peer": peer})
+            return wire.refusal_reply(code, str(exc)), None
         except Exception as exc:
             # The relay's own failure (its database full or read-only, a bug),
             # not a refusal: the agent gets a reply that says to try again
@@ -299,7 +303,7 @@ class RelayNode:
             # the request carried; anything else is logged by type only.
             reason = str(exc) if isinstance(exc, (RelaydError, OSError)) else type(exc).__name__
             log.error("agent request failed: %s", reason, extra={"op": op or "unknown", "peer": peer})
-            return {"ok": False, "error": f"relay could not complete the {what}: internal error", "retry": True}, None
+            return wire.refusal_reply(wire.UNAVAILABLE, f"relay could not complete the {what}: internal error"), None
 
     async def _db(self, fn, *args):
         """Every store call goes through here: in a worker thread, never on
@@ -317,13 +321,11 @@ class RelayNode:
         if not agent_id:
             raise AuthError("client certificate names no agent")
         if await self._db(self.store.is_revoked, agent_id, info["serial"]):
-            raise AuthError(f"agent {agent_id}: certificate revoked or unknown")
+            raise RevokedError(f"agent {agent_id}: certificate revoked or unknown")
         return agent_id, info["serial"]
 
-    async def _enroll(self, msg: dict, peer: str) -> dict:
-        token_id, secret, csr = msg.get("id"), msg.get("secret"), msg.get("csr")
-        if not (isinstance(token_id, str) and isinstance(secret, str) and isinstance(csr, str)):
-            raise AuthError("enroll request needs id, secret and csr")
+    async def _enroll(self, req: wire.EnrollRequest, peer: str) -> dict:
+        token_id, secret, csr = req.token_id, req.secret, req.csr
         # The token is checked before the CA signs anything for this peer, and
         # spent in the transaction that records the agent: a refusal (a bad
         # CSR) or a failure (a full disk) on the way leaves it valid.
@@ -335,33 +337,30 @@ class RelayNode:
                                             info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("enroll", "success").inc()
         log.info("agent enrolled", extra={"agent": agent_id, "peer": peer, "allowed": ",".join(endpoints) or "*"})
-        return {"ok": True, "agent_id": agent_id, "cert": cert.decode(), "ca": self.ca.cert_pem.decode(),
-                "wss": self.wss_address}
+        return wire.ok_reply(agent_id=agent_id, cert=cert.decode(), ca=self.ca.cert_pem.decode(), wss=self.wss_address)
 
-    async def _renew(self, msg: dict, ident: tuple[str, int], peer: str) -> dict:
+    async def _renew(self, req: wire.RenewRequest, ident: tuple[str, int], peer: str) -> dict:
         agent_id, _ = ident
-        csr = msg.get("csr")
-        if not isinstance(csr, str):
-            raise AuthError("renew request needs csr")
+        csr = req.csr
         cert = self.ca.sign_agent_csr(csr.encode(), agent_id, days=self.cfg.agent_cert_ttl / 86400)
         info = cert_info(cert)
         await self._db(self.store.update_agent_cert, agent_id, info["serial"], info["not_after"].timestamp())
         metrics.ENROLLMENTS.labels("renew", "success").inc()
         log.info("agent certificate renewed", extra={"agent": agent_id, "peer": peer})
-        return {"ok": True, "cert": cert.decode()}
+        return wire.ok_reply(cert=cert.decode())
 
-    async def _tunnel(self, msg: dict, ident: tuple[str, int], peer: str) -> tuple[dict, asyncio.Protocol]:
+    async def _tunnel(self, req: wire.TunnelRequest, ident: tuple[str, int], peer: str) -> tuple[dict, asyncio.Protocol]:
         agent_id, serial = ident
-        wanted = msg.get("endpoints")
-        if not isinstance(wanted, list) or not all(isinstance(e, str) for e in wanted):
-            raise AuthError("tunnel request needs a list of endpoints")
+        wanted = list(req.endpoints)
         record = await self._db(self.store.get_agent, agent_id)
         allowed = set(record["endpoints"]) if record else set()
         if allowed and not set(wanted) <= allowed:
-            raise AuthError(f"agent {agent_id} may not serve {sorted(set(wanted) - allowed)}")
+            raise ForbiddenError(f"agent {agent_id} may not serve {sorted(set(wanted) - allowed)}")
         unknown = [e for e in wanted if e not in self.cfg.endpoints]
-        conn = MuxConnection(False, self.cfg.mux, on_stream=_refuse_stream, name=agent_id)
+        conn = MuxConnection(False, self.cfg.mux, on_stream=functools.partial(self._on_agent_stream, agent_id),
+                             name=agent_id)
         sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.cfg.endpoints], conn, peer)
+        sess.control = control.ControlChannel(functools.partial(self.seam.open_control, sess))
         old = self.registry.add(sess)
         if old is not None:
             # The same agent authenticated again: its old link is stale.
@@ -375,7 +374,7 @@ class RelayNode:
         log.info("agent connected", extra={"agent": agent_id, "peer": peer, "endpoints": ",".join(sess.endpoints),
                                            "unknown_endpoints": ",".join(unknown)})
         self._set_status(sess, connected=True)
-        return {"ok": True, "agent_id": agent_id, "unknown_endpoints": unknown, "wss": self.wss_address}, conn
+        return wire.ok_reply(agent_id=agent_id, unknown_endpoints=unknown, wss=self.wss_address), conn
 
     def _on_link_closed(self, sess: AgentSession) -> None:
         if self.sessions.get(sess.agent_id) is sess:
@@ -411,6 +410,51 @@ class RelayNode:
         if g is None:
             g = self._active_children[endpoint] = metrics.ACTIVE_CONNECTIONS.labels(endpoint)
         return g
+
+    # -- control streams ---------------------------------------------------------------
+
+    async def push(self, agent_id: str, type_: str, **fields) -> bool:
+        """Send one control message to a connected agent (over its control
+        stream, opened on first use); False if it is not connected."""
+        sess = self.registry.get(agent_id)
+        if sess is None or sess.conn.closed:
+            return False
+        return await sess.control.send(type_, **fields)
+
+    def on_control(self, type_: str, handler) -> None:
+        """Call ``handler(agent_id, message)`` for each control message of
+        ``type_`` an agent sends."""
+        self.control_handlers[type_] = handler
+
+    async def _on_agent_stream(self, agent: str, stream) -> None:
+        """A stream an agent opened: control streams are taken, any other
+        kind is refused (reset) and counted."""
+        try:
+            async with asyncio.timeout(10):
+                header = StreamHeader.decode(await stream.read_message())
+        except (RelaydError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            metrics.BAD_INPUT.labels("agent_link", "bad_stream_header").inc()
+            _REFUSALS.warning("agent opened a stream without a valid header: %s", type(exc).__name__,
+                              extra={"agent": agent})
+            stream.reset()
+            return
+        if header.kind != KIND_CONTROL:
+            metrics.BAD_INPUT.labels("agent_link", "stream_kind_refused").inc()
+            stream.reset()
+            return
+        try:
+            await control.receive(stream, functools.partial(self._dispatch_control, agent))
+        except (RelaydError, asyncio.IncompleteReadError) as exc:
+            metrics.BAD_INPUT.labels("agent_link", "bad_control_message").inc()
+            _REFUSALS.warning("bad control message from an agent: %s", type(exc).__name__, extra={"agent": agent})
+            stream.reset()
+
+    def _dispatch_control(self, agent: str, kind: str, msg: dict) -> None:
+        handler = self.control_handlers.get(kind)
+        if handler is None:
+            metrics.BAD_INPUT.labels("agent_link", "unknown_control_type").inc()
+            return
+        handler(agent, msg)
 
     # -- background ------------------------------------------------------------------
 
@@ -485,8 +529,3 @@ class PublicConnection(TcpSplice):
             stream.reset()  # the client left meanwhile
         else:
             self.bind(stream)
-
-
-async def _refuse_stream(stream) -> None:
-    # Agents do not open streams toward the relay (yet): refuse them.
-    stream.reset()

@@ -8,8 +8,10 @@ private key never leaves this machine.
 
 From then on: mTLS to the relay, a ``tunnel`` request naming the endpoints,
 and a yamux session over which the relay opens one stream per public
-connection. Each stream starts with a msgpack header naming the endpoint; the
-agent dials that local service and splices. Keepalive pings detect a dead
+connection. Each stream starts with a typed header (relayd.core.wire: version,
+kind, endpoint, trace id, caller); for a tcp or http stream the agent dials
+that endpoint's local service and splices, a control stream carries messages
+the relay pushes. Keepalive pings detect a dead
 link; reconnects back off exponentially with full jitter. The certificate
 renews itself when two thirds of its lifetime have passed, over a separate
 connection, so traffic never stops for it.
@@ -24,7 +26,6 @@ import random
 import time
 from pathlib import Path
 
-import msgpack
 import orjson
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -33,9 +34,11 @@ from relayd import metrics
 from relayd.config import AgentConfig, format_hostport, parse_hostport
 from relayd.control.ca import cert_info, generate_key_and_csr, pin_of, write_private
 from relayd.control.jointoken import JoinToken
+from relayd.core import wire
+from relayd.core.wire import KIND_CONTROL, StreamHeader, VersionMismatch
 from relayd.core.framing import FramingError
 from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
-from relayd.net import tls
+from relayd.net import control, tls
 from relayd.net.mux import MuxConnection, MuxStream
 from relayd.net.preamble import ClientPreamble
 from relayd.net.proxy import connect_via_proxy, parse_proxy_url, proxy_from_env
@@ -71,6 +74,8 @@ class AgentNode:
         self._renew_task: asyncio.Task | None = None
         self.reconnects = 0
         self.streams_served = 0
+        self.control_handlers: dict = {}  # control message type -> handler (on_control)
+        self._control_out = control.ControlChannel(self._open_control)  # ours to the relay (push)
         # Back-end TLS contexts, built once: (context, server name).
         self._backend_tls = {
             name: (b.context(), b.server_name or cfg.endpoints[name][0])
@@ -175,14 +180,18 @@ class AgentNode:
                                             f"{str(exc) or type(exc).__name__}") from None
             finally:
                 transport.close()
-            if not reply.get("ok") and reply.get("retry"):
-                # The relay failed, it did not refuse: nothing was spent.
-                raise EnrollmentUnavailable(f"{str(reply.get('error', 'relay failed'))[:200]}; "
-                                            "the join token was not used: try again later")
-            return reply
+            try:
+                return wire.check_reply(reply)
+            except wire.Refusal as exc:
+                if exc.retry:
+                    # The relay failed, it did not refuse: nothing was spent.
+                    raise EnrollmentUnavailable(f"{exc}; the join token was not used: try again later") from None
+                raise EnrollmentError(f"enrollment refused ({exc.code}): {exc}") from None
+            except wire.VersionMismatch as exc:
+                raise EnrollmentError(str(exc)) from None
 
         # 1. Whose CA is this? Nothing secret is sent on this connection.
-        reply = await ask(tls.unverified_client_context(), {"op": "ca"})
+        reply = await ask(tls.unverified_client_context(), wire.CaRequest())
         ca_pem = reply.get("ca")
         if not isinstance(ca_pem, str):
             raise EnrollmentError("the relay did not send its CA certificate")
@@ -206,10 +215,7 @@ class AgentNode:
         # 2. Key pair here, secret + CSR over TLS verified against that CA.
         key_pem, csr_pem = generate_key_and_csr("relayd-agent")
         ctx = tls.client_context(str(ca_file))
-        reply = await ask(ctx, {"op": "enroll", "id": token.token_id, "secret": token.secret,
-                                "csr": csr_pem.decode(), "endpoints": sorted(self.cfg.endpoints)})
-        if not reply.get("ok"):
-            raise EnrollmentError(f"enrollment refused: {reply.get('error', 'no reason given')}")
+        reply = await ask(ctx, wire.EnrollRequest(token.token_id, token.secret, csr_pem.decode()))
         ident = {"agent_id": reply["agent_id"], "relay": tls_addr, "wss": wss_addr or reply.get("wss"),
                  "server_hostname": host}
         try:
@@ -284,9 +290,9 @@ class AgentNode:
             started = time.monotonic()
             try:
                 await self._session()
-            except AuthError as exc:
-                log.error("relay refused this agent: %s", exc)
-                if "revoked" in str(exc):
+            except (wire.Refusal, wire.VersionMismatch) as exc:
+                log.error("relay refused this agent: %s", exc, extra={"code": exc.code})
+                if exc.code == wire.REVOKED:
                     raise
             except (OSError, asyncio.TimeoutError, RelaydError) as exc:
                 log.warning("link failed: %s", str(exc) or type(exc).__name__)
@@ -315,16 +321,19 @@ class AgentNode:
 
     async def _session(self) -> None:
         pre = ClientPreamble(
-            {"op": "tunnel", "endpoints": sorted(self.cfg.endpoints)},
+            wire.TunnelRequest(tuple(sorted(self.cfg.endpoints))),
             make_protocol=lambda reply: MuxConnection(True, self.cfg.mux, on_stream=self._on_stream,
                                                       name=self.identity["agent_id"]),
         )
         transport, reply = await self._ask_relay(pre)
-        if not reply.get("ok"):
+        try:
+            wire.check_reply(reply)
+        except (wire.Refusal, wire.VersionMismatch):
             transport.close()
-            raise AuthError(reply.get("error", "refused"))
+            raise
         conn: MuxConnection = pre.protocol
         self.conn = conn
+        self._control_out = control.ControlChannel(self._open_control)  # a new link: a new control stream
         self.connected.set()
         if reply.get("wss") and reply["wss"] != self.identity.get("wss"):
             # The relay now also takes WebSocket links: remember where (auto).
@@ -343,46 +352,80 @@ class AgentNode:
 
     async def _on_stream(self, stream: MuxStream) -> None:
         loop = asyncio.get_running_loop()
-        endpoint = target = None
-        trace = None
+        header = target = None
         try:
             # asyncio.timeout, not wait_for: no extra task per stream. The
-            # header usually arrives with the SYN, so these reads do not wait.
+            # header usually arrives with the SYN, so the read does not wait.
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                n = int.from_bytes(await stream.readexactly(4), "big")
-                if n > 16 * 1024:
-                    stream.reset()
-                    return
-                meta = msgpack.unpackb(await stream.readexactly(n), raw=False)
-                endpoint = meta.get("e") if isinstance(meta, dict) else None
-                trace = meta.get("t") if isinstance(meta, dict) else None
-                target = self.cfg.endpoints.get(endpoint) if isinstance(endpoint, str) else None
-                if target is None:
-                    log.warning("stream for an endpoint this agent does not serve",
-                                extra={"endpoint": str(endpoint)[:64]})
-                    stream.reset()
-                    return
-                btls = self._backend_tls.get(endpoint)
-                if btls is None:
-                    await loop.create_connection(lambda: TcpSplice(stream), *target)
-                else:
-                    ctx, server_name = btls
-                    await loop.create_connection(lambda: TcpSplice(stream), *target, ssl=ctx,
-                                                 server_hostname=server_name)
-        except (ValueError, asyncio.IncompleteReadError) as exc:
-            log.warning("bad stream header: %s", type(exc).__name__)
+                header = StreamHeader.decode(await stream.read_message())
+                if header.kind != KIND_CONTROL:
+                    target = self.cfg.endpoints.get(header.target)
+                    if target is None:
+                        log.warning("stream for an endpoint this agent does not serve",
+                                    extra={"endpoint": header.target[:64], "trace": header.trace[:32]})
+                        stream.reset()
+                        return
+                    btls = self._backend_tls.get(header.target)
+                    if btls is None:
+                        await loop.create_connection(lambda: TcpSplice(stream), *target)
+                    else:
+                        ctx, server_name = btls
+                        await loop.create_connection(lambda: TcpSplice(stream), *target, ssl=ctx,
+                                                     server_hostname=server_name)
+        except (RelaydError, asyncio.IncompleteReadError) as exc:
+            log.warning("bad stream header: %s", type(exc).__name__,
+                        extra={"error": str(exc) if isinstance(exc, VersionMismatch) else None})
             stream.reset()
             return
         except (OSError, asyncio.TimeoutError) as exc:  # ssl errors included
-            if target is None:
+            if header is None:
                 log.warning("stream header did not arrive in time")
             else:
                 log.warning("local service unreachable", extra={
-                    "endpoint": endpoint, "target": format_hostport(target),
-                    "error": str(exc) or type(exc).__name__, "trace": str(trace)[:32]})
+                    "endpoint": header.target, "target": format_hostport(target),
+                    "error": str(exc) or type(exc).__name__, "trace": header.trace[:32]})
             stream.reset()
             return
+        if header.kind == KIND_CONTROL:
+            await self._control(stream)
+            return
         self.streams_served += 1
+
+    async def push(self, type_: str, **fields) -> bool:
+        """Send one control message to the relay (over this link's control
+        stream, opened on first use); False if the link is down."""
+        return await self._control_out.send(type_, **fields)
+
+    def _open_control(self):
+        conn = self.conn
+        if conn is None or conn.closed:
+            return None
+        try:
+            st = conn.open_stream_nowait()
+        except RelaydError:
+            return None
+        st.send_nowait(StreamHeader(KIND_CONTROL, "", "").encode())
+        return st
+
+    def on_control(self, type_: str, handler) -> None:
+        """Call ``handler(message)`` for each control message of ``type_``
+        the relay pushes (claim codes, device tokens, step-up prompts...)."""
+        self.control_handlers[type_] = handler
+
+    async def _control(self, stream: MuxStream) -> None:
+        """A control stream from the relay: its messages, until it ends."""
+        try:
+            await control.receive(stream, self._dispatch_control)
+        except (RelaydError, asyncio.IncompleteReadError) as exc:
+            log.warning("bad control stream: %s", type(exc).__name__)
+            stream.reset()
+
+    def _dispatch_control(self, kind: str, msg: dict) -> None:
+        handler = self.control_handlers.get(kind)
+        if handler is None:
+            log.info("control message of a type this agent does not handle", extra={"type": kind})
+            return
+        handler(msg)
 
     # -- certificate renewal ----------------------------------------------------------
 
@@ -404,10 +447,9 @@ class AgentNode:
 
     async def renew(self) -> None:
         key_pem, csr_pem = generate_key_and_csr("relayd-agent")
-        transport, reply = await self._ask_relay(ClientPreamble({"op": "renew", "csr": csr_pem.decode()}))
+        transport, reply = await self._ask_relay(ClientPreamble(wire.RenewRequest(csr_pem.decode())))
         transport.close()
-        if not reply.get("ok"):
-            raise AuthError(f"renewal refused: {reply.get('error')}")
+        wire.check_reply(reply)
         # Key first, then certificate: a crash in between leaves a pair that
         # fails loudly at the next TLS setup rather than a silent mismatch.
         write_private(self.data / "agent.key.new", key_pem)

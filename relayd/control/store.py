@@ -61,7 +61,7 @@ import time
 from typing import Any
 
 from relayd.control.ca import CERT_FILE, CertificateAuthority
-from relayd.errors import AuthError, ConfigError, DataDirError, StorageError
+from relayd.errors import AuthError, ConfigError, DataDirError, RevokedError, StorageError
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
@@ -447,7 +447,7 @@ class Store:
             if row is None:
                 raise ConfigError(f"unknown agent {agent_id}")
             if row[0] is not None:
-                raise AuthError(f"agent {agent_id} is revoked")
+                raise RevokedError(f"agent {agent_id} is revoked")
             try:
                 db.execute(
                     "INSERT INTO certificates (serial, agent_id, not_after, issued_at)"

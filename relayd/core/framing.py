@@ -42,18 +42,29 @@ class MessageReader:
         self._buf += data
         if len(self._buf) < 4:
             return None, b""
-        (n,) = _LEN.unpack_from(self._buf, 0)
-        if n > self._limit:
-            raise FramingError(f"message of {n} bytes exceeds the limit of {self._limit}")
+        n = message_length(bytes(self._buf[:4]), self._limit)
         if len(self._buf) < 4 + n:
             return None, b""
         body = bytes(self._buf[4 : 4 + n])
         rest = bytes(self._buf[4 + n :])
         self._buf.clear()
-        try:
-            message = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except Exception as exc:
-            raise FramingError(f"message is not valid msgpack ({type(exc).__name__})") from None
-        if not isinstance(message, dict):
-            raise FramingError(f"message is a {type(message).__name__}, not a map")
-        return message, rest
+        return decode_body(body), rest
+
+
+def message_length(prefix: bytes, limit: int = MAX_MESSAGE) -> int:
+    """The body length a 4-byte prefix announces, within ``limit``."""
+    (n,) = _LEN.unpack(prefix)
+    if n > limit:
+        raise FramingError(f"message of {n} bytes exceeds the limit of {limit}")
+    return n
+
+
+def decode_body(body: bytes) -> dict:
+    """A message body (msgpack map) -> dict; the one decoder of messages."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise FramingError(f"message is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise FramingError(f"message is a {type(message).__name__}, not a map")
+    return message

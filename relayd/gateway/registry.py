@@ -24,6 +24,7 @@ class AgentSession:
     conn: MuxConnection
     address: str
     connected_since: float = field(default_factory=time.time)
+    control: object = None  # the relay's ControlChannel to the agent (relayd.net.control)
 
 
 class AgentRegistry:

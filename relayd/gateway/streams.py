@@ -28,7 +28,7 @@ import time
 from typing import Callable
 
 from relayd import metrics
-from relayd.core.framing import encode_message
+from relayd.core.wire import KIND_CONTROL, KIND_TCP, StreamHeader
 from relayd.errors import RelaydError
 from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.log import RateLimitedLog
@@ -42,13 +42,16 @@ Ready = Callable[..., None]  # ready(stream, reason)
 class Opening:
     """A request held for an agent during the grace period."""
 
-    __slots__ = ("seam", "endpoint", "client", "ready", "timer")
+    __slots__ = ("seam", "endpoint", "client", "ready", "kind", "identity", "timer")
 
-    def __init__(self, seam: "StreamSeam", endpoint: str, client: str, ready: Ready) -> None:
+    def __init__(self, seam: "StreamSeam", endpoint: str, client: str, ready: Ready, kind: str,
+                 identity: str) -> None:
         self.seam = seam
         self.endpoint = endpoint
         self.client = client
         self.ready = ready
+        self.kind = kind
+        self.identity = identity
         self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
@@ -87,19 +90,21 @@ class StreamSeam:
         self._trace_seq = 0
         registry.on_added.append(self._agent_added)
 
-    def open(self, endpoint: str, client: str, ready: Ready) -> Opening | None:
-        """Open a stream to an agent serving ``endpoint`` for ``client``."""
+    def open(self, endpoint: str, client: str, ready: Ready, kind: str = KIND_TCP,
+             identity: str = "") -> Opening | None:
+        """Open a stream of ``kind`` to an agent serving ``endpoint`` for
+        ``client`` (who is ``identity``, if known)."""
         if self.allow is not None and not self.allow(endpoint, client):
             self._refuse(endpoint, client, "denied", ready)
             return None
         sess = self.registry.pick(endpoint)
         if sess is not None:
-            self._open_on(sess, endpoint, client, ready)
+            self._open_on(sess, endpoint, client, ready, kind, identity)
             return None
         if self.grace <= 0:
             self._refuse(endpoint, client, "no_agent", ready)
             return None
-        op = Opening(self, endpoint, client, ready)
+        op = Opening(self, endpoint, client, ready, kind, identity)
         op.timer = asyncio.get_running_loop().call_later(self.grace, self._give_up, op)
         self._waiting.setdefault(endpoint, []).append(op)
         return op
@@ -114,16 +119,30 @@ class StreamSeam:
 
     # -- internals ------------------------------------------------------------------
 
-    def _open_on(self, sess: AgentSession, endpoint: str, client: str, ready: Ready) -> None:
+    def open_control(self, sess: AgentSession):
+        """A control stream to one agent (the relay's pushes), or None if its
+        link cannot take a stream now."""
+        try:
+            st = sess.conn.open_stream_nowait()
+        except RelaydError:
+            return None
+        st.send_nowait(StreamHeader(KIND_CONTROL, "", self._trace()).encode())
+        return st
+
+    def _trace(self) -> str:
+        self._trace_seq += 1
+        return f"{self._trace_prefix}{self._trace_seq:x}"
+
+    def _open_on(self, sess: AgentSession, endpoint: str, client: str, ready: Ready, kind: str,
+                 identity: str) -> None:
         try:
             st = sess.conn.open_stream_nowait()
         except RelaydError as exc:
             log.warning("cannot open a stream: %s", exc, extra={"endpoint": endpoint, "agent": sess.agent_id})
             self._refuse(endpoint, client, "agent_busy", ready)
             return
-        self._trace_seq += 1
-        trace = f"{self._trace_prefix}{self._trace_seq:x}"
-        st.send_nowait(encode_message({"e": endpoint, "t": trace, "c": client}))
+        trace = self._trace()
+        st.send_nowait(StreamHeader(kind, endpoint, trace, client, identity).encode())
         agent = sess.agent_id
         children = self._children.get((endpoint, agent))
         if children is None:
@@ -169,7 +188,7 @@ class StreamSeam:
                 if target is None:
                     self._refuse(endpoint, op.client, "no_agent", op.ready)
                 else:
-                    self._open_on(target, endpoint, op.client, op.ready)
+                    self._open_on(target, endpoint, op.client, op.ready, op.kind, op.identity)
 
     def _give_up(self, op: Opening) -> None:
         if self._forget(op):

@@ -29,7 +29,7 @@ import time
 from typing import Awaitable, Callable
 
 from relayd import metrics
-from relayd.core import yamux
+from relayd.core import framing, yamux
 from relayd.core.config import MuxConfig
 from relayd.log import RateLimitedLog, caught
 from relayd.errors import ProtocolError, SessionClosedError, StreamError, StreamResetError
@@ -158,6 +158,24 @@ class MuxStream:
         self._buffered -= n
         self._conn._consume(self.stream_id, n)
         return chunk
+
+    async def read_message(self, limit: int = framing.MAX_MESSAGE) -> dict:
+        """One length-prefixed message (relayd.core.framing) off the stream;
+        FramingError if it is too large or not a msgpack map."""
+        n = framing.message_length(await self.readexactly(4), limit)
+        return framing.decode_body(await self.readexactly(n))
+
+    async def messages(self, limit: int = framing.MAX_MESSAGE):
+        """The stream's length-prefixed messages, until the peer's FIN."""
+        while True:
+            try:
+                prefix = await self.readexactly(4)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise
+                return
+            n = framing.message_length(prefix, limit)
+            yield framing.decode_body(await self.readexactly(n))
 
     async def readexactly(self, n: int) -> bytes:
         parts = []

@@ -17,13 +17,12 @@ from typing import Awaitable, Callable
 from relayd import metrics
 from relayd.log import RateLimitedLog
 from relayd.net import peer_name
+from relayd.core import wire
 from relayd.core.framing import FramingError, MessageReader, encode_message
 
 log = logging.getLogger("relayd.preamble")
 _LOG = RateLimitedLog(log)  # anyone can cause these lines at will
 
-#: Requests whose success shows an identity: a join token or an agent's certificate.
-_PROVING = frozenset({"enroll", "renew", "tunnel"})
 
 
 class ServerPreamble(asyncio.Protocol):
@@ -85,7 +84,7 @@ class ServerPreamble(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if self._ticket is not None:
-            if reply.get("ok") and msg.get("op") in _PROVING:
+            if reply.get("ok") and msg.get("op") in wire.PROVING:
                 self._ticket.proven()  # its source is an agent's: see admission's reserve
             self._release()
         if t.is_closing():
@@ -116,7 +115,7 @@ class ClientPreamble(asyncio.Protocol):
     to ``make_protocol(reply)`` (bytes after the reply go to it too).
     """
 
-    def __init__(self, request: dict, make_protocol: Callable[[dict], asyncio.Protocol] | None = None) -> None:
+    def __init__(self, request: wire.Request, make_protocol: Callable[[dict], asyncio.Protocol] | None = None) -> None:
         self._request = request
         self._make = make_protocol
         self._reader = MessageReader()
@@ -126,7 +125,7 @@ class ClientPreamble(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        transport.write(encode_message(self._request))
+        transport.write(encode_message(wire.encode_request(self._request)))
 
     def data_received(self, data: bytes) -> None:
         if self.reply.done():
@@ -139,7 +138,7 @@ class ClientPreamble(asyncio.Protocol):
             return
         if msg is None:
             return
-        if self._make is not None and msg.get("ok"):
+        if self._make is not None and msg.get("ok") is True and msg.get("v") == wire.LINK_VERSION:
             proto = self._make(msg)
             self.protocol = proto
             self._transport.set_protocol(proto)

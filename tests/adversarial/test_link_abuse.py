@@ -13,6 +13,7 @@ import pytest
 from relayd.agent import AgentNode
 from relayd.config import AgentConfig
 from relayd.core import _yamux_py as K
+from relayd.core import wire
 from relayd.core.framing import MessageReader, encode_message
 from relayd.net import run
 from tests.adversarial.stack import MARKER, Stack, cli
@@ -34,7 +35,7 @@ def rogue(stack, tmp_path_factory):
 def open_link(stack, ctx, request=None) -> tuple[ssl.SSLSocket, dict]:
     raw = socket.create_connection(("127.0.0.1", stack.ports["agents"]), 10, source_address=("127.0.0.3", 0))
     s = ctx.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
-    s.sendall(encode_message(request or {"op": "tunnel", "endpoints": []}))
+    s.sendall(encode_message(request or wire.encode_request(wire.TunnelRequest(()))))
     reader = MessageReader()
     while True:
         msg, rest = reader.feed(s.recv(65536))
@@ -91,10 +92,19 @@ def test_protocol_error_after_a_syn_ends_only_that_link(stack, unharmed, rogue, 
 
 def test_unknown_request_is_refused_counted_and_not_echoed(stack, unharmed, rogue):
     before = stack.metric("relayd_bad_input_total", where="agent_port", kind="unknown_op")
-    s, reply = open_link(stack, rogue, {"op": "shell " + MARKER.decode(), "cmd": "id"})
-    assert reply == {"ok": False, "error": "unknown request"}
+    s, reply = open_link(stack, rogue, {"v": wire.LINK_VERSION, "op": "shell " + MARKER.decode(), "cmd": "id"})
+    assert reply == {"v": wire.LINK_VERSION, "ok": False, "code": "bad_request", "error": "an unknown request"}
     s.close()
     assert stack.metric("relayd_bad_input_total", where="agent_port", kind="unknown_op") == before + 1
+
+
+def test_another_link_version_gets_a_reply_naming_both_versions(stack, unharmed, rogue):
+    s, reply = open_link(stack, rogue, {"v": 7, "op": "tunnel", "endpoints": []})
+    s.close()
+    assert reply["ok"] is False and reply["code"] == "version" and reply["v"] == wire.LINK_VERSION
+    assert "speaks link protocol 7" in reply["error"] and f"speaks {wire.LINK_VERSION}" in reply["error"]
+    with pytest.raises(wire.VersionMismatch, match="7"):
+        wire.check_reply({**reply, "v": 7})  # as an agent of version 7 reads it
 
 
 def test_rogue_agent_streams_toward_the_relay_are_refused(stack, unharmed, rogue):

@@ -276,6 +276,7 @@ def test_enroll_with_a_bad_csr_does_not_spend_the_token(tmp_path):
     import asyncio
 
     from relayd.net import run, tls
+    from relayd.core import wire
     from relayd.net.preamble import ClientPreamble
     from tests.tunnel.util import join_token, start_agent, start_relay
 
@@ -284,7 +285,7 @@ def test_enroll_with_a_bad_csr_does_not_spend_the_token(tmp_path):
         try:
             token = join_token(relay_node)
             t = JoinToken.decode(token)
-            pre = ClientPreamble({"op": "enroll", "id": t.token_id, "secret": t.secret, "csr": "not a CSR"})
+            pre = ClientPreamble(wire.EnrollRequest(t.token_id, t.secret, "not a CSR"))
             ctx = tls.client_context(str(relay_node.ca_path))
             tr, _ = await asyncio.get_running_loop().create_connection(
                 lambda: pre, "127.0.0.1", relay_node.agents_port, ssl=ctx, server_hostname="127.0.0.1")

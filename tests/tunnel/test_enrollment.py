@@ -7,6 +7,7 @@ import pytest
 
 from relayd.agent import AgentNode, EnrollmentError
 from relayd.config import AgentConfig
+from relayd.core import wire
 from relayd.control.jointoken import JoinToken
 from relayd.errors import AuthError
 from relayd.net import run
@@ -163,17 +164,17 @@ def test_unknown_certificate_refused_by_tls(tmp_path):
         d = tmp_path / "s"
         ctx = tls.client_context(str(relay.ca_path), cert_file=str(d / "agent.crt"), key_file=str(d / "agent.key"))
         loop = asyncio.get_running_loop()
-        pre = ClientPreamble({"op": "tunnel", "endpoints": ["echo"]})
+        pre = ClientPreamble(wire.TunnelRequest(("echo",)))
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.TimeoutError)):
             await loop.create_connection(lambda: pre, "127.0.0.1", relay.agents_port, ssl=ctx,
                                          server_hostname="127.0.0.1")
             await asyncio.wait_for(pre.reply, 5)
         # Without any certificate, a tunnel is refused with a clear reply.
-        pre = ClientPreamble({"op": "tunnel", "endpoints": ["echo"]})
+        pre = ClientPreamble(wire.TunnelRequest(("echo",)))
         t, _ = await loop.create_connection(lambda: pre, "127.0.0.1", relay.agents_port,
                                             ssl=tls.client_context(str(relay.ca_path)), server_hostname="127.0.0.1")
         reply = await asyncio.wait_for(pre.reply, 5)
-        assert not reply["ok"] and "client certificate" in reply["error"]
+        assert not reply["ok"] and reply["code"] == wire.UNAUTHORIZED and "client certificate" in reply["error"]
         t.close()
         await relay.stop()
         await other.stop()

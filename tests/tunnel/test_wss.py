@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from relayd.control.jointoken import JoinToken
+from relayd.core import wire
 from relayd.core.framing import MessageReader, encode_message
 from relayd.net import run
 from relayd.net.wslink import AGENT_PATH, WsTransport
@@ -67,7 +68,7 @@ def test_independent_websocket_client_speaks_to_the_agent_endpoint(tmp_path):
         relay = await start_relay(tmp_path, https=("127.0.0.1", 0))
         ctx = ssl.create_default_context(cafile=str(relay.ca_path))
         async with client.connect(f"wss://127.0.0.1:{relay.https_port}{AGENT_PATH}", ssl=ctx) as conn:
-            await conn.send(encode_message({"op": "ca"}))
+            await conn.send(encode_message(wire.encode_request(wire.CaRequest())))
             reader = MessageReader()
             reply = None
             while reply is None:
