@@ -9,6 +9,8 @@ import asyncio
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from relayd.core import http1
+
 LISTENER_CONNECTIONS = Counter(
     "relayd_listener_connections_total", "Agent link attempts, by result", ["result"])
 ACTIVE_LISTENERS = Gauge("relayd_active_listeners", "Agents connected now")
@@ -44,22 +46,23 @@ async def serve_metrics(sock) -> asyncio.AbstractServer:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            line = head.split(b"\r\n", 1)[0].split()
-            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
-                body = generate_latest()
-                status, ctype = b"200 OK", CONTENT_TYPE_LATEST.encode()
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), http1.LIMITS.timeout)
+            try:
+                head = http1.parse_request_head(raw)
+            except http1.HeadError as exc:
+                writer.write(http1.response(exc.status, str(exc).encode() + b"\n"))
             else:
-                body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype +
-                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                if head.method == b"GET" and head.path == b"/metrics":
+                    writer.write(http1.response(200, generate_latest(), CONTENT_TYPE_LATEST.encode()))
+                else:
+                    writer.write(http1.response(404, b"not found\n"))
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, sock=sock)
+    return await asyncio.start_server(handle, sock=sock, limit=http1.LIMITS.max_head)
 HTTP_RESPONSES = Counter("relayd_http_error_responses_total", "Error responses the HTTP ingress made itself",
                          ["status"])
 HTTP_RETRIES = Counter("relayd_http_retries_total",

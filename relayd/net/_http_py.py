@@ -46,6 +46,8 @@ import cython
 import httptools
 
 from relayd import metrics
+from relayd.core import http1
+from relayd.core.http1 import head_end, request_line_ok
 from relayd.errors import RelaydError
 from relayd.log import RateLimitedLog, caught
 from relayd.net import abort_with_reset
@@ -55,16 +57,16 @@ log = logging.getLogger("relayd.http")
 # count every case).
 _LOG = RateLimitedLog(log)
 
-MAX_HEAD = 32 * 1024
-MAX_HEADERS = 100
+# One set of head limits for every HTTP/1 head relayd reads (relayd.core.http1).
+MAX_HEAD = http1.LIMITS.max_head
+MAX_HEADERS = http1.LIMITS.max_headers
 MAX_QUEUED_BODY = 1024 * 1024
 MAX_QUEUED_REQUESTS = 16
 IDLE_TIMEOUT = 60.0
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
-REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
-           502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+REASONS = http1.REASONS
 
 
 @dataclass(frozen=True)
@@ -927,19 +929,7 @@ _REQ_SPECIAL = {b"host": 1, b"transfer-encoding": 2, b"connection": 3, b"x-forwa
 # for plain (not HEAD, not upgrade, not chunked) responses; bounded.
 _HEAD_CACHE: dict = {}
 _NEVER_NAMED = frozenset({b"content-length", b"transfer-encoding", b"host"})
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^\x00-\x20\x7f]+ HTTP/1\.[01]\r\n")
 _ENCODED_DOT = re.compile(rb"%2[eE]")
-
-
-def request_line_ok(buf: bytes) -> bool:
-    """False as soon as ``buf`` holds a whole first line that is no HTTP/1.x
-    request line (HTTP/0.9, a bare LF, garbage), so that it is refused at once
-    instead of held until a timeout; a line not yet whole passes."""
-    nl = buf.find(b"\n")
-    while nl == 1 and buf[0] == 13:  # empty lines before a request are allowed
-        buf = buf[2:]
-        nl = buf.find(b"\n")
-    return nl < 0 or _REQUEST_LINE.match(buf, 0, nl + 1) is not None
 
 
 def _origin_form(url: bytes, host: bytes, method: bytes) -> bytes:
@@ -1011,22 +1001,10 @@ def _clean_path(path: bytes) -> bytes:
     return clean
 
 
-def head_end(buf: bytes) -> int:
-    """Where the request head in ``buf`` ends (after its empty line), or -1."""
-    a = buf.find(b"\n\r\n")
-    b = buf.find(b"\n\n")
-    if a < 0:
-        return b + 2 if b >= 0 else -1
-    if 0 <= b < a:
-        return b + 2
-    return a + 3
-
-
 _IDLE = "idle"
 _GATEWAY = "gateway"
 _IDEMPOTENT = {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
-_RESP_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: [^\r\n\x00]*)?\r\n"
-                        rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*\r\n\Z")
+_RESP_HEAD = http1.RESPONSE_HEAD
 # First letters (lower case) of the response fields the relay acts on.
 _RESP_FIRST = frozenset(b"cktpu")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})

@@ -19,9 +19,9 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from relayd.core import http1
 from relayd.errors import AuthError, ConfigError
 
-MAX_REPLY_HEAD = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,21 +91,26 @@ async def connect_via_proxy(proxy: ProxyConfig, host: str, port: int, timeout: f
                 head += f"Proxy-Authorization: Basic {cred}\r\n"
             await loop.sock_sendall(sock, (head + "\r\n").encode())
             reply = b""
-            while b"\r\n\r\n" not in reply:
+            end = -1
+            while end < 0:
                 data = await loop.sock_recv(sock, 4096)
                 if not data:
                     raise ConnectionError(f"proxy {proxy.display} closed the connection during CONNECT")
                 reply += data
-                if len(reply) > MAX_REPLY_HEAD:
+                end = http1.head_end(reply)
+                if end < 0 and len(reply) > http1.LIMITS.max_head:
                     raise ConnectionError(f"proxy {proxy.display} sent an oversized reply")
-        status_line = reply.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = status_line.split(" ", 2)
-        code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        try:
+            head = http1.parse_response_head(reply[:end])
+        except http1.HeadError as exc:
+            raise ConnectionError(f"proxy {proxy.display} sent a malformed reply to CONNECT: {exc}") from None
+        code = head.status
         if code in (401, 407):  # 407 per RFC 9110; some proxies (tinyproxy) answer 401
             raise AuthError(f"proxy {proxy.display} refused the credentials ({code})")
         if code != 200:
-            raise ConnectionError(f"proxy {proxy.display} refused CONNECT to {target}: {status_line[:80]!r}")
-        if not reply.endswith(b"\r\n\r\n"):
+            raise ConnectionError(f"proxy {proxy.display} refused CONNECT to {target}: "
+                                  f"{code} {head.reason[:60].decode('latin-1')!r}")
+        if end != len(reply):
             raise ConnectionError(f"proxy {proxy.display} sent data before the tunnel was ours")
         return sock
     except BaseException:

@@ -28,15 +28,13 @@ from relayd import metrics
 from relayd.core import wsframe as ws
 from relayd.log import RateLimitedLog
 from relayd.net import abort_with_reset, peer_name
-from relayd.net.http_ingress import head_end, request_line_ok
+from relayd.core import http1
 
 log = logging.getLogger("relayd.wslink")
 _LOG = RateLimitedLog(log)
 
 AGENT_PATH = "/.relayd/agent"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-MAX_HEAD = 16 * 1024
-HEAD_TIMEOUT = 10.0
 
 
 def accept_key(key: str) -> str:
@@ -174,28 +172,6 @@ class WsProtocol(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ValueError("bad request line")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        if line[0] in " \t" or ":" not in line:
-            raise ValueError("bad header line")  # obs-fold or garbage
-        name, _, value = line.partition(":")
-        if name != name.strip() or not name:
-            raise ValueError("bad header name")
-        name = name.lower()
-        if name in headers:
-            headers[name] += ", " + value.strip()
-        else:
-            headers[name] = value.strip()
-    return parts[0], parts[1], headers
-
-
 class HttpsPort(asyncio.Protocol):
     """The relay's HTTPS listener: the agent link's WebSocket upgrade."""
 
@@ -212,12 +188,12 @@ class HttpsPort(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
+        self._timer = asyncio.get_running_loop().call_later(http1.LIMITS.timeout, self._head_timeout)
 
     def _head_timeout(self) -> None:
         # A client that never finishes its first head (slowloris).
         metrics.BAD_INPUT.labels("https", "head_timeout").inc()
-        _LOG.info("no whole request head within %gs", HEAD_TIMEOUT, extra={"peer": peer_name(self._transport)})
+        _LOG.info("no whole request head within %gs", http1.LIMITS.timeout, extra={"peer": peer_name(self._transport)})
         abort_with_reset(self._transport)
 
     def data_received(self, data: bytes) -> None:
@@ -225,29 +201,22 @@ class HttpsPort(asyncio.Protocol):
             self._http.feed(data)
             return
         self._buf += data
-        if not request_line_ok(self._buf):
-            # HTTP/0.9, a bare LF, garbage: answered now, not held until the
-            # head timeout.
-            metrics.BAD_INPUT.labels("https", "bad_request_line").inc()
-            self._reply(400, "bad request line")
-            return
-        end = head_end(self._buf)
-        if end < 0:
-            if len(self._buf) > MAX_HEAD:
-                self._reply(431, "request header too large")
+        try:
+            end = http1.find_request_head(self._buf)
+            if end < 0:
+                return
+            head = http1.parse_request_head(self._buf[:end])
+        except http1.HeadError as exc:
+            # HTTP/0.9, a bare LF, garbage: answered at once, not held until
+            # the head timeout.
+            metrics.BAD_INPUT.labels("https", "head_too_large" if exc.status == 431 else "bad_request").inc()
+            self._reply(exc.status, str(exc))
             return
         self._timer.cancel()
         self._release()
-        head, rest = self._buf[:end], self._buf[end:]
-        first = head.split(b"\r\n", 1)[0].split(b" ")
-        if len(first) < 2 or first[1].split(b"?")[0] != AGENT_PATH.encode():
+        rest = self._buf[end:]
+        if head.path != AGENT_PATH.encode():
             if self._make_http is None:
-                try:
-                    _parse_head(head)
-                except ValueError as exc:
-                    metrics.BAD_INPUT.labels("https", "bad_request").inc()
-                    self._reply(400, str(exc))
-                    return
                 self._reply(404, "no HTTP endpoints are served here")
                 return
             # Everything but the agent link is HTTP ingress.
@@ -256,20 +225,14 @@ class HttpsPort(asyncio.Protocol):
             buf, self._buf = self._buf, b""
             self._http.feed(buf)
             return
-        try:
-            method, target, h = _parse_head(head)
-        except ValueError as exc:
-            metrics.BAD_INPUT.labels("https", "bad_request").inc()
-            self._reply(400, str(exc))
-            return
-        key = h.get("sec-websocket-key", "")
+        key = (head.get(b"sec-websocket-key") or b"").decode("latin-1")
         try:
             key_ok = len(base64.b64decode(key, validate=True)) == 16
         except ValueError:
             key_ok = False
-        if (method != "GET" or h.get("upgrade", "").lower() != "websocket"
-                or "upgrade" not in [t.strip().lower() for t in h.get("connection", "").split(",")]
-                or h.get("sec-websocket-version") != "13" or not key_ok):
+        if (head.method != b"GET" or head.tokens(b"upgrade") != {b"websocket"}
+                or b"upgrade" not in head.tokens(b"connection")
+                or head.get(b"sec-websocket-version") != b"13" or not key_ok):
             metrics.BAD_INPUT.labels("https", "bad_upgrade").inc()
             self._reply(400, "expected a WebSocket upgrade (version 13)")
             return
@@ -284,10 +247,7 @@ class HttpsPort(asyncio.Protocol):
 
     def _reply(self, status: int, text: str) -> None:
         metrics.HTTP_RESPONSES.labels(str(status)).inc()
-        reason = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large"}[status]
-        body = (text + "\n").encode()
-        self._transport.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        self._transport.write(http1.response(status, (text + "\n").encode()))
         self._transport.close()
 
     def eof_received(self):
@@ -338,16 +298,19 @@ class ClientUpgrade(asyncio.Protocol):
         if self.done.done():
             return
         self._buf += data
-        end = self._buf.find(b"\r\n\r\n")
+        end = http1.head_end(self._buf)
         if end < 0:
-            if len(self._buf) > MAX_HEAD:
+            if len(self._buf) > http1.LIMITS.max_head:
                 self._fail("oversized handshake reply")
             return
-        head, rest = self._buf[:end].decode("latin-1"), self._buf[end + 4 :]
-        lines = head.split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        if not lines[0].startswith("HTTP/1.1 101") or headers.get("sec-websocket-accept") != accept_key(self.key):
-            self._fail(f"relay refused the WebSocket upgrade: {lines[0][:60]!r}")
+        rest = self._buf[end:]
+        try:
+            head = http1.parse_response_head(self._buf[:end])
+        except http1.HeadError as exc:
+            self._fail(f"the relay sent a malformed handshake reply: {exc}")
+            return
+        if head.status != 101 or head.get(b"sec-websocket-accept") != accept_key(self.key).encode():
+            self._fail(f"relay refused the WebSocket upgrade: {head.status} {head.reason[:60].decode('latin-1')!r}")
             return
         proto = WsProtocol(self.inner, client=True)
         self._transport.set_protocol(proto)

@@ -1,0 +1,203 @@
+"""HTTP/1.x heads: the one parser and the one set of limits.
+
+Every place in relayd that reads an HTTP/1 head uses this module: the HTTPS
+front door (relayd.net.wslink) and the ingress behind it (its response heads;
+its request heads and bodies are framed by llhttp, which applies the same
+limits), the agent's WebSocket upgrade, the forward proxy's CONNECT reply and
+the metrics listener. Sans-I/O: bytes in, values or ``HeadError`` out.
+
+The grammar is RFC 9112's, strictly: a request line ``method SP target SP
+HTTP/1.x`` (empty lines before it are skipped, RFC 9112 2.2), field lines
+``token ":" OWS value OWS``, CRLF only (a bare CR or LF, NUL, obs-fold and
+whitespace before the colon are refused), at most ``max_headers`` fields in at
+most ``max_head`` bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relayd.errors import ConfigError, ProtocolError
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    """Limits of every HTTP/1 head relayd reads (requests and responses)."""
+
+    #: Bytes of one head, request or status line included.
+    max_head: int = 32 * 1024
+    #: Header fields in one head.
+    max_headers: int = 100
+    #: Seconds a client has for a whole head on a new connection.
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_head <= 1024 * 1024:
+            raise ConfigError("http.max_head must be between 1024 and 1048576 bytes")
+        if not 8 <= self.max_headers <= 1000:
+            raise ConfigError("http.max_headers must be between 8 and 1000")
+        if not 0 < self.timeout <= 300:
+            raise ConfigError("http.head_timeout must be between 0 and 300 seconds")
+
+
+LIMITS = HeadLimits()
+
+REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
+           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
+
+
+class HeadError(ProtocolError):
+    """A head that is not HTTP/1.x as RFC 9112 writes it, or over a limit;
+    ``status`` is the answer a server gives (400 or 431)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/1\.[01]\r\n")
+_REQUEST_LINE_PARTS = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/1\.([01])\Z")
+_STATUS_LINE_PARTS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n\x00]*))?\Z")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n\x00]*?)[ \t]*\Z")
+#: A whole response head (status line to the empty line), for callers that
+#: only need its syntax checked at C speed (the ingress's hot path).
+RESPONSE_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: [^\r\n\x00]*)?\r\n"
+                           rb"(?:" + _TOKEN + rb":[^\r\n\x00]*\r\n)*\r\n\Z")
+
+
+def request_line_ok(buf: bytes) -> bool:
+    """False as soon as ``buf`` holds a whole first line that is no HTTP/1.x
+    request line (HTTP/0.9, a bare LF, garbage), so that it is refused at once
+    instead of held until a timeout; a line not yet whole passes."""
+    nl = buf.find(b"\n")
+    while nl == 1 and buf[0] == 13:  # empty lines before a request are allowed
+        buf = buf[2:]
+        nl = buf.find(b"\n")
+    return nl < 0 or REQUEST_LINE.match(buf, 0, nl + 1) is not None
+
+
+def head_end(buf: bytes) -> int:
+    """Where the head in ``buf`` ends (after its empty line), or -1. A bare
+    LF ends it too, so that such a head is refused now, not at a timeout."""
+    a = buf.find(b"\n\r\n")
+    b = buf.find(b"\n\n")
+    if a < 0:
+        return b + 2 if b >= 0 else -1
+    if 0 <= b < a:
+        return b + 2
+    return a + 3
+
+
+def find_request_head(buf: bytes, limits: HeadLimits = LIMITS) -> int:
+    """The end of the request head in ``buf``, or -1 while it is not whole;
+    HeadError as soon as what is there cannot become a valid head."""
+    if not request_line_ok(buf):
+        raise HeadError("bad request line")
+    end = head_end(buf)
+    if end < 0 and len(buf) > limits.max_head:
+        raise HeadError("request head too large", 431)
+    if end > limits.max_head:
+        raise HeadError("request head too large", 431)
+    return end
+
+
+class Head:
+    """Header fields as received (names keep their case), looked up without it."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+
+    def get(self, name: bytes) -> bytes | None:
+        """The field's value; several fields of that name are joined with
+        ", " (RFC 9110 5.3)."""
+        name = name.lower()
+        values = [v for n, v in self.headers if n.lower() == name]
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else b", ".join(values)
+
+    def tokens(self, name: bytes) -> set[bytes]:
+        """A comma-separated list field (Connection, Upgrade) as lower-case tokens."""
+        v = self.get(name)
+        return set() if v is None else {t.strip().lower() for t in v.split(b",") if t.strip()}
+
+
+class RequestHead(Head):
+    __slots__ = ("method", "target", "version")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers) -> None:
+        super().__init__(headers)
+        self.method, self.target, self.version = method, target, version
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+
+class ResponseHead(Head):
+    __slots__ = ("version", "status", "reason")
+
+    def __init__(self, version: bytes, status: int, reason: bytes, headers) -> None:
+        super().__init__(headers)
+        self.version, self.status, self.reason = version, status, reason
+
+
+def _lines(head: bytes, limits: HeadLimits, what: str) -> list[bytes]:
+    if len(head) > limits.max_head:
+        raise HeadError(f"{what} head too large", 431)
+    if not head.endswith(b"\r\n\r\n"):
+        raise HeadError(f"{what} head does not end with an empty line")
+    lines = head[:-4].split(b"\r\n")
+    if len(lines) - 1 > limits.max_headers:
+        raise HeadError(f"more than {limits.max_headers} header fields", 431)
+    return lines
+
+
+def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in lines:
+        m = _FIELD.match(line)
+        if m is None:
+            raise HeadError("bad header line")  # obs-fold, a bare CR or LF, NUL, no name
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def parse_request_head(head: bytes, limits: HeadLimits = LIMITS) -> RequestHead:
+    """A whole request head (request line to the empty line)."""
+    while head.startswith(b"\r\n"):
+        head = head[2:]
+    lines = _lines(head, limits, "request")
+    m = _REQUEST_LINE_PARTS.match(lines[0])
+    if m is None:
+        raise HeadError("bad request line")
+    return RequestHead(m.group(1), m.group(2), b"1." + m.group(3), _fields(lines[1:]))
+
+
+def parse_response_head(head: bytes, limits: HeadLimits = LIMITS) -> ResponseHead:
+    """A whole response head (status line to the empty line)."""
+    lines = _lines(head, limits, "response")
+    m = _STATUS_LINE_PARTS.match(lines[0])
+    if m is None:
+        raise HeadError("bad status line")
+    return ResponseHead(b"1." + m.group(1), int(m.group(2)), m.group(3) or b"", _fields(lines[1:]))
+
+
+def response(status: int, body: bytes = b"", content_type: bytes = b"text/plain; charset=utf-8",
+             close: bool = True, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A whole response relayd writes itself (errors, small local answers)."""
+    out = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode())]
+    if body or status >= 200:
+        out.append(b"Content-Type: " + content_type)
+        out.append(b"Content-Length: %d" % len(body))
+    for name, value in headers or ():
+        out.append(name + b": " + value)
+    if close:
+        out.append(b"Connection: close")
+    return b"\r\n".join(out) + b"\r\n\r\n" + body
