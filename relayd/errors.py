@@ -88,6 +88,24 @@ class MessageTooBig(FrameTooLarge):
     close_code = 1009  # message too big
 
 
+class WebSocketFlood(FloodError):
+    """The peer makes a WebSocket connection queue more pongs than
+    ``max_buffered`` allows while the I/O layer is not writing."""
+
+    close_code = 1008  # policy violation
+
+
+class InvalidHandshake(WebSocketError):
+    """A WebSocket opening handshake that RFC 6455 section 4 refuses (the
+    server's reply as the client checks it)."""
+
+
+class WebSocketStateError(RelaydError):
+    """A local command a WebSocket connection cannot take in its state:
+    sending after the close, a new message inside a fragmented one. A bug in
+    the caller, so it raises."""
+
+
 class InternalError(RelaydError):
     """A bug in relayd itself; the session ends with GoAway internal-error."""
 

@@ -53,7 +53,7 @@ def test_facade_selects_compiled_by_default():
                                "relayd.net._http": "compiled"}
 
 
-@pytest.mark.parametrize("name", ["FrameParser", "DataFrame", "Close", "WsProtocolError"])
+@pytest.mark.parametrize("name", ["FrameParser", "Connection"])
 def test_websocket_classes_are_extension_types(name):
     from relayd.core import _wsframe_c
 
@@ -61,6 +61,16 @@ def test_websocket_classes_are_extension_types(name):
     cls = getattr(_wsframe_c, name)
     assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE and cls.__dictoffset__ == 0
     assert not hasattr(_wsframe_c.FrameParser(True), "_left")  # a C field
+    assert not hasattr(_wsframe_c.Connection(True), "_out")
+
+
+def test_websocket_events_are_shared_not_compiled():
+    """Events are plain classes of relayd.core.ws_events, the same objects
+    in both builds (not extension types of either)."""
+    from relayd.core import _wsframe_c, _wsframe_py, ws_events
+
+    for name in ("DataFrame", "Ping", "Pong", "Close", "WsProtocolError", "TextMessage", "BinaryMessage"):
+        assert getattr(_wsframe_c, name) is getattr(_wsframe_py, name) is getattr(ws_events, name)
 
 
 @pytest.mark.parametrize("name", ["HttpConnection", "Request", "ChunkedEnd", "_Drain"])
