@@ -1,13 +1,17 @@
 """The agent link carried as binary WebSocket messages (RFC 6455) over TLS,
 for networks that let only HTTPS out.
 
-``WsProtocol`` sits on the real (TLS) transport, decodes frames with the
-sans-I/O codec (relayd.core.wsframe) and feeds the payload to an inner
-byte-stream protocol (the preamble, then the MuxConnection) through
-``WsTransport``, which wraps every write in one binary frame (masked when we
-are the client). The inner protocol cannot tell it is not on plain TLS: the
-TLS object, peer address and flow control all pass through, so mTLS identity
-checks and back-pressure work unchanged.
+``WsProtocol`` is a thin adapter around the sans-I/O WebSocket connection of
+the core (relayd.core.wsframe.Connection, which answers pings, runs the
+closing handshake and applies the limits): it feeds the real (TLS)
+transport's bytes to the connection, hands binary message payload to an
+inner byte-stream protocol (the preamble, then the MuxConnection) through
+``WsTransport``, which sends every write as one binary message (masked when
+we are the client), and writes what the connection queues. The inner
+protocol cannot tell it is not on plain TLS: the TLS object, peer address and
+flow control all pass through, so mTLS identity checks and back-pressure work
+unchanged. The agent link carries binary messages only: a text message
+closes it with 1003.
 
 ``HttpsPort`` is the relay's HTTPS listener protocol: for now it knows one
 resource, ``GET /.relayd/agent`` with a WebSocket upgrade, and answers
@@ -18,14 +22,13 @@ opening handshake.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
-import os
 from typing import Callable
 
 from relayd import metrics
 from relayd.core import wsframe as ws
+from relayd.core.wshandshake import Refuse, client_handshake, server_handshake
+from relayd.errors import InvalidHandshake
 from relayd.log import RateLimitedLog
 from relayd.net import abort_with_reset, peer_name
 from relayd.core import http1
@@ -34,12 +37,10 @@ log = logging.getLogger("relayd.wslink")
 _LOG = RateLimitedLog(log)
 
 AGENT_PATH = "/.relayd/agent"
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-
-def accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
-
+#: The agent link's WebSocket limits: a message is one write of the link
+#: (the mux flushes up to its frame size per write).
+AGENT_LINK = ws.WsConfig(max_message=16 * 1024 * 1024, max_frame=16 * 1024 * 1024)
 
 class WsTransport(asyncio.Transport):
     """A byte-stream transport made of binary WebSocket messages."""
@@ -62,14 +63,8 @@ class WsTransport(asyncio.Transport):
         bufs = [d for d in list_of_data if len(d)]
         if not bufs:
             return
-        if self._owner.client:
-            payload = bufs[0] if len(bufs) == 1 and type(bufs[0]) is bytes else b"".join(bufs)
-            self._real.write(ws.encode_frame(ws.OP_BINARY, payload, True, os.urandom(4)))
-        else:
-            n = 0
-            for b in bufs:
-                n += len(b)
-            self._real.writelines([ws.encode_header(ws.OP_BINARY, n, True, None)] + bufs)
+        self._owner.conn.send_binary(bufs)
+        self._owner.flush()
 
     def can_write_eof(self) -> bool:
         return False
@@ -85,10 +80,10 @@ class WsTransport(asyncio.Transport):
 
     def close(self) -> None:
         if not self._closing:
-            self._closing = True
-            key = os.urandom(4) if self._owner.client else None
-            self._real.write(ws.encode_close(ws.CLOSE_NORMAL, "", key))
-            self._real.close()
+            conn = self._owner.conn
+            if conn.state == ws.OPEN:
+                conn.send_close(ws.CLOSE_NORMAL)
+            self._owner.end()
 
     def abort(self) -> None:
         self._closing = True
@@ -117,14 +112,16 @@ class WsTransport(asyncio.Transport):
 
 
 class WsProtocol(asyncio.Protocol):
-    """Decodes frames from the real transport for the inner protocol."""
+    """Bytes between the real transport and the WebSocket connection;
+    binary message payload to the inner protocol."""
 
-    def __init__(self, inner: asyncio.Protocol, client: bool) -> None:
+    def __init__(self, inner: asyncio.Protocol, client: bool, config: ws.WsConfig = AGENT_LINK) -> None:
         self.inner = inner
         self.client = client
-        self.parser = ws.FrameParser(server=not client)
+        self.conn = ws.Connection(client, config, False)
         self.transport: WsTransport | None = None
         self._real = None
+        self._paused = False
 
     def connection_made(self, real) -> None:
         self._real = real
@@ -132,43 +129,60 @@ class WsProtocol(asyncio.Protocol):
         self.inner.connection_made(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        for ev in self.parser.feed(data):
-            kind = type(ev).__name__
-            if kind == "DataFrame":
+        conn = self.conn
+        for ev in conn.receive_data(data):
+            cls = type(ev)
+            if cls is ws.DataFrame:
                 if ev.opcode != ws.OP_BINARY:
-                    self._fail(1003, "the agent link carries binary messages only")
+                    conn.fail(ws.CLOSE_UNSUPPORTED, "the agent link carries binary messages only")
+                    self.end()
                     return
                 if ev.data:
                     self.inner.data_received(ev.data)
-            elif kind == "Ping":
-                key = os.urandom(4) if self.client else None
-                self._real.write(ws.encode_frame(ws.OP_PONG, ev.data, True, key))
-            elif kind == "Close":
-                if not self.transport._closing:
-                    self.transport.close()
+                    if self.transport._closing:
+                        return
+            elif cls is ws.Close:
+                self.end()  # our answer is queued: the handshake is done
                 return
-            elif kind == "WsProtocolError":
+            elif cls is ws.WsProtocolError:
                 metrics.BAD_INPUT.labels("websocket", type(ev.error).__name__).inc()
                 _LOG.warning("bad WebSocket frame: %s", ev.error)
-                self._fail(ev.close_code, "")
+                self.end()
                 return
+            # Ping: the pong is queued; Pong: nothing to do.
+        if not self._paused:
+            # Pongs wait while the peer does not read ours; the connection
+            # fails the link (1008) before it holds more than max_buffered.
+            self.flush()
 
-    def _fail(self, code: int, reason: str) -> None:
-        key = os.urandom(4) if self.client else None
-        self._real.write(ws.encode_close(code, reason, key))
+    def flush(self) -> None:
+        bufs = self.conn.data_to_send_list()
+        if bufs:
+            if len(bufs) == 1:
+                self._real.write(bufs[0])
+            else:
+                self._real.writelines(bufs)
+
+    def end(self) -> None:
+        """Write what is queued (the close frame) and close the transport."""
         self.transport._closing = True
+        self.flush()
         self._real.close()
 
     def eof_received(self):
+        self.conn.receive_eof()
         return None
 
     def connection_lost(self, exc) -> None:
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self._paused = True
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._paused = False
+        self.flush()
         self.inner.resume_writing()
 
 
@@ -225,20 +239,12 @@ class HttpsPort(asyncio.Protocol):
             buf, self._buf = self._buf, b""
             self._http.feed(buf)
             return
-        key = (head.get(b"sec-websocket-key") or b"").decode("latin-1")
-        try:
-            key_ok = len(base64.b64decode(key, validate=True)) == 16
-        except ValueError:
-            key_ok = False
-        if (head.method != b"GET" or head.tokens(b"upgrade") != {b"websocket"}
-                or b"upgrade" not in head.tokens(b"connection")
-                or head.get(b"sec-websocket-version") != b"13" or not key_ok):
+        res = server_handshake(head.method, head.target, head.headers)
+        if isinstance(res, Refuse):
             metrics.BAD_INPUT.labels("https", "bad_upgrade").inc()
-            self._reply(400, "expected a WebSocket upgrade (version 13)")
+            self._reply(res.status, res.reason)
             return
-        self._transport.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
+        self._transport.write(res.response)
         proto = WsProtocol(self._make(), client=False)
         self._transport.set_protocol(proto)
         proto.connection_made(self._transport)
@@ -283,16 +289,15 @@ class ClientUpgrade(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, host: str) -> None:
         self.inner = inner
         self.host = host
-        self.key = base64.b64encode(os.urandom(16)).decode()
+        self._handshake = client_handshake(host, AGENT_PATH)
+        self.key = self._handshake.key
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._buf = b""
         self._transport = None
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        transport.write(
-            f"GET {AGENT_PATH} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {self.key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        transport.write(self._handshake.request)
 
     def data_received(self, data: bytes) -> None:
         if self.done.done():
@@ -309,8 +314,11 @@ class ClientUpgrade(asyncio.Protocol):
         except http1.HeadError as exc:
             self._fail(f"the relay sent a malformed handshake reply: {exc}")
             return
-        if head.status != 101 or head.get(b"sec-websocket-accept") != accept_key(self.key).encode():
-            self._fail(f"relay refused the WebSocket upgrade: {head.status} {head.reason[:60].decode('latin-1')!r}")
+        try:
+            self._handshake.check(head.status, head.headers)
+        except InvalidHandshake as exc:
+            self._fail(f"relay refused the WebSocket upgrade: {head.status} {head.reason[:60].decode('latin-1')!r} "
+                       f"({exc})")
             return
         proto = WsProtocol(self.inner, client=True)
         self._transport.set_protocol(proto)
