@@ -43,8 +43,8 @@ from relayd.net import admission, control, peer_name, tls
 from relayd.net.mux import MuxConnection
 from relayd.net.preamble import ServerPreamble
 from relayd.net.splice import TcpSplice
-from relayd.net.http_ingress import HttpConnection, parse_route
-from relayd.net.wslink import HttpsPort
+from relayd.net.http_ingress import HttpConnection, Route, parse_route
+from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
 
 log = logging.getLogger("relayd.relay")
 # Refusals anyone can cause at will: rate-limited lines (every one is counted).
@@ -179,13 +179,15 @@ class RelayNode:
                                               str(self.ca_path))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
-            routes = [parse_route(name, r) for name, r in self.cfg.http.items()]
+            # Each request is routed on its own: the relay's own services
+            # (the agent link on any host name), then the HTTP endpoints.
+            routes = [Route("", "*", AGENT_PATH, local=agent_link_service(lambda: ServerPreamble(self._on_request)))]
+            routes += [parse_route(name, r) for name, r in self.cfg.http.items()]
             opener = functools.partial(self.seam.open, kind=KIND_HTTP)
-            make_http = (lambda port, t: HttpConnection(port, t, routes, opener, self.cfg.gateway_timeout)) \
-                if routes else None
             hs = admission.TlsListener(
                 adm, "https", https_socks, hctx,
-                lambda ticket: HttpsPort(lambda: ServerPreamble(self._on_request), make_http, ticket=ticket))
+                lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener,
+                                                                         self.cfg.gateway_timeout), ticket=ticket))
             self._listeners.append(hs)
             self.https_port = hs.port
         self._write_relay_json()

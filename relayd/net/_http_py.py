@@ -48,7 +48,7 @@ import httptools
 from relayd import metrics
 from relayd.core import http1
 from relayd.core.http1 import head_end, request_line_ok
-from relayd.errors import RelaydError
+from relayd.errors import ConfigError, RelaydError
 from relayd.log import RateLimitedLog, caught
 from relayd.net import abort_with_reset
 
@@ -71,9 +71,17 @@ REASONS = http1.REASONS
 
 @dataclass(frozen=True)
 class Route:
+    """Where requests for ``host`` (``*``: any host) under ``prefix`` go: an
+    HTTP endpoint's agents, or with ``local`` one of the relay's own
+    services. ``local(head, transport, rest)`` gets the whole request head
+    (a relayd.core.http1.RequestHead), the transport, and the bytes after
+    the head; it answers and closes, or takes the transport over (an
+    upgrade)."""
+
     endpoint: str
     host: str
     prefix: str = "/"
+    local: object = None
 
 
 def parse_route(name: str, text: str) -> Route:
@@ -81,6 +89,8 @@ def parse_route(name: str, text: str) -> Route:
     (``app/api/`` and ``app/api`` are the same route)."""
     host, slash, prefix = text.partition("/")
     prefix = prefix.strip("/")
+    if prefix == ".relayd" or prefix.startswith(".relayd/"):
+        raise ConfigError(f"HTTP endpoint {name}: the path /.relayd is the relay's own (its agent link)")
     return Route(name, host.lower(), "/" + prefix if prefix else "/")
 
 
@@ -91,7 +101,7 @@ def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
     best = None
     for r in routes:
         p = r.prefix
-        if r.host == host and (p == "/" or path == p or path.startswith(p + "/")):
+        if (r.host == host or r.host == "*") and (p == "/" or path == p or path.startswith(p + "/")):
             if best is None or len(p) > len(best.prefix):
                 best = r
     return best
@@ -100,7 +110,7 @@ def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
 class Request:
     __slots__ = ("method", "url", "headers", "head_bytes", "chunked", "upgrade", "head_only", "body",
                  "body_bytes", "complete", "upstream_head", "route", "retried", "has_body",
-                 "expect_continue", "keep_alive", "last_upstream")
+                 "expect_continue", "keep_alive", "last_upstream", "local_head")
 
     def __init__(self) -> None:
         self.method = b""
@@ -120,6 +130,7 @@ class Request:
         self.expect_continue = False
         self.keep_alive = True
         self.last_upstream = False  # the service connection closes after this exchange
+        self.local_head = None  # for the relay's own services: the head (relayd.core.http1.RequestHead)
 
 
 class HttpConnection:
@@ -252,6 +263,9 @@ class HttpConnection:
         if req is None or req is not self.active:
             self.error(400, "an upgrade request cannot be pipelined")
             return
+        if req.local_head is not None:
+            self._hand_over(req, rest)
+            return
         if rest:
             self._upgraded_bytes(rest)
 
@@ -373,6 +387,9 @@ class HttpConnection:
             self.last_host, self.last_path, self.last_clean = host, path, clean
         if clean != path:
             url = clean if q < 0 else clean + url[q:]
+        if req.route.local is not None:
+            # One of the relay's own services: it gets the head as parsed here.
+            req.local_head = http1.RequestHead(method, url, parser.get_http_version().encode(), req.headers)
         lines[0] = method + b" " + url + (b" HTTP/1.0" if http10 else b" HTTP/1.1")
         # Asked in HTTP/1.0, a service closes after its answer: never send
         # another request after it on that connection.
@@ -420,8 +437,12 @@ class HttpConnection:
         self.mid_message = False
         req = self.cur
         req.complete = True
-        if req is self.active and self.stream is not None and not req.body:
-            self._finish_body(req)
+        if req is self.active:
+            if req.local_head is not None:
+                if not req.upgrade:
+                    self._hand_over(req, b"")
+            elif self.stream is not None and not req.body:
+                self._finish_body(req)
 
     # -- requests to the service --------------------------------------------------
 
@@ -436,6 +457,10 @@ class HttpConnection:
             self._drop_stream()
         self.deadline = self.loop_time() + self.gateway_timeout
         self.deadline_kind = _GATEWAY
+        if req.local_head is not None:
+            if req.complete and not req.upgrade:
+                self._hand_over(req, b"")  # it waited behind the exchanges before it
+            return
         if self.stream is None:
             # One stream (and one service connection behind the agent) per
             # client connection and endpoint, kept alive across requests.
@@ -684,6 +709,18 @@ class HttpConnection:
                 st.consumed(n)
             st.attach(_Drain(st))  # whatever still comes on it is dropped
             st.write_eof()
+
+    def _hand_over(self, req: Request, rest: bytes) -> None:
+        """The connection goes to one of the relay's own services, with the
+        bytes after the request's head; this object is done with it."""
+        self.closed = True
+        self.deadline = 0.0
+        self._cancel_opening()
+        _Sweep.discard(self)
+        self._drop_stream()
+        if self.port is not None:
+            self.port.detach()
+        req.route.local(req.local_head, self.transport, rest)
 
     def _client_head(self, head: bytes) -> tuple[int, bytes]:
         """The response head for the client, and how the body is delimited

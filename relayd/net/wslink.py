@@ -13,10 +13,10 @@ flow control all pass through, so mTLS identity checks and back-pressure work
 unchanged. The agent link carries binary messages only: a text message
 closes it with 1003.
 
-``HttpsPort`` is the relay's HTTPS listener protocol: for now it knows one
-resource, ``GET /.relayd/agent`` with a WebSocket upgrade, and answers
-anything else with a short 404. ``upgrade_client`` is the agent's side of the
-opening handshake.
+``HttpsPort`` is the relay's HTTPS front door (each request routed on its
+own by the HTTP ingress); ``agent_link_service`` is the relay's own service
+at ``GET /.relayd/agent`` with a WebSocket upgrade. ``ClientUpgrade`` is the
+agent's side of the opening handshake.
 """
 
 from __future__ import annotations
@@ -187,14 +187,21 @@ class WsProtocol(asyncio.Protocol):
 
 
 class HttpsPort(asyncio.Protocol):
-    """The relay's HTTPS listener: the agent link's WebSocket upgrade."""
+    """The relay's HTTPS front door, one per client connection.
 
-    def __init__(self, make_agent_protocol: Callable[[], asyncio.Protocol], make_http=None, ticket=None) -> None:
-        self._make = make_agent_protocol
+    Every request, each request on a kept-alive connection included, is
+    routed on its own by the HTTP ingress (relayd.net.http_ingress): to an
+    HTTP endpoint's agents, or to one of the relay's own services (local
+    routes; today the agent link at ``AGENT_PATH`` on any host name). This
+    protocol only keeps the first head's timeout and the admission ticket,
+    and steps aside when a local service takes the connection over.
+    """
+
+    def __init__(self, make_http, ticket=None) -> None:
         # Admission ticket (relayd.net.admission): unauthenticated until the
         # first request head is whole.
         self._ticket = ticket
-        self._make_http = make_http  # (port, transport) -> HttpConnection, or None: 404
+        self._make_http = make_http  # (port, transport) -> HttpConnection
         self._http = None
         self._buf = b""
         self._transport = None
@@ -216,45 +223,30 @@ class HttpsPort(asyncio.Protocol):
             return
         self._buf += data
         try:
-            end = http1.find_request_head(self._buf)
-            if end < 0:
+            if http1.find_request_head(self._buf) < 0:
                 return
-            head = http1.parse_request_head(self._buf[:end])
         except http1.HeadError as exc:
             # HTTP/0.9, a bare LF, garbage: answered at once, not held until
             # the head timeout.
             metrics.BAD_INPUT.labels("https", "head_too_large" if exc.status == 431 else "bad_request").inc()
-            self._reply(exc.status, str(exc))
+            metrics.HTTP_RESPONSES.labels(str(exc.status)).inc()
+            self._transport.write(http1.response(exc.status, (str(exc) + "\n").encode()))
+            self._transport.close()
             return
         self._timer.cancel()
         self._release()
-        rest = self._buf[end:]
-        if head.path != AGENT_PATH.encode():
-            if self._make_http is None:
-                self._reply(404, "no HTTP endpoints are served here")
-                return
-            # Everything but the agent link is HTTP ingress.
-            self._http = self._make_http(self, self._transport)
-            self.data_received = self._http.feed  # from now on, straight to the parser
-            buf, self._buf = self._buf, b""
-            self._http.feed(buf)
-            return
-        res = server_handshake(head.method, head.target, head.headers)
-        if isinstance(res, Refuse):
-            metrics.BAD_INPUT.labels("https", "bad_upgrade").inc()
-            self._reply(res.status, res.reason)
-            return
-        self._transport.write(res.response)
-        proto = WsProtocol(self._make(), client=False)
-        self._transport.set_protocol(proto)
-        proto.connection_made(self._transport)
-        if rest:
-            proto.data_received(rest)
+        self._http = self._make_http(self, self._transport)
+        self.data_received = self._http.feed  # from now on, straight to the ingress
+        buf, self._buf = self._buf, b""
+        self._http.feed(buf)
 
-    def _reply(self, status: int, text: str) -> None:
-        metrics.HTTP_RESPONSES.labels(str(status)).inc()
-        self._transport.write(http1.response(status, (text + "\n").encode()))
-        self._transport.close()
+    def detach(self) -> None:
+        """A local service takes the connection over: nothing more comes here."""
+        self._http = None
+        self.data_received = self._detached
+
+    def _detached(self, data: bytes) -> None:
+        pass
 
     def eof_received(self):
         if self._http is not None:
@@ -280,6 +272,29 @@ class HttpsPort(asyncio.Protocol):
         if self._ticket is not None:
             self._ticket.release()
             self._ticket = None
+
+
+def agent_link_service(make_agent_protocol: Callable[[], asyncio.Protocol]):
+    """The relay's own service at ``AGENT_PATH``: a WebSocket upgrade that
+    turns the connection into an agent link (``WsProtocol`` around
+    ``make_agent_protocol()``, the preamble); anything else gets 400."""
+
+    def serve(head: http1.RequestHead, transport, rest: bytes) -> None:
+        res = server_handshake(head.method, head.target, head.headers)
+        if isinstance(res, Refuse):
+            metrics.BAD_INPUT.labels("https", "bad_upgrade").inc()
+            metrics.HTTP_RESPONSES.labels(str(res.status)).inc()
+            transport.write(http1.response(res.status, (res.reason + "\n").encode(), headers=list(res.headers)))
+            transport.close()
+            return
+        transport.write(res.response)
+        proto = WsProtocol(make_agent_protocol(), client=False)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if rest:
+            proto.data_received(rest)
+
+    return serve
 
 
 class ClientUpgrade(asyncio.Protocol):

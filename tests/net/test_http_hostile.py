@@ -296,9 +296,9 @@ def test_https_port_answers_a_bad_first_line_at_once(first, with_routes):
 
     async def main():
         t = FakeTransport()
-        make_http = (lambda port, tr: hi.HttpConnection(port, tr, ROUTES, lambda e, c, ready: ready(Stream(e), None), 60)) \
-            if with_routes else None
-        port = HttpsPort(lambda: None, make_http)
+        routes = ROUTES if with_routes else []
+        port = HttpsPort(lambda port, tr: hi.HttpConnection(port, tr, routes, lambda e, c, ready: ready(Stream(e), None),
+                                                            60))
         port.connection_made(t)
         port.data_received(first)
         assert bytes(t.out).startswith(b"HTTP/1.1 400 "), bytes(t.out)

@@ -544,3 +544,53 @@ def test_client_asking_to_close_gets_connection_close_and_the_close(tmp_path, ba
         assert versions == ["HTTP/1.0", "HTTP/1.1"]
 
     with_relay(tmp_path, backends, body)
+
+
+def test_one_kept_alive_connection_serves_an_endpoint_then_becomes_an_agent_link(tmp_path, backends):
+    """The front door routes each request on its own: after an endpoint's
+    answer, the same TLS connection asks for the agent link and gets the
+    relay's own 101, then speaks the link's preamble through it."""
+    import base64
+
+    from relayd.core import wire
+    from relayd.core.framing import encode_message
+    from relayd.net.wslink import AGENT_PATH
+
+    def accept_key(k):  # RFC 6455 4.2.2, computed here independently
+        return base64.b64encode(hashlib.sha1(k.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+
+    def body(relay):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        key = base64.b64encode(os.urandom(16)).decode()
+        with socket.create_connection(("127.0.0.1", relay.https_port), 5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="app.example") as t:
+                t.settimeout(10)
+                t.sendall(b"GET /first HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                data = b""
+                while b'"path": "/first"' not in data:
+                    chunk = t.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200")
+                t.sendall(f"GET {AGENT_PATH} HTTP/1.1\r\nHost: app.example\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          .encode())
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = t.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                head = data.partition(b"\r\n\r\n")[0]
+                assert head.startswith(b"HTTP/1.1 101 ") and accept_key(key).encode() in head
+                # The link's first request, as one masked binary frame: the CA.
+                payload = encode_message(wire.encode_request(wire.CaRequest()))
+                mask = os.urandom(4)
+                t.sendall(bytes([0x82, 0x80 | len(payload)]) + mask
+                          + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+                reply = b""
+                while b"BEGIN CERTIFICATE" not in reply:
+                    chunk = t.recv(65536)
+                    assert chunk, reply
+                    reply += chunk
+
+    with_relay(tmp_path, backends, body)

@@ -9,7 +9,7 @@
 cimport cython
 
 cdef class Request:
-    cdef public object method, url, upstream_head, body, route
+    cdef public object method, url, upstream_head, body, route, local_head
     cdef public list headers
     cdef public Py_ssize_t head_bytes, body_bytes
     cdef public bint chunked, upgrade, head_only, complete, retried, has_body, expect_continue, keep_alive

@@ -1,0 +1,123 @@
+"""The HTTPS front door: every request, each one on a kept-alive connection
+included, is routed on its own, to an HTTP endpoint or to one of the relay's
+own services (local routes: today the agent link)."""
+
+import asyncio
+
+import pytest
+
+from relayd.errors import ConfigError
+from relayd.net import http_ingress as hi
+from relayd.net.wslink import AGENT_PATH, HttpsPort
+from tests.net.test_http_hostile import Stream
+from tests.net.test_http_ingress import FakeTransport
+
+UPGRADE = (b"GET " + AGENT_PATH.encode() + b"?v=1 HTTP/1.1\r\nHost: relay.example\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+
+
+class Door:
+    """An HttpsPort with one endpoint route and a local service that records
+    what it was handed."""
+
+    def __init__(self):
+        self.t = FakeTransport()
+        self.streams = []
+        self.taken = []
+
+        def local(head, transport, rest):
+            self.taken.append((head, transport, rest))
+
+        def open_stream(endpoint, client, ready):
+            st = Stream(endpoint)
+            self.streams.append(st)
+            ready(st, None)
+
+        routes = [hi.Route("", "*", AGENT_PATH, local=local), hi.parse_route("web", "app.example")]
+        self.conns = []
+
+        def make_http(port, t):
+            self.conns.append(hi.HttpConnection(port, t, routes, open_stream, 60))
+            return self.conns[-1]
+
+        self.port = HttpsPort(make_http)
+        self.port.connection_made(self.t)
+
+    def http(self):
+        return self.conns[-1]
+
+
+def run(body):
+    async def main():
+        d = Door()
+        try:
+            body(d)
+        finally:
+            d.port.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_kept_alive_connection_turns_into_an_agent_link_after_endpoint_requests():
+    def body(d):
+        d.port.data_received(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        conn = d.http()
+        conn.stream_data(OK)
+        assert bytes(d.t.out).endswith(b"hi")
+        d.port.data_received(UPGRADE + b"\x82\x00")  # the upgrade, and the first frame after it
+        assert len(d.taken) == 1
+        head, transport, rest = d.taken[0]
+        assert head.method == b"GET" and head.path == AGENT_PATH.encode() and head.target.endswith(b"?v=1")
+        assert head.get(b"sec-websocket-version") == b"13"
+        assert transport is d.t and rest == b"\x82\x00"
+        assert not d.t.closed
+        assert d.streams[0].eof_sent  # the endpoint's stream was let go
+        d.port.data_received(b"more")  # the service owns the transport now: nothing reaches the ingress
+        assert conn.closed and len(d.conns) == 1
+
+    run(body)
+
+
+def test_the_agent_path_is_the_relays_on_every_host_name():
+    def body(d):
+        d.port.data_received(UPGRADE.replace(b"relay.example", b"app.example"))
+        assert len(d.taken) == 1 and not d.streams
+
+    run(body)
+
+
+def test_a_local_request_waits_for_the_exchange_before_it():
+    def body(d):
+        d.port.data_received(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n"
+                             b"GET " + AGENT_PATH.encode() + b" HTTP/1.1\r\nHost: relay.example\r\n\r\n")
+        assert not d.taken
+        d.http().stream_data(OK)
+        assert len(d.taken) == 1 and d.taken[0][0].get(b"upgrade") is None
+        assert bytes(d.t.out).endswith(b"hi")
+
+    run(body)
+
+
+def test_a_pipelined_upgrade_to_the_agent_path_is_refused():
+    def body(d):
+        d.port.data_received(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n" + UPGRADE + b"raw")
+        assert not d.taken
+        assert b" 400 " in bytes(d.t.out) and d.t.closed
+
+    run(body)
+
+
+def test_other_hosts_and_paths_still_reach_endpoints_or_404():
+    def body(d):
+        d.port.data_received(b"GET /.relayd/agentX HTTP/1.1\r\nHost: nobody.example\r\n\r\n")
+        assert not d.taken and bytes(d.t.out).startswith(b"HTTP/1.1 404 ")
+
+    run(body)
+
+
+@pytest.mark.parametrize("route", ["app.example/.relayd", "app.example/.relayd/agent", "x/.relayd/"])
+def test_endpoints_cannot_claim_the_relays_own_path(route):
+    with pytest.raises(ConfigError, match="relay's own"):
+        hi.parse_route("web", route)
+    hi.parse_route("web", "app.example/.relaydx")  # a different segment: fine
