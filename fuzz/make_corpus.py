@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 import msgpack
 
-from fuzz import fuzz_http_request, fuzz_http_response, fuzz_wsframe, fuzz_yamux
+from fuzz import fuzz_http_request, fuzz_http_response, fuzz_wsconn, fuzz_wsframe, fuzz_yamux
 from fuzz.harness import REQUESTS, RESPONSES, script_of
 from relayd.core import _wsframe_py as W
 from relayd.core import _yamux_py as K
@@ -140,6 +140,56 @@ def wsframe_seeds() -> dict:
         "encoder-side": (CLIENT, [(u(2, bytes(range(37))), C("mask+0")), (u(2, b"abc"), C("mask+3")),
                                   (u(1, "h\u00e9llo".encode()), C("encode-text")),
                                   (u(2, bytes(range(200))), C("encode-binary")), (u(2, bytes(13)), C("mask+1"))]),
+    }
+
+
+def wsconn_seeds() -> dict:
+    C = fuzz_wsconn.COMMANDS.index
+    CLIENT, SERVER, SMALL, WHOLE = 0, 1, 2, 4
+    key = b"\x01\x02\x03\x04"
+
+    def m(op, payload, fin=True):  # a client's frame (masked)
+        return W.encode_frame(op, payload, fin, key)
+
+    def u(op, payload, fin=True):  # a server's frame
+        return W.encode_frame(op, payload, fin)
+
+    def close(code, reason=b"", masked=True):
+        return (m if masked else u)(8, code.to_bytes(2, "big") + reason)
+
+    return {
+        "messages-assembled": (SERVER | WHOLE, [(m(1, "h\u00e9llo".encode()) + m(2, bytes(range(40))), 0)]),
+        "messages-streamed": (CLIENT, [(u(1, b"one") + u(2, b"two"), 0)]),
+        "fragments-with-pings": (SERVER | WHOLE, [(m(1, b"Hel", False) + m(9, b"p") + m(0, b"lo", False), 0),
+                                                  (m(10, b"") + m(0, b"!"), C("drain"))]),
+        "utf8-char-across-fragments": (CLIENT | WHOLE, [(u(1, b"\xe2", False), 0), (u(0, b"\x82\xac"), 0)]),
+        "bad-utf8-across-fragments": (SERVER | WHOLE, [(m(1, b"ok \xe2\x82", False), 0), (m(0, b"\xff"), 0)]),
+        "peer-closes": (SERVER | WHOLE, [(close(1001, b"going away"), C("drain"))]),
+        "peer-closes-no-code": (CLIENT, [(u(8, b""), C("drain")), (b"", C("eof"))]),
+        "peer-closes-mid-message": (SERVER, [(m(2, b"part", False) + close(1000), 0)]),
+        "bad-close-code": (SERVER, [(close(1005), 0)]),
+        "close-code-out-of-range": (CLIENT, [(close(5000, masked=False), 0)]),
+        "close-reason-not-utf8": (SERVER, [(close(1000, b"\xc3"), 0)]),
+        "we-close-first": (SERVER | WHOLE, [(b"\x00bye", C("close")), (m(2, b"late data"), 0),
+                                            (close(1000), C("drain"))]),
+        "we-fail": (CLIENT, [(b"\x02unsupported", C("fail")), (u(2, b"ignored"), 0)]),
+        "send-all-kinds": (CLIENT | WHOLE, [(b"text", C("text")), (bytes(range(20)), C("binary")),
+                                            (b"first part", C("binary-part")), (b"middle", C("continue")),
+                                            (b"last", C("continue-last")), (b"ping!", C("ping")),
+                                            (b"pong!", C("pong")), (b"", C("drain-list"))]),
+        "send-misuse": (SERVER, [(b"x", C("continue")), (b"ab", C("binary-part")), (b"t", C("text")),
+                                 (b"\x08", C("close")), (b"x", C("binary"))]),
+        "too-big-small-limit": (SERVER | SMALL | WHOLE, [(m(2, bytes(150), False), 0), (m(0, bytes(160)), 0)]),
+        "frame-too-big-small-limit": (CLIENT | SMALL, [(u(2, bytes(201)), 0)]),
+        "ping-flood-small-limit": (SERVER | SMALL, [(m(9, bytes(60)) * 6, 0)]),
+        "ping-flood-drained": (SERVER | SMALL, [(m(9, bytes(60)) * 3, C("drain")), (m(9, bytes(60)) * 3, C("drain"))]),
+        "unmasked-from-client": (SERVER, [(u(2, b"x"), 0)]),
+        "masked-from-server": (CLIENT, [(m(2, b"x"), 0)]),
+        "text-on-the-agent-link-streamed": (SERVER, [(m(1, b"not binary"), 0)]),
+        "eof-mid-message": (SERVER | WHOLE, [(m(2, b"cut", False), C("eof")), (m(2, b"after eof"), 0)]),
+        "one-byte-reads": (SERVER | WHOLE, small_reads(m(1, b"split me") + m(9, b"") + close(1000))),
+        "feed-other-buffers": (CLIENT, [(u(2, b"as a bytearray"), C("feed-bytearray")),
+                                        (u(2, b"as a memoryview"), C("feed-view"))]),
     }
 
 
@@ -327,6 +377,7 @@ def preamble_seeds() -> dict:
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
+    "wsconn": wsconn_seeds,
     "http_request": http_request_seeds,
     "http_response": http_response_seeds,
     "preamble": preamble_seeds,
