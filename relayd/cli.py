@@ -115,7 +115,7 @@ def serve_config(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from relayd import log as rlog
     from relayd.net import run
-    from relayd.relay import RelayNode
+    from relayd.gateway.node import RelayNode
 
     cfg = serve_config(args)
     rlog.setup(cfg.log_level)

@@ -20,7 +20,7 @@ from relayd import _build
 from relayd.agent import AgentNode
 from relayd.config import AgentConfig, ServeConfig
 from relayd.control.jointoken import JoinToken
-from relayd.relay import RelayNode
+from relayd.gateway.node import RelayNode
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

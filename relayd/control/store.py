@@ -48,6 +48,7 @@ records the agent in one transaction, so a failure leaves the token valid.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -650,3 +651,19 @@ def open_data_dir(directory: os.PathLike | str, *, create: bool) -> tuple[Certif
         store.close()
         raise
     return ca, store
+
+
+class AsyncStore:
+    """The store as the event loop uses it: every call runs in a worker
+    thread, never on the loop (a write fsyncs, and a loop stalled on the
+    disk stalls every link). ``await db("is_revoked", agent, serial)``, or
+    ``await db.run(fn)`` for several calls in one thread hop, ``fn(store)``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def __call__(self, name: str, *args):
+        return await asyncio.to_thread(getattr(self.store, name), *args)
+
+    async def run(self, fn):
+        return await asyncio.to_thread(fn, self.store)

@@ -14,7 +14,7 @@ def test_store_is_never_called_on_the_event_loop(tmp_path):
         token = join_token(relay)  # the test's own call, before the spy
         loop_thread = threading.get_ident()
         calls = []
-        real = relay.store
+        real = relay.db.store
 
         class Spy:
             def __getattr__(self, name):
@@ -28,7 +28,7 @@ def test_store_is_never_called_on_the_event_loop(tmp_path):
 
                 return wrapped
 
-        relay.store = Spy()
+        relay.db.store = Spy()  # what every part of the node calls the store through
         async with echo_service() as svc:
             agent = await start_agent(tmp_path, "a1", token, {"echo": ("127.0.0.1", svc)})
             assert await echo_ok(relay.tcp_ports["echo"])
@@ -40,7 +40,7 @@ def test_store_is_never_called_on_the_event_loop(tmp_path):
         assert {"check_join_token", "enroll_agent", "is_revoked", "get_agent", "update_agent_cert",
                 "revision", "set_agent_statuses"} <= names, names
         assert [n for n, on_loop in calls if on_loop] == []
-        relay.store = real
+        relay.db.store = real
         await relay.stop()
 
     run(main())

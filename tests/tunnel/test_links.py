@@ -105,8 +105,8 @@ def test_reconnect_after_link_cut_replaces_stale_session(tmp_path):
             old = relay.sessions[aid]
             agent.conn.abort()  # the network drops the link under the agent
             await wait_for(lambda: aid in relay.sessions and relay.sessions[aid] is not old, 10)
-            assert old.conn.closed or old not in relay.by_endpoint["echo"]
-            assert relay.by_endpoint["echo"] == [relay.sessions[aid]]
+            assert old.conn.closed or old not in relay.registry.by_endpoint["echo"]
+            assert relay.registry.by_endpoint["echo"] == [relay.sessions[aid]]
             assert await echo_ok(relay.tcp_ports["echo"])
             await agent.stop()
         await relay.stop()

@@ -13,7 +13,7 @@ from relayd.config import AgentConfig, ServeConfig
 from relayd.demo import echo_handler
 from relayd.control.jointoken import JoinToken
 from relayd.core.config import MuxConfig
-from relayd.relay import RelayNode
+from relayd.gateway.node import RelayNode
 
 FAST_MUX = MuxConfig(ping_interval=0.5, ping_timeout=1.5, open_timeout=5)
 

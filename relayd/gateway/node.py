@@ -1,0 +1,259 @@
+"""``relayd serve``: the relay node, as the composition root of its parts.
+
+* the control plane: the data directory's store and CA
+  (relayd.control.store, relayd.control.ca) and enrollment
+  (relayd.control.enrollment);
+* the agent registry (relayd.gateway.registry) and the one stream-open seam
+  (relayd.gateway.streams) every way in goes through;
+* the ways in, one module each: agents (relayd.gateway.agents: the agents
+  port and the links), public TCP endpoints (relayd.gateway.tcp), and the
+  HTTPS front door (relayd.net.wslink.HttpsPort, routing each request to the
+  relay's own services or to HTTP endpoints through relayd.net.http_ingress);
+* admission (relayd.net.admission) in front of every TLS listener.
+
+This module binds the listeners, wires the parts together, and stops them in
+order: no new connections, GoAway on every link, a drain, then the cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+from pathlib import Path
+
+import orjson
+
+from relayd import metrics
+from relayd.config import ServeConfig, format_hostport
+from relayd.control.ca import CertificateAuthority, write_private
+from relayd.control.enrollment import Enrollment
+from relayd.control.store import AsyncStore, Store
+from relayd.core.wire import KIND_HTTP
+from relayd.errors import ConfigError
+from relayd.gateway.agents import AgentPort
+from relayd.gateway.registry import AgentRegistry, AgentSession
+from relayd.gateway.streams import StreamSeam
+from relayd.gateway.tcp import TcpEndpoints
+from relayd.net import admission, tls
+from relayd.net.http_ingress import HttpConnection, Route, parse_route
+from relayd.net.preamble import ServerPreamble
+from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
+
+log = logging.getLogger("relayd.relay")
+
+
+class RelayNode:
+    """One relay process: agent listener, public endpoints, control plane."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg.validate()
+        self.data = Path(cfg.data)
+        self.store: Store | None = None
+        self.db: AsyncStore | None = None
+        self.ca: CertificateAuthority | None = None
+        self.registry = AgentRegistry(cfg.endpoints)
+        self.seam = StreamSeam(self.registry, cfg.grace)
+        self.agent_port: AgentPort | None = None
+        self.tcp: TcpEndpoints | None = None
+        self.agents_port: int | None = None
+        self.metrics_port: int | None = None
+        self.https_port: int | None = None
+        self.certs: tls.CertSelector | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._listeners: list[admission.TlsListener] = []
+        self.admission: admission.Admission | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.stopped = asyncio.Event()
+
+    @property
+    def sessions(self) -> dict[str, AgentSession]:
+        """Connected agents by id (the registry's)."""
+        return self.registry.sessions
+
+    @property
+    def tcp_ports(self) -> dict[str, int]:
+        return self.tcp.ports if self.tcp is not None else {}
+
+    async def push(self, agent_id: str, type_: str, **fields) -> bool:
+        """Send one control message to a connected agent (relayd.gateway.agents)."""
+        return await self.agent_port.push(agent_id, type_, **fields)
+
+    def on_control(self, type_: str, handler) -> None:
+        """Call ``handler(agent_id, message)`` for each control message of
+        ``type_`` an agent sends."""
+        self.agent_port.on_control(type_, handler)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def _prepare_data_dir(self) -> ssl.SSLContext:
+        from relayd.control.store import open_data_dir
+        from relayd.errors import DataDirError
+
+        # The CA and the database, checked to belong together: never start on
+        # a database that would refuse every agent the CA enrolled.
+        self.ca, self.store = open_data_dir(self.data, create=True)
+        target = self.data
+        try:
+            self.store.clear_all_status()
+            names = ["localhost", "127.0.0.1", "::1"]
+            adv_host = self.cfg.advertised[0]
+            for n in (self.cfg.hostname, adv_host, self.cfg.agents[0]):
+                if n and n not in ("0.0.0.0", "::") and n not in names:
+                    names.insert(0, n)
+            chain, key = self.ca.issue_server_cert(names)
+            target = self.data / "server.crt"
+            target.write_bytes(chain)
+            target = self.data / "server.key"
+            write_private(target, key)
+        except BaseException as exc:
+            self.store.close()
+            self.store = None
+            if isinstance(exc, OSError):
+                raise DataDirError(f"cannot write {target}: {exc.strerror}") from None
+            raise
+        self.db = AsyncStore(self.store)
+        enrollment = Enrollment(self.db, self.ca, self.cfg.agent_cert_ttl, lambda: self.wss_address)
+        self.agent_port = AgentPort(self.registry, self.seam, self.db, enrollment, self.cfg.mux,
+                                    self.cfg.endpoints, lambda: self.wss_address)
+        return tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
+                                  client_ca=str(self.ca_path))
+
+    def _write_relay_json(self) -> None:
+        """What `relayd admin join-token` needs: the addresses agents dial
+        (the real ports when bound to port 0)."""
+        adv = self.cfg.advertised
+        if adv[1] == 0:
+            adv = (adv[0], self.agents_port)
+        info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0]}
+        if self.wss_address:
+            info["https"] = self.wss_address
+        (self.data / "relay.json").write_bytes(orjson.dumps(info))
+
+    @property
+    def wss_address(self) -> str | None:
+        hp = self.cfg.advertised_https
+        if hp is None:
+            return None
+        return format_hostport((hp[0], self.https_port if hp[1] == 0 and self.https_port else hp[1]))
+
+    @property
+    def ca_path(self) -> Path:
+        return self.data / "ca" / "ca.crt"
+
+    async def start(self) -> None:
+        ctx = self._prepare_data_dir()
+        # Every listener is bound first, so that an address in use or not
+        # local is one clear error before anything else starts.
+        host, port = self.cfg.agents
+        bound: list = []
+
+        def bind(hp, what):
+            socks = admission.bind(hp[0], hp[1], what)
+            bound.extend(socks)
+            return socks
+
+        try:
+            agent_socks = bind(self.cfg.agents, "serve.agents")
+            https_socks = bind(self.cfg.https, "serve.https") if self.cfg.https is not None else None
+            tcp_socks = {name: bind(hp, f"serve.tcp.{name}") for name, hp in self.cfg.tcp.items()}
+            metrics_socks = bind(self.cfg.metrics, "serve.metrics") if self.cfg.metrics is not None else None
+        except BaseException:
+            for sock in bound:
+                sock.close()
+            raise
+        adm = self.admission = admission.Admission(self.cfg.admission)
+        preamble = functools.partial(ServerPreamble, self.agent_port.on_request)
+        lst = admission.TlsListener(adm, "agent_port", agent_socks, ctx, lambda ticket: preamble(ticket=ticket))
+        self._listeners.append(lst)
+        self.agents_port = lst.port
+        if https_socks is not None:
+            self._listeners.append(self._https_port(adm, https_socks, preamble))
+            self.https_port = self._listeners[-1].port
+        self._write_relay_json()
+        self.tcp = TcpEndpoints(self.seam, adm)
+        for name, socks in tcp_socks.items():
+            await self.tcp.listen(name, socks)
+        if metrics_socks is not None:
+            for sock in metrics_socks:
+                self._servers.append(await metrics.serve_metrics(sock))
+            self.metrics_port = metrics_socks[0].getsockname()[1]
+        self._tasks += self.agent_port.start()
+        log.info("relay listening", extra={
+            "agents": format_hostport((host, self.agents_port)),
+            "endpoints": ",".join(f"{n}={format_hostport((h, self.tcp_ports[n]))}" for n, (h, _) in self.cfg.tcp.items()),
+        })
+
+    def _https_port(self, adm, socks, preamble) -> admission.TlsListener:
+        """The HTTPS front door: each request routed on its own, to the
+        relay's own services (the agent link, on any host name) or to the
+        HTTP endpoints."""
+        # Its own context, so user certificates (SNI) apply there only.
+        hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
+                                  client_ca=str(self.ca_path))
+        try:
+            self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
+        routes = [Route("", "*", AGENT_PATH, local=agent_link_service(preamble))]
+        routes += [parse_route(name, r) for name, r in self.cfg.http.items()]
+        opener = functools.partial(self.seam.open, kind=KIND_HTTP)
+        timeout = self.cfg.gateway_timeout
+        return admission.TlsListener(
+            adm, "https", socks, hctx,
+            lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout), ticket=ticket))
+
+    def reload_certs(self) -> bool:
+        """SIGHUP: re-read the HTTPS port's certificates. Established
+        connections keep theirs; a file that fails to load keeps the old set."""
+        if self.certs is None:
+            return False
+        try:
+            names = self.certs.reload()
+        except (OSError, ValueError) as exc:
+            metrics.BAD_INPUT.labels("config", "cert_reload").inc()
+            log.error("certificate reload failed, keeping the previous certificates: %s", exc)
+            return False
+        log.info("certificates reloaded", extra={"names": ",".join(sorted(names))})
+        return True
+
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting, send every agent link GoAway, let open streams
+        finish for up to ``drain`` seconds, then close; what is still open
+        then is cut (reset)."""
+        for t in self._tasks:
+            t.cancel()
+        self.seam.close()
+        for lst in self._listeners:
+            lst.close()
+        for s in self._servers:
+            s.close()
+        if self.tcp is not None:
+            self.tcp.close()
+        links = [sess.conn for sess in self.sessions.values()]
+        for conn in links:
+            conn.go_away()
+        if drain > 0 and links:
+            busy = sum(c.stream_count() for c in links)
+            log.info("draining: no new streams, open ones may finish",
+                     extra={"streams": busy, "drain_s": drain})
+            done = await asyncio.gather(*(c.drained(drain) for c in links))
+            left = sum(c.stream_count() for c, ok in zip(links, done) if not ok)
+            log.info("drained" if not left else "drain time over: cutting what is left", extra={"streams": left})
+        if self.tcp is not None:
+            self.tcp.abort_all()
+        for conn in links:
+            conn.abort()
+        for s in self._servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+        if self.tcp is not None:
+            await self.tcp.wait_closed()
+        if self.store is not None:
+            await self.agent_port.flush_status()
+            self.store.close()
+            self.store = None
+        self.stopped.set()

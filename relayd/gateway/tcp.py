@@ -1,0 +1,96 @@
+"""Public TCP endpoints: the TCP way in.
+
+Each endpoint (``--tcp NAME=HOST:PORT``) is a listener; every connection to
+it becomes one stream to an agent serving that endpoint, opened through the
+stream seam (relayd.gateway.streams), then spliced with back-pressure both
+ways (relayd.net.splice). A connection refused by admission (descriptor
+headroom) is closed before it is routed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from relayd import metrics
+from relayd.gateway.streams import StreamSeam
+from relayd.net import admission, peer_name
+from relayd.net.splice import TcpSplice
+
+
+class TcpEndpoints:
+    def __init__(self, seam: StreamSeam, adm: admission.Admission) -> None:
+        self.seam = seam
+        self.admission = adm
+        self.ports: dict[str, int] = {}  # endpoint -> bound port (the first, if several)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._open: set[PublicConnection] = set()
+        self._gauges: dict[str, object] = {}
+
+    async def listen(self, endpoint: str, socks: list) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in socks:
+            self._servers.append(await loop.create_server(lambda: PublicConnection(self, endpoint), sock=sock,
+                                                          backlog=1024))
+        self.ports[endpoint] = socks[0].getsockname()[1]
+
+    def close(self) -> None:
+        """Stop accepting; open connections go on."""
+        for s in self._servers:
+            s.close()
+
+    def abort_all(self) -> None:
+        """Cut every open connection (with a reset)."""
+        for sp in list(self._open):
+            sp._abort()
+
+    async def wait_closed(self) -> None:
+        for s in self._servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+
+    def _route(self, sp: "PublicConnection") -> None:
+        self._open.add(sp)
+        self._gauge(sp.endpoint).inc()
+        sp.opening = self.seam.open(sp.endpoint, peer_name(sp.transport), sp.stream_ready)
+
+    def _closed(self, sp: "PublicConnection") -> None:
+        self._open.discard(sp)
+        self._gauge(sp.endpoint).dec()
+        if sp.opening is not None:  # gone while held for an agent
+            sp.opening.cancel()
+            sp.opening = None
+
+    def _gauge(self, endpoint: str):
+        g = self._gauges.get(endpoint)
+        if g is None:
+            g = self._gauges[endpoint] = metrics.ACTIVE_CONNECTIONS.labels(endpoint)
+        return g
+
+
+class PublicConnection(TcpSplice):
+    """A client of a public endpoint; routed to an agent once connected."""
+
+    def __init__(self, endpoints: TcpEndpoints, endpoint: str) -> None:
+        super().__init__(on_close=endpoints._closed)
+        self.endpoints = endpoints
+        self.endpoint = endpoint
+        self.opening = None  # the stream seam's Opening while held for an agent
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if admission.public_connection_ok(self.endpoints.admission, transport, "tcp"):
+            self.endpoints._route(self)
+        else:
+            self.on_close = None  # never routed: nothing to account for
+
+    def stream_ready(self, stream, reason) -> None:
+        """The stream seam's answer: splice, or reset the client."""
+        self.opening = None
+        if stream is None:
+            self._abort()
+        elif self._done:
+            stream.reset()  # the client left meanwhile
+        else:
+            self.bind(stream)
