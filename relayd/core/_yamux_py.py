@@ -27,6 +27,21 @@ trips' worth of the window would allow, the window is the bottleneck
 (bandwidth-delay product), so it doubles, up to ``MuxConfig.max_window``. The
 round-trip time is supplied by the I/O layer (``set_rtt``), which times pings.
 
+Window growth is paid from budgets, so that memory is bounded per link and
+per node, not only per stream: every byte of window above a stream's initial
+256 KiB is charged to the session (``MuxConfig.recv_budget``) and to an
+optional ``WindowBudget`` shared by all sessions of the node. A window grows
+only by what both still have, so one fast stream may take the whole budget
+and many streams split it. A stream charges the larger of its target and
+what the peer may still send plus what is unconsumed: yamux cannot take
+credit back, so a window that shrinks frees its budget only as the peer uses
+the credit it holds. Windows shrink (credit is withheld) when a stream's
+consumer is far slower than its window (an idle or slow stream), and, while
+another stream waits for budget, when a stream holds more than its fair
+share. A stream that can receive no more (the peer's FIN, a reset, the end)
+returns its charge at once, and ``release_windows`` returns the session's
+share of the node budget when its transport is gone.
+
 A peer that breaks the protocol ends the session: the session queues a GoAway
 with the protocol-error code, returns a ``ProtocolErrorEvent`` carrying an
 error value from ``relayd.errors`` and ignores any further input. It never
@@ -282,6 +297,26 @@ class ProtocolErrorEvent:
 # --- streams and session ----------------------------------------------------------------
 
 
+class WindowBudget:
+    """Receive-window credit shared by several sessions (a node's total).
+
+    ``used`` counts the window the sessions granted above their streams'
+    initial 256 KiB; a session grows a window only while ``used`` stays
+    within ``limit``. Sessions update ``used`` themselves; give each session
+    a budget of its own build (compiled or pure).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"a budget cannot be negative ({limit})")
+        self.limit = limit
+        self.used = 0
+
+    def available(self) -> int:
+        """Bytes of window that may still be granted."""
+        return self.limit - self.used if self.used < self.limit else 0
+
+
 class _Stream:
     """Per-stream state; internal to the session."""
 
@@ -295,6 +330,10 @@ class _Stream:
         self.target = INITIAL_WINDOW
         self.unconsumed = 0
         self.epoch_start = now
+        # Window above INITIAL_WINDOW charged to the budgets, and whether the
+        # stream wanted to grow and the budget had nothing left for it.
+        self.charged = 0
+        self.starved = False
 
 
 class Session:
@@ -304,12 +343,20 @@ class Session:
     odd ids, the accepting side's even ids.
     """
 
-    def __init__(self, client: bool, config: MuxConfig | None = None) -> None:
+    def __init__(
+        self, client: bool, config: MuxConfig | None = None, node_budget: WindowBudget | None = None
+    ) -> None:
         if config is None:
             config = MuxConfig()
         self.config = config
         self.client = client
         self._max_window = config.max_window
+        self._recv_budget = config.recv_budget
+        self._node = node_budget
+        self._budget_used = 0  # the sum of the streams' charges
+        self._holders = 0  # streams with a charge
+        self._starved = 0  # streams waiting for budget
+        self._released = False
         self._max_frame_payload = config.max_frame_payload
         self._max_send_frame = config.max_send_frame
         self._max_streams = config.max_streams
@@ -392,6 +439,21 @@ class Session:
         """Current receive window target of a stream."""
         st = self._streams.get(stream_id)
         return 0 if st is None else st.target
+
+    def recv_budget_used(self) -> int:
+        """Bytes of the session's receive budget in use: window granted above
+        the initial 256 KiB of each stream, all streams together."""
+        return self._budget_used
+
+    def release_windows(self) -> None:
+        """The transport is gone: give the session's share of the node budget
+        back and grow no window any more. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        if self._node is not None:
+            self._node.used -= self._budget_used
+            self._node = None
 
     def set_rtt(self, rtt: float) -> None:
         """Tell the session the link's round-trip time (seconds)."""
@@ -552,8 +614,9 @@ class Session:
         """The application has passed on ``n`` received bytes of the stream.
 
         Returns credit to the peer (WindowUpdate) once half a window is
-        consumed, and grows the window when it limits throughput. ``now`` is
-        a monotonic clock reading used only for that growth.
+        consumed, grows the window when it limits throughput (within the
+        budgets) and shrinks it when it is far larger than the stream's rate
+        needs. ``now`` is a monotonic clock reading used only for that sizing.
         """
         if self._failed:
             return
@@ -568,19 +631,105 @@ class Session:
         delta: cython.longlong = st.target - st.recv_window - st.unconsumed
         if delta * 2 < st.target:
             return
-        if self._rtt > 0.0 and st.target < self._max_window:
-            # Half a window or more was consumed in this epoch. If that took
-            # less than 4 RTT x (the consumed fraction of the window), the
-            # sender is window-bound: double the window.
-            if now - st.epoch_start < 4.0 * self._rtt * delta / st.target:
-                target: cython.longlong = st.target * 2
-                if target > self._max_window:
-                    target = self._max_window
-                delta += target - st.target
-                st.target = target
+        if self._rtt > 0.0:
+            self._tune(st, now, delta)
+            delta = st.target - st.recv_window - st.unconsumed
         st.epoch_start = now
-        st.recv_window += delta
-        self._frame(TYPE_WINDOW_UPDATE, self._ack_flag(st), st.stream_id, delta)
+        if delta > 0:
+            st.recv_window += delta
+            self._frame(TYPE_WINDOW_UPDATE, self._ack_flag(st), st.stream_id, delta)
+        self._recharge(st)
+
+    # -- window sizing and budgets -------------------------------------------------------
+
+    def _tune(self, st: _Stream, now: cython.double, consumed: cython.longlong) -> None:
+        """Resize the window once per epoch (half a window consumed)."""
+        # If consuming that took less than 4 RTT x (the consumed fraction of
+        # the window), the sender is window-bound: double the window, as far
+        # as the budgets allow. If it took 4 times longer than that, the
+        # window is 16 times what this stream's rate needs: halve it.
+        spent: cython.double = now - st.epoch_start
+        bound: cython.double = 4.0 * self._rtt * consumed / st.target
+        if spent < bound:
+            if st.target < self._max_window and self._grow(st):
+                return
+        else:
+            self._unstarve(st)
+            if spent > 4.0 * bound:
+                self._shrink(st, INITIAL_WINDOW)
+        if self._starved and not st.starved and st.charged:
+            # Another stream waits for budget: give back what is above an
+            # equal share of the budget among the streams that want it.
+            self._shrink(st, INITIAL_WINDOW + self._recv_budget // (self._holders + self._starved))
+
+    def _grow(self, st: _Stream) -> cython.bint:
+        """Double the target within max_window and the budgets; True if it grew."""
+        if self._released:
+            return False
+        want: cython.longlong = self._max_window - st.target
+        if want > st.target:
+            want = st.target
+        room: cython.longlong = self._recv_budget - self._budget_used
+        if self._node is not None and self._node.limit - self._node.used < room:
+            room = self._node.limit - self._node.used
+        if room >= want:
+            room = want
+            self._unstarve(st)
+        elif st.charged == 0 or st.charged * self._holders < self._budget_used:
+            # Short of budget and holding less than the average: it waits
+            # for a share, which makes the streams above an equal share
+            # give back (see _tune).
+            if not st.starved:
+                st.starved = True
+                self._starved += 1
+        else:
+            self._unstarve(st)
+        if room <= 0:
+            return False
+        st.target += room
+        return True
+
+    def _shrink(self, st: _Stream, floor: cython.longlong) -> None:
+        target: cython.longlong = st.target // 2
+        if target < floor:
+            target = floor
+        if target < st.target:
+            st.target = target
+
+    def _unstarve(self, st: _Stream) -> None:
+        if st.starved:
+            st.starved = False
+            self._starved -= 1
+
+    def _recharge(self, st: _Stream) -> None:
+        """Charge what the peer may still send plus what is unconsumed, or the
+        target if larger: yamux cannot take credit back."""
+        charge: cython.longlong = st.recv_window + st.unconsumed
+        if charge < st.target:
+            charge = st.target
+        charge -= INITIAL_WINDOW
+        if charge < 0:
+            charge = 0
+        self._set_charge(st, charge)
+
+    def _set_charge(self, st: _Stream, charge: cython.longlong) -> None:
+        diff: cython.longlong = charge - st.charged
+        if diff == 0:
+            return
+        if st.charged == 0:
+            self._holders += 1
+        elif charge == 0:
+            self._holders -= 1
+        st.charged = charge
+        self._budget_used += diff
+        if self._node is not None:
+            self._node.used += diff
+
+    def _stop_receiving(self, st: _Stream) -> None:
+        # No more data can come: the window is no longer needed.
+        self._unstarve(st)
+        self._set_charge(st, 0)
+        st.target = INITIAL_WINDOW
 
     def ping(self) -> int:
         """Queue a ping; returns its opaque value (matched by PongReceived)."""
@@ -613,6 +762,8 @@ class Session:
                 )
             raise StreamError(f"stream {st.stream_id} is {STATE_NAMES[st.state]}")
         st.state = nxt
+        if nxt != LOCAL_CLOSED:
+            self._stop_receiving(st)
         if nxt == CLOSED or nxt == RESET:
             self._remove(st, event == SEND_RST)
 
@@ -658,6 +809,7 @@ class Session:
 
     def _fail(self, err, events: list) -> None:
         self._failed = True
+        self.release_windows()
         self._payload_left = 0
         self._cur_stream = None
         code = GO_AWAY_INTERNAL_ERROR if isinstance(err, InternalError) else GO_AWAY_PROTOCOL_ERROR

@@ -10,6 +10,8 @@ from relayd.errors import ConfigError
 #: a peer assumes it, so it is a protocol constant, not a setting.
 INITIAL_WINDOW = 256 * 1024
 MAX_WINDOW_LIMIT = 0xFFFFFFFF
+#: Receive budgets are byte counts far beyond any window (1 TiB).
+MAX_BUDGET = 1 << 40
 
 
 def _checker(cfg, table: str):
@@ -28,13 +30,25 @@ class MuxConfig:
 
     The sans-I/O session uses the limits; the timers (``ping_interval``,
     ``ping_timeout``, ``open_timeout``) are read by the I/O layer, which owns
-    the clock.
+    the clock. ``node_recv_budget`` is the limit of the one ``WindowBudget``
+    counter the I/O layer shares between all sessions of the process.
     """
 
     #: Receive windows start at 256 KiB and grow toward this when the
     #: application consumes fast enough that the window, not the link, limits
     #: throughput (bandwidth-delay product).
     max_window: int = 16 * 1024 * 1024
+    #: Receive budget of one session (one agent link): the window granted
+    #: above each stream's initial 256 KiB, all its streams together. A
+    #: window grows only while the session stays within it, so one fast
+    #: stream can have all of it (up to ``max_window``) and many streams
+    #: split it. It bounds what the peer may have in flight toward us, and so
+    #: what either end buffers for the link, at streams x 256 KiB + this.
+    #: 0: windows never grow (plain yamux, 256 KiB per stream).
+    recv_budget: int = 16 * 1024 * 1024
+    #: The same, all sessions of the node (process) together: a relay with
+    #: many busy agents grows windows only while the sum stays within this.
+    node_recv_budget: int = 256 * 1024 * 1024
     #: A data frame longer than this is a protocol error (FrameTooLarge).
     max_frame_payload: int = 16 * 1024 * 1024
     #: Outbound data is cut into frames of at most this many bytes.
@@ -61,6 +75,9 @@ class MuxConfig:
         need = _checker(self, "mux")
         need(INITIAL_WINDOW <= self.max_window <= MAX_WINDOW_LIMIT, "max_window",
              f"must be between {INITIAL_WINDOW} and {MAX_WINDOW_LIMIT}")
+        need(0 <= self.recv_budget <= MAX_BUDGET, "recv_budget", f"must be between 0 and {MAX_BUDGET}")
+        need(self.recv_budget <= self.node_recv_budget <= MAX_BUDGET, "node_recv_budget",
+             f"must be between recv_budget and {MAX_BUDGET}")
         need(INITIAL_WINDOW <= self.max_frame_payload <= MAX_WINDOW_LIMIT, "max_frame_payload",
              f"must be between {INITIAL_WINDOW} and {MAX_WINDOW_LIMIT}")
         need(1024 <= self.max_send_frame <= INITIAL_WINDOW, "max_send_frame",

@@ -11,6 +11,7 @@ from relayd.core.config import INITIAL_WINDOW, MuxConfig
 _impl = load("yamux")
 
 Session = _impl.Session
+WindowBudget = _impl.WindowBudget
 FrameHeader = _impl.FrameHeader
 encode_header = _impl.encode_header
 decode_header = _impl.decode_header

@@ -18,6 +18,16 @@ Keepalive: a ping every ``ping_interval``; a ping unanswered after
 ``ping_timeout`` means the link is dead and the transport is aborted, so both
 ends notice a silent peer. Pong times feed the session's RTT estimate, which
 drives receive-window growth.
+
+Memory: window growth is paid from the session's receive budget
+(``MuxConfig.recv_budget``) and from one ``WindowBudget`` shared by every
+session of the process (``MuxConfig.node_recv_budget``, see
+``node_budget``), so the bytes in flight toward this node, and what the peer
+buffers to send them, are bounded per link and in total. A session gives its
+share back when its transport is gone. Once a connection has moved
+``TRIM_AFTER_BYTES``, the end of one of its streams asks the allocator to
+return freed heap pages (at most every ``TRIM_INTERVAL`` seconds): the
+buffers of a burst are freed, but glibc keeps the pages otherwise.
 """
 
 from __future__ import annotations
@@ -33,9 +43,55 @@ from relayd.core import framing, yamux
 from relayd.core.config import MuxConfig
 from relayd.log import RateLimitedLog, caught
 from relayd.errors import ProtocolError, SessionClosedError, StreamError, StreamResetError
+from relayd.net.admission import trim_heap
 
 log = logging.getLogger("relayd.mux")
 _PROTOCOL_LOG = RateLimitedLog(log)
+
+#: Bytes a connection moves (both ways) between two requests for a heap trim.
+TRIM_AFTER_BYTES = 64 * 1024 * 1024
+#: Seconds from a stream's end to the trim (the streams of a burst end together).
+TRIM_DELAY = 0.5
+#: Seconds between two trims at least.
+TRIM_INTERVAL = 5.0
+
+_node_budget = None
+
+
+def node_budget(config: MuxConfig) -> "yamux.WindowBudget":
+    """The receive budget of the whole node: one counter shared by every
+    session of this process, its limit ``config.node_recv_budget`` (the
+    latest config wins, so a reload changes it for the node)."""
+    global _node_budget
+    if _node_budget is None:
+        _node_budget = yamux.WindowBudget(config.node_recv_budget)
+    else:
+        _node_budget.limit = config.node_recv_budget
+    return _node_budget
+
+
+class _HeapTrim:
+    """One pending heap trim per process, at most one per TRIM_INTERVAL."""
+
+    def __init__(self) -> None:
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop = None
+        self._last = float("-inf")
+
+    def request(self, loop) -> None:
+        if self._handle is not None and self._loop is loop and not loop.is_closed():
+            return
+        self._loop = loop
+        delay = max(TRIM_DELAY, self._last + TRIM_INTERVAL - loop.time())
+        self._handle = loop.call_later(delay, self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        self._last = self._loop.time()
+        trim_heap()
+
+
+_HEAP_TRIM = _HeapTrim()
 
 _DataReceived = yamux.DataReceived
 _WindowUpdated = yamux.WindowUpdated
@@ -304,9 +360,11 @@ class MuxConnection(asyncio.Protocol):
         on_stream: Callable[[MuxStream], Awaitable[None]] | None = None,
         keepalive: bool = True,
         name: str = "",
+        budget: "yamux.WindowBudget | None" = None,
     ) -> None:
         self.config = config or MuxConfig()
-        self.session = yamux.Session(client, self.config)
+        # ``budget``: the node's receive budget, by default the process's own.
+        self.session = yamux.Session(client, self.config, budget if budget is not None else node_budget(self.config))
         self.name = name
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -331,6 +389,7 @@ class MuxConnection(asyncio.Protocol):
         self.rtt: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self._trim_mark = 0  # bytes_in + bytes_out at the last trim request
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -478,6 +537,7 @@ class MuxConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closed = True
+        self.session.release_windows()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         if self._open_sweep is not None:
@@ -556,6 +616,10 @@ class MuxConnection(asyncio.Protocol):
                 meter.ended()
             except Exception as exc:
                 caught("mux_meter", exc, conn=self.name)
+        moved = self.bytes_in + self.bytes_out
+        if moved - self._trim_mark >= TRIM_AFTER_BYTES and st is not None:
+            self._trim_mark = moved
+            _HEAP_TRIM.request(self._loop)
         if not self._streams and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
@@ -735,4 +799,4 @@ async def serve(
     return await loop.create_server(factory, host, port, ssl=ssl)
 
 
-__all__ = ["MuxConnection", "MuxStream", "connect", "serve", "ProtocolError"]
+__all__ = ["MuxConnection", "MuxStream", "connect", "node_budget", "serve", "ProtocolError"]

@@ -22,7 +22,7 @@ def test_compiled_module_is_an_extension():
     assert _yamux_c.__file__.endswith(".so")
 
 
-@pytest.mark.parametrize("name", ["Session", "_Stream", "DataReceived", "StreamOpened", "FrameHeader", "ProtocolErrorEvent"])
+@pytest.mark.parametrize("name", ["Session", "_Stream", "WindowBudget", "DataReceived", "StreamOpened", "FrameHeader", "ProtocolErrorEvent"])
 def test_classes_are_extension_types(name):
     from relayd.core import _yamux_c
 

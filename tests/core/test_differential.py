@@ -119,7 +119,11 @@ def scenario(draw):
         last = c
     steps = [(p, draw(st.lists(local_cmd, max_size=4))) for p in pieces]
     client = draw(st.booleans())
-    cfg = draw(st.sampled_from([None, MuxConfig(accept_backlog=2, max_streams=3, max_refused_streams=2, max_pending_pongs=2, reset_memory=1)]))
+    cfg = draw(st.sampled_from([
+        None,
+        MuxConfig(accept_backlog=2, max_streams=3, max_refused_streams=2, max_pending_pongs=2, reset_memory=1),
+        MuxConfig(max_window=1 << 20, recv_budget=300 * 1024, node_recv_budget=300 * 1024),
+    ]))
     return client, cfg, steps
 
 

@@ -78,6 +78,11 @@ cdef class ProtocolErrorEvent:
     cdef readonly object error
 
 
+cdef class WindowBudget:
+    cdef public long long limit
+    cdef public long long used
+
+
 @cython.final
 cdef class _Stream:
     cdef public unsigned int stream_id
@@ -89,6 +94,8 @@ cdef class _Stream:
     cdef public long long target
     cdef public long long unconsumed
     cdef public double epoch_start
+    cdef public long long charged
+    cdef public bint starved
 
 
 @cython.final
@@ -96,6 +103,12 @@ cdef class Session:
     cdef readonly object config
     cdef readonly bint client
     cdef long long _max_window
+    cdef long long _recv_budget
+    cdef WindowBudget _node
+    cdef long long _budget_used
+    cdef Py_ssize_t _holders
+    cdef Py_ssize_t _starved
+    cdef bint _released
     cdef long long _max_frame_payload
     cdef Py_ssize_t _max_send_frame
     cdef Py_ssize_t _max_streams
@@ -132,6 +145,18 @@ cdef class Session:
     cdef void _check_alive(self) except *
     cdef int _ack_flag(self, _Stream st) noexcept
     cdef _Stream _get(self, stream_id)
+    @cython.locals(spent=double, bound=double)
+    cdef void _tune(self, _Stream st, double now, long long consumed) except *
+    @cython.locals(want="long long", room="long long")
+    cdef bint _grow(self, _Stream st) except -1
+    @cython.locals(target="long long")
+    cdef void _shrink(self, _Stream st, long long floor) noexcept
+    cdef void _unstarve(self, _Stream st) noexcept
+    @cython.locals(charge="long long")
+    cdef void _recharge(self, _Stream st) noexcept
+    @cython.locals(diff="long long")
+    cdef void _set_charge(self, _Stream st, long long charge) noexcept
+    cdef void _stop_receiving(self, _Stream st) noexcept
     cdef void _transition(self, _Stream st, int event) except *
     @cython.locals(slot=Py_ssize_t)
     cdef void _remove(self, _Stream st, bint locally_reset) except *
