@@ -126,7 +126,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _signals_to(stop)
         await node.start()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, node.reload_certs)
+
+        def reload() -> None:
+            try:
+                new = serve_config(args)  # the config file again, with the same flags on top
+            except (ConfigError, OSError) as exc:
+                logging.getLogger("relayd").error("reload: the configuration does not load; keeping the running one: %s",
+                                                  exc)
+                return
+            asyncio.get_running_loop().create_task(node.reload(new))
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         await node.stop(drain=cfg.drain)
         return 0

@@ -120,7 +120,7 @@ class AgentPort:
         unknown = [e for e in wanted if e not in self.endpoints]
         conn = MuxConnection(False, self.mux, on_stream=functools.partial(self._on_agent_stream, agent_id),
                              name=agent_id)
-        sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.endpoints], conn, peer)
+        sess = AgentSession(agent_id, serial, [e for e in wanted if e in self.endpoints], conn, peer, offered=wanted)
         sess.control = control.ControlChannel(functools.partial(self.seam.open_control, sess))
         old = self.registry.add(sess)
         if old is not None:

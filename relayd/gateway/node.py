@@ -37,7 +37,7 @@ from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.gateway.streams import StreamSeam
 from relayd.gateway.tcp import TcpEndpoints
 from relayd.net import admission, tls
-from relayd.net.http_ingress import HttpConnection, Route, parse_route
+from relayd.net.http_ingress import HttpConnection, Route, RouteTable, parse_route
 from relayd.net.preamble import ServerPreamble
 from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
 
@@ -65,6 +65,8 @@ class RelayNode:
         self._listeners: list[admission.TlsListener] = []
         self.admission: admission.Admission | None = None
         self._tasks: list[asyncio.Task] = []
+        self.routes: RouteTable | None = None  # the HTTPS front door's
+        self._agent_route: Route | None = None
         self.stopped = asyncio.Event()
 
     @property
@@ -196,13 +198,65 @@ class RelayNode:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
-        routes = [Route("", "*", AGENT_PATH, local=agent_link_service(preamble))]
-        routes += [parse_route(name, r) for name, r in self.cfg.http.items()]
+        self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble))
+        routes = self.routes = RouteTable(self._http_routes(self.cfg))
         opener = functools.partial(self.seam.open, kind=KIND_HTTP)
         timeout = self.cfg.gateway_timeout
         return admission.TlsListener(
             adm, "https", socks, hctx,
             lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout), ticket=ticket))
+
+    def _http_routes(self, cfg: ServeConfig) -> list[Route]:
+        return [self._agent_route] + [parse_route(name, r) for name, r in cfg.http.items()]
+
+    async def reload(self, cfg: ServeConfig) -> None:
+        """SIGHUP: take a new configuration's endpoints, routes and
+        certificates without dropping anything established. Added TCP
+        endpoints start listening; removed (or moved) ones stop accepting and
+        their connections go on until they end; HTTP routes are swapped for
+        the next request on every connection; connected agents serve what
+        they offered of the new endpoints at once. A part that fails (an
+        address in use, a certificate that does not load) keeps its old
+        state and says so; the rest is applied."""
+        old = self.cfg
+        for key in ("agents", "https", "metrics", "data"):
+            if getattr(cfg, key) != getattr(old, key):
+                log.warning("reload: this setting needs a restart; keeping the running value", extra={"key": key})
+                setattr(cfg, key, getattr(old, key))
+        if self.routes is None and cfg.http:
+            log.warning("reload: HTTP endpoints need the HTTPS port (serve.https) and a restart")
+            cfg.http = {}
+        for name, hp in old.tcp.items():
+            if cfg.tcp.get(name) != hp:
+                self.tcp.stop(name)
+                log.info("reload: endpoint stops accepting", extra={"endpoint": name})
+        for name, hp in list(cfg.tcp.items()):
+            if old.tcp.get(name) == hp:
+                continue
+            try:
+                socks = admission.bind(hp[0], hp[1], f"serve.tcp.{name}")
+            except ConfigError as exc:
+                log.error("reload: endpoint not started: %s", exc, extra={"endpoint": name})
+                del cfg.tcp[name]
+                continue
+            await self.tcp.listen(name, socks)
+            log.info("reload: endpoint listening", extra={"endpoint": name,
+                                                          "address": format_hostport((hp[0], self.tcp.ports[name]))})
+        if self.routes is not None and cfg.http != old.http:
+            try:
+                self.routes.replace(self._http_routes(cfg))
+            except ConfigError as exc:
+                log.error("reload: HTTP routes kept: %s", exc)
+                cfg.http = old.http
+        self.registry.set_endpoints(cfg.endpoints)
+        self.agent_port.endpoints = cfg.endpoints
+        if self.certs is not None and cfg.certs != old.certs:
+            self.certs.pairs = [(str(c), str(k)) for c, k in cfg.certs]
+        self.cfg = cfg
+        if not self.reload_certs() and self.certs is not None:
+            self.certs.pairs = [(str(c), str(k)) for c, k in old.certs]
+            cfg.certs = old.certs
+        log.info("configuration reloaded", extra={"endpoints": ",".join(sorted(cfg.endpoints))})
 
     def reload_certs(self) -> bool:
         """SIGHUP: re-read the HTTPS port's certificates. Established

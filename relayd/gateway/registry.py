@@ -24,6 +24,7 @@ class AgentSession:
     conn: MuxConnection
     address: str
     connected_since: float = field(default_factory=time.time)
+    offered: list[str] = field(default_factory=list)  # what the agent offered to serve (endpoints: those configured)
     control: object = None  # the relay's ControlChannel to the agent (relayd.net.control)
 
 
@@ -63,6 +64,16 @@ class AgentRegistry:
             if lst and sess in lst:
                 lst.remove(sess)
         return current
+
+    def set_endpoints(self, names: Iterable[str]) -> None:
+        """The node's endpoints changed (reload): each session serves what it
+        offered of the new set, without reconnecting."""
+        names = set(names)
+        self.by_endpoint = {name: [] for name in names}
+        for sess in self.sessions.values():
+            sess.endpoints = [e for e in sess.offered if e in names]
+            for e in sess.endpoints:
+                self.by_endpoint[e].append(sess)
 
     def pick(self, endpoint: str) -> AgentSession | None:
         """A live agent serving ``endpoint`` that takes new streams (not

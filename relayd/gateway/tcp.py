@@ -22,21 +22,31 @@ class TcpEndpoints:
         self.seam = seam
         self.admission = adm
         self.ports: dict[str, int] = {}  # endpoint -> bound port (the first, if several)
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: dict[str, list[asyncio.AbstractServer]] = {}
+        self._stopped: list[asyncio.AbstractServer] = []
         self._open: set[PublicConnection] = set()
         self._gauges: dict[str, object] = {}
 
     async def listen(self, endpoint: str, socks: list) -> None:
         loop = asyncio.get_running_loop()
+        servers = self._servers.setdefault(endpoint, [])
         for sock in socks:
-            self._servers.append(await loop.create_server(lambda: PublicConnection(self, endpoint), sock=sock,
-                                                          backlog=1024))
+            servers.append(await loop.create_server(lambda: PublicConnection(self, endpoint), sock=sock,
+                                                    backlog=1024))
         self.ports[endpoint] = socks[0].getsockname()[1]
+
+    def stop(self, endpoint: str) -> None:
+        """One endpoint stops accepting (reload removed or moved it); its
+        open connections go on until they end."""
+        for s in self._servers.pop(endpoint, []):
+            s.close()
+            self._stopped.append(s)
+        self.ports.pop(endpoint, None)
 
     def close(self) -> None:
         """Stop accepting; open connections go on."""
-        for s in self._servers:
-            s.close()
+        for name in list(self._servers):
+            self.stop(name)
 
     def abort_all(self) -> None:
         """Cut every open connection (with a reset)."""
@@ -44,7 +54,7 @@ class TcpEndpoints:
             sp._abort()
 
     async def wait_closed(self) -> None:
-        for s in self._servers:
+        for s in self._stopped:
             try:
                 await asyncio.wait_for(s.wait_closed(), 2)
             except asyncio.TimeoutError:

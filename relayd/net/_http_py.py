@@ -94,6 +94,20 @@ def parse_route(name: str, text: str) -> Route:
     return Route(name, host.lower(), "/" + prefix if prefix else "/")
 
 
+class RouteTable:
+    """The HTTPS port's routes, shared by its connections and replaced whole
+    on reload; ``generation`` tells a connection that its cached routing
+    decision is stale."""
+
+    def __init__(self, routes) -> None:
+        self.routes = list(routes)
+        self.generation = 0
+
+    def replace(self, routes) -> None:
+        self.routes = list(routes)
+        self.generation += 1
+
+
 def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
     """The route of ``host`` whose prefix is the longest run of whole path
     segments of ``path`` (``/api`` takes ``/api`` and ``/api/x``, never
@@ -136,10 +150,11 @@ class Request:
 class HttpConnection:
     """The HTTP/1.1 side of one client connection on the HTTPS port."""
 
-    def __init__(self, port, transport, routes: list[Route], open_stream, gateway_timeout: float) -> None:
+    def __init__(self, port, transport, routes, open_stream, gateway_timeout: float) -> None:
         self.port = port  # the HttpsPort protocol (owns the transport callbacks)
         self.transport = transport
-        self.routes = routes
+        self.routes = routes if isinstance(routes, RouteTable) else RouteTable(routes)
+        self.last_gen = 0
         # open_stream(endpoint, client, ready) -> Opening | None: the gateway's
         # stream seam; it answers ready(stream, None) or ready(None, reason),
         # at once or (held for an agent) later.
@@ -373,17 +388,19 @@ class HttpConnection:
             url = _origin_form(url, host, method)
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
-        if host == self.last_host and path == self.last_path:
+        table = self.routes
+        if host == self.last_host and path == self.last_path and self.last_gen == table.generation:
             req.route = self.last_route
             clean = self.last_clean
         else:
             text = host.decode("latin-1").lower()
             hostname = text.split("]")[0] + "]" if text.startswith("[") else text.rsplit(":", 1)[0]
             clean = _clean_path(path)
-            route = pick_route(self.routes, hostname, "/" if clean == b"*" else clean.decode("latin-1"))
+            route = pick_route(table.routes, hostname, "/" if clean == b"*" else clean.decode("latin-1"))
             if route is None:
                 raise _Refuse(404, f"no endpoint for host {hostname[:100]!r} and this path")
             req.route = self.last_route = route
+            self.last_gen = table.generation
             self.last_host, self.last_path, self.last_clean = host, path, clean
         if clean != path:
             url = clean if q < 0 else clean + url[q:]

@@ -8,6 +8,7 @@ _impl = load("http")
 HttpConnection = _impl.HttpConnection
 Request = _impl.Request
 Route = _impl.Route
+RouteTable = _impl.RouteTable
 parse_route = _impl.parse_route
 pick_route = _impl.pick_route
 MAX_HEAD = _impl.MAX_HEAD

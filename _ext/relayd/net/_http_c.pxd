@@ -31,7 +31,7 @@ cdef class HttpConnection:
     cdef public object inbuf, resp_head, pending_body, held, deadline_kind, loop_time
     cdef public bint mid_message, head_alone, resp_started, resp_close, upstream_close, raw, raw_in, closed
     cdef public bint write_paused, reading_paused
-    cdef public long long body_left, served, resp_left, deferred, held_bytes
+    cdef public long long body_left, served, resp_left, deferred, held_bytes, last_gen
     cdef public object client, client_b, fwd_head, last_host, last_path, last_route, last_clean, _sweep
 
 cdef class _Drain:

@@ -1,0 +1,156 @@
+"""Reload (SIGHUP): endpoints, routes and certificates change without
+dropping anything established."""
+
+import asyncio
+import dataclasses
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+from relayd.net import run
+from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
+
+
+def test_tcp_endpoints_come_and_go_and_established_connections_live_on(tmp_path):
+    async def main():
+        relay = await start_relay(tmp_path, endpoints=("echo",))
+        async with echo_service() as svc:
+            # The agent offers "extra" too, which the relay does not have yet.
+            agent = await start_agent(tmp_path, "a1", join_token(relay),
+                                      {"echo": ("127.0.0.1", svc), "extra": ("127.0.0.1", svc)})
+            old_port = relay.tcp_ports["echo"]
+            r, w = await asyncio.open_connection("127.0.0.1", old_port)
+            w.write(b"before")
+            assert await r.readexactly(6) == b"before"
+
+            new = dataclasses.replace(relay.cfg, tcp={"extra": ("127.0.0.1", 0)})
+            await relay.reload(new)
+
+            # Established: still flows through the removed endpoint's stream.
+            w.write(b"after")
+            assert await r.readexactly(5) == b"after"
+            # Removed: no longer accepting.
+            try:
+                r2, w2 = await asyncio.open_connection("127.0.0.1", old_port)
+                assert await r2.read(10) == b"", "the removed endpoint still served a connection"
+                w2.close()
+            except ConnectionRefusedError:
+                pass
+            # Added: served by the agent already connected, without reconnecting.
+            assert await echo_ok(relay.tcp_ports["extra"])
+            assert agent.reconnects == 0
+            w.close()
+            await agent.stop()
+        await relay.stop()
+
+    run(main())
+
+
+def test_http_routes_swap_for_the_next_request_on_a_kept_alive_connection(tmp_path):
+    async def main():
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                body = self.path.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        relay = await start_relay(tmp_path, endpoints=(), https=("127.0.0.1", 0), hostname="app.example",
+                                  http={"web": "app.example/old"})
+        svc = ("127.0.0.1", srv.server_address[1])
+        agent = await start_agent(tmp_path, "a1", join_token(relay), {"web": svc, "web2": svc})
+
+        def exchange(t, path):
+            t.sendall(f"GET {path} HTTP/1.1\r\nHost: app.example\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += t.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            n = int([ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0])
+            while len(body) < n:
+                body += t.recv(65536)
+            return head.split(b" ")[1], body
+
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+
+        def connect():
+            raw = socket.create_connection(("127.0.0.1", relay.https_port), 5)
+            t = ctx.wrap_socket(raw, server_hostname="app.example")
+            t.settimeout(10)
+            return t
+
+        t = await asyncio.to_thread(connect)
+        assert await asyncio.to_thread(exchange, t, "/old/a") == (b"200", b"/old/a")
+        await relay.reload(dataclasses.replace(relay.cfg, http={"web2": "app.example/new"}))
+        status, _ = await asyncio.to_thread(exchange, t, "/old/b")
+        assert status == b"404"  # the next request on the same connection sees the new table
+        t.close()
+        t = await asyncio.to_thread(connect)
+        assert await asyncio.to_thread(exchange, t, "/new/c") == (b"200", b"/new/c")
+        t.close()
+        await agent.stop()
+        await relay.stop()
+        srv.shutdown()
+        srv.server_close()
+
+    run(main())
+
+
+def test_sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_one(tmp_path):
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    agents, one, two = free_port(), free_port(), free_port()
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[serve]\ndata = "{tmp_path / "d"}"\nagents = "127.0.0.1:{agents}"\n'
+                    f'[serve.tcp]\none = "127.0.0.1:{one}"\n')
+    log = open(tmp_path / "relay.log", "w+b")
+    proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=log)
+
+    def listening(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def wait(pred, what):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.05)
+        log.seek(0)
+        raise AssertionError(f"{what}\n{log.read().decode()[-2000:]}")
+
+    try:
+        wait(lambda: listening(one), "the relay did not start")
+        conf.write_text(conf.read_text() + f'two = "127.0.0.1:{two}"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait(lambda: listening(two), "the added endpoint did not start listening")
+        conf.write_text("[serve\nbroken")
+        proc.send_signal(signal.SIGHUP)
+        wait(lambda: b"does not load" in (log.seek(0) or log.read()), "a bad file was not reported")
+        assert listening(one) and listening(two) and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+    assert proc.returncode == 0
