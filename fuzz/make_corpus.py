@@ -374,6 +374,45 @@ def preamble_seeds() -> dict:
     }
 
 
+# --- HTTP/1 heads -----------------------------------------------------------------------
+
+
+def http1_seeds() -> dict:
+    REQ, RESP, SMALL = 0, 1, 2
+    get = b"GET /a/b?x=1 HTTP/1.1\r\nHost: relay.example\r\nAccept: */*\r\n\r\n"
+    up = (b"GET /.relayd/agent HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    many = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(9)) + b"\r\n"
+    return {
+        "get": (REQ, [(get, 0)]),
+        "get-one-byte-reads": (REQ, small_reads(get)),
+        "upgrade": (REQ, [(up[:40], 0), (up[40:], 0)]),
+        "leading-empty-lines": (REQ, [(b"\r\n\r\n" + get, 0)]),
+        "pipelined": (REQ, [(get + get, 0)]),
+        "obs-fold": (REQ, [(b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n", 0)]),
+        "space-before-colon": (REQ, [(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 0)]),
+        "bare-lf": (REQ, [(b"GET / HTTP/1.1\nHost: a\n\n", 0)]),
+        "bare-cr-in-value": (REQ, [(b"GET / HTTP/1.1\r\nA: b\rc\r\n\r\n", 0)]),
+        "control-in-value": (REQ, [(b"GET / HTTP/1.1\r\nA: b\x01\r\n\r\n", 0)]),
+        "http09": (REQ, [(b"GET /\r\n", 0)]),
+        "tls-hello": (REQ, [(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 30, 0)]),
+        "too-many-fields-small": (REQ | SMALL, [(many, 0)]),
+        "too-large-small": (REQ | SMALL, [(b"GET / HTTP/1.1\r\nX: " + b"a" * 1100, 0)]),
+        "too-large-then-end-small": (REQ | SMALL, [(b"GET / HTTP/1.1\r\nX: " + b"a" * 1010 + b"\r\n\r\n", 0)]),
+        "tabs-and-obs-text": (REQ, [(b"GET / HTTP/1.1\r\nA:\tb\tc\xff \r\n\r\n", 0)]),
+        "response-ok": (RESP, [(ok, 0)]),
+        "response-101": (RESP, [(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", 0)]),
+        "response-no-reason": (RESP, [(b"HTTP/1.0 200\r\n\r\n", 0)]),
+        "response-proxy": (RESP, [(b"HTTP/1.0 200 Connection established\r\nProxy-agent: tinyproxy\r\n\r\n", 0)]),
+        "response-bad-status": (RESP, [(b"HTTP/1.1 99 Low\r\n\r\n", 0)]),
+        "response-http2": (RESP, [(b"HTTP/2 200\r\n\r\n", 0)]),
+        "response-fold": (RESP, [(b"HTTP/1.1 200 OK\r\nA: b\r\n c\r\n\r\n", 0)]),
+        "response-control-reason": (RESP, [(b"HTTP/1.1 200 O\x01K\r\n\r\n", 0)]),
+        "response-many-small": (RESP | SMALL, [(b"HTTP/1.1 200 OK\r\n" + many.split(b"\r\n", 1)[1], 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -381,6 +420,7 @@ HARNESSES = {
     "http_request": http_request_seeds,
     "http_response": http_response_seeds,
     "preamble": preamble_seeds,
+    "http1": http1_seeds,
 }
 
 

@@ -59,14 +59,17 @@ class HeadError(ProtocolError):
 
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# Field values and reason phrases: HTAB, SP, visible characters, obs-text;
+# no other control character (RFC 9110 5.5, RFC 9112 4).
+_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"
 REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/1\.[01]\r\n")
 _REQUEST_LINE_PARTS = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/1\.([01])\Z")
-_STATUS_LINE_PARTS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n\x00]*))?\Z")
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n\x00]*?)[ \t]*\Z")
+_STATUS_LINE_PARTS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\Z")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _TEXT + rb"*?)[ \t]*\Z")
 #: A whole response head (status line to the empty line), for callers that
 #: only need its syntax checked at C speed (the ingress's hot path).
-RESPONSE_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: [^\r\n\x00]*)?\r\n"
-                           rb"(?:" + _TOKEN + rb":[^\r\n\x00]*\r\n)*\r\n\Z")
+RESPONSE_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: " + _TEXT + rb"*)?\r\n"
+                           rb"(?:" + _TOKEN + rb":" + _TEXT + rb"*\r\n)*\r\n\Z")
 
 
 def request_line_ok(buf: bytes) -> bool:
@@ -82,9 +85,13 @@ def request_line_ok(buf: bytes) -> bool:
 
 def head_end(buf: bytes) -> int:
     """Where the head in ``buf`` ends (after its empty line), or -1. A bare
-    LF ends it too, so that such a head is refused now, not at a timeout."""
-    a = buf.find(b"\n\r\n")
-    b = buf.find(b"\n\n")
+    LF ends it too, so that such a head is refused now, not at a timeout.
+    Empty lines before a request line are not a head (RFC 9112 2.2)."""
+    start = 0
+    while buf.startswith(b"\r\n", start):
+        start += 2
+    a = buf.find(b"\n\r\n", start)
+    b = buf.find(b"\n\n", start)
     if a < 0:
         return b + 2 if b >= 0 else -1
     if 0 <= b < a:

@@ -90,3 +90,23 @@ def test_response_writer():
     r = http1.response(404, b"nope\n")
     assert http1.parse_response_head(r[:r.index(b"\r\n\r\n") + 4]).get(b"content-length") == b"5"
     assert r.endswith(b"\r\n\r\nnope\n") and b"Connection: close" in r
+
+
+def test_control_characters_in_values_and_reasons_are_refused():
+    for head in (b"GET / HTTP/1.1\r\nA: b\x01c\r\n\r\n", b"GET / HTTP/1.1\r\nA: b\x7f\r\n\r\n"):
+        with pytest.raises(http1.HeadError):
+            http1.parse_request_head(head)
+    assert http1.parse_request_head(b"GET / HTTP/1.1\r\nA: b\tc\xff\r\n\r\n").get(b"a") == b"b\tc\xff"
+    bad = b"HTTP/1.1 200 O\x01K\r\n\r\n"
+    with pytest.raises(http1.HeadError):
+        http1.parse_response_head(bad)
+    assert http1.RESPONSE_HEAD.match(bad) is None
+
+
+def test_empty_lines_before_a_request_are_not_a_head():
+    # Found by fuzz/fuzz_http1.py: "\r\n\r\n" read alone was taken for a whole
+    # (empty) head, so the answer depended on how the reads were cut.
+    assert http1.head_end(b"\r\n\r\n") == -1
+    assert http1.find_request_head(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n") == 22
+    with pytest.raises(http1.HeadError):
+        http1.find_request_head(b"\r\n\r\nGET /a/ relay.example\r\n")
