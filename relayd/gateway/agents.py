@@ -33,7 +33,7 @@ from relayd.core import wire
 from relayd.core.config import MuxConfig
 from relayd.core.wire import KIND_CONTROL, StreamHeader
 from relayd.errors import AuthError, ForbiddenError, RelaydError
-from relayd.gateway.registry import AgentRegistry, AgentSession
+from relayd.gateway.registry import AgentSession, Registry
 from relayd.gateway.streams import StreamSeam
 from relayd.log import RateLimitedLog
 from relayd.net import control, peer_name
@@ -48,7 +48,7 @@ STATUS_INTERVAL = 2.0
 
 
 class AgentPort:
-    def __init__(self, registry: AgentRegistry, seam: StreamSeam, db: AsyncStore, enrollment: Enrollment,
+    def __init__(self, registry: Registry, seam: StreamSeam, db: AsyncStore, enrollment: Enrollment,
                  mux: MuxConfig, endpoints, wss_address) -> None:
         self.registry = registry
         self.seam = seam

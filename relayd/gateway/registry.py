@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 from relayd.net.mux import MuxConnection
 
@@ -28,7 +28,25 @@ class AgentSession:
     control: object = None  # the relay's ControlChannel to the agent (relayd.net.control)
 
 
+class Registry(Protocol):
+    """What the node needs of a registry: this in-process one, or (scale-out)
+    one shared between nodes, where ``pick`` may answer with an agent linked
+    to another node."""
+
+    sessions: dict[str, AgentSession]
+    on_added: list[Callable[[AgentSession], None]]
+
+    def get(self, agent_id: str) -> AgentSession | None: ...
+    def add(self, sess: AgentSession) -> AgentSession | None: ...
+    def remove(self, sess: AgentSession) -> bool: ...
+    def set_endpoints(self, names: Iterable[str]) -> None: ...
+    def pick(self, endpoint: str) -> AgentSession | None: ...
+    def __len__(self) -> int: ...
+
+
 class AgentRegistry:
+    """The in-process registry (``Registry``)."""
+
     def __init__(self, endpoints: Iterable[str]) -> None:
         self.sessions: dict[str, AgentSession] = {}
         self.by_endpoint: dict[str, list[AgentSession]] = {name: [] for name in endpoints}

@@ -30,7 +30,7 @@ from typing import Callable
 from relayd import metrics
 from relayd.core.wire import KIND_CONTROL, KIND_TCP, StreamHeader
 from relayd.errors import RelaydError
-from relayd.gateway.registry import AgentRegistry, AgentSession
+from relayd.gateway.registry import AgentSession, Registry
 from relayd.log import RateLimitedLog
 
 log = logging.getLogger("relayd.gateway")
@@ -78,7 +78,7 @@ class _Meter:
 
 
 class StreamSeam:
-    def __init__(self, registry: AgentRegistry, grace: float = 0.0,
+    def __init__(self, registry: Registry, grace: float = 0.0,
                  allow: Callable[[str, str], bool] | None = None) -> None:
         self.registry = registry
         self.grace = grace
