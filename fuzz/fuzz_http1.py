@@ -36,7 +36,7 @@ from fuzz.harness import Finding, check
 with harness.instrumented(__name__ == "__main__"):
     from relayd.core import http1
 
-SMALL = http1.HeadLimits(max_head=1024, max_headers=8)
+SMALL = http1.HttpLimits(max_head=1024, max_headers=8)
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 

@@ -26,6 +26,10 @@ flags, flags winning. Everything a flag can say the file can say too.
     max_window = 16777216
     ping_interval = "10s"
 
+    [http]                            # relayd.core.http1.HttpLimits (relay): every HTTP/1 head,
+    max_head = 32768                  # the HTTPS port's connections
+    idle_timeout = "60s"
+
     [admission]                       # relayd.core.config.AdmissionConfig (relay)
     max_unauthenticated = 1024
     max_unauthenticated_per_source = 64
@@ -49,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relayd.core.config import AdmissionConfig, MuxConfig
+from relayd.core.http1 import HttpLimits
 from relayd.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -152,6 +157,7 @@ class ServeConfig:
     drain: float = 10.0
     mux: MuxConfig = field(default_factory=MuxConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     log_level: str = "info"
 
     @property
@@ -326,7 +332,7 @@ def _mux(table) -> MuxConfig:
 
 
 def _common(doc: dict, cfg) -> None:
-    top = _known(doc, {"serve", "agent", "mux", "admission", "log"}, "<top>") if doc else {}
+    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "log"}, "<top>") if doc else {}
     if "mux" in top:
         cfg.mux = _mux(top["mux"])
     if "log" in top:
@@ -346,6 +352,8 @@ def load_serve(path: Path | None) -> ServeConfig:
     _common(doc, cfg)
     if "admission" in doc:
         cfg.admission = _limits(doc["admission"], AdmissionConfig, "admission", {"handshake_timeout"})
+    if "http" in doc:
+        cfg.http_limits = _limits(doc["http"], HttpLimits, "http", {"head_timeout", "idle_timeout"})
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
     if "data" in s:
         cfg.data = Path(_str(s["data"], "serve.data"))

@@ -46,7 +46,7 @@ async def serve_metrics(sock) -> asyncio.AbstractServer:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), http1.LIMITS.timeout)
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), http1.LIMITS.head_timeout)
             try:
                 head = http1.parse_request_head(raw)
             except http1.HeadError as exc:

@@ -58,3 +58,20 @@ def test_drain_has_a_key_in_both_configs(tmp_path):
     f.write_text('[serve]\ndrain = "30s"\n[agent]\ndrain = "2m"\n')
     assert load_serve(f).drain == 30 and load_agent(f).drain == 120
     assert load_serve(None).drain == 10  # the default
+
+
+def test_http_limits_have_a_table_and_are_checked_at_start(tmp_path):
+    from relayd.config import load_serve
+    from relayd.core import http1
+
+    f = tmp_path / "relay.toml"
+    f.write_text('[http]\nmax_head = 4096\nmax_queued_requests = 2\nidle_timeout = "5s"\n')
+    lim = load_serve(f).http_limits
+    assert (lim.max_head, lim.max_queued_requests, lim.idle_timeout) == (4096, 2, 5.0)
+    assert lim.max_headers == http1.LIMITS.max_headers  # the rest keep their defaults
+    assert load_serve(None).http_limits == http1.LIMITS
+    for bad, key in (('max_head = 10', "http.max_head"), ('idle_timeout = "0s"', "http.idle_timeout"),
+                     ('max_head = "big"', "http.max_head"), ('nonsense = 1', "nonsense")):
+        f.write_text(f"[http]\n{bad}\n")
+        with pytest.raises(ConfigError, match=key):
+            load_serve(f)

@@ -18,30 +18,45 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relayd.errors import ConfigError, ProtocolError
+from relayd.core.config import _checker
+from relayd.errors import ProtocolError
 
 
 @dataclass(frozen=True)
-class HeadLimits:
-    """Limits of every HTTP/1 head relayd reads (requests and responses)."""
+class HttpLimits:
+    """The limits of HTTP/1 in relayd, in one place: every head it reads
+    (requests and responses), and the HTTPS port's connections. The ``[http]``
+    table of the relay's config sets them (relayd.config); docs/security.md
+    lists them."""
 
     #: Bytes of one head, request or status line included.
     max_head: int = 32 * 1024
     #: Header fields in one head.
     max_headers: int = 100
-    #: Seconds a client has for a whole head on a new connection.
-    timeout: float = 10.0
+    #: Seconds a client has for its first whole head on a new connection.
+    head_timeout: float = 10.0
+    #: Seconds a kept-alive client connection may sit idle between requests.
+    idle_timeout: float = 60.0
+    #: Pipelined requests waiting behind the one in flight.
+    max_queued_requests: int = 16
+    #: Bytes of request bodies (and of bytes after an upgrade request) held
+    #: while they cannot go on; reading from the client pauses beyond.
+    max_queued_body: int = 1024 * 1024
+    #: Bytes of one chunk-size line of a chunked body (extensions included).
+    max_chunk_line: int = 4096
 
     def __post_init__(self) -> None:
-        if not 1024 <= self.max_head <= 1024 * 1024:
-            raise ConfigError("http.max_head must be between 1024 and 1048576 bytes")
-        if not 8 <= self.max_headers <= 1000:
-            raise ConfigError("http.max_headers must be between 8 and 1000")
-        if not 0 < self.timeout <= 300:
-            raise ConfigError("http.head_timeout must be between 0 and 300 seconds")
+        need = _checker(self, "http")
+        need(1024 <= self.max_head <= 1024 * 1024, "max_head", "must be between 1024 and 1048576 bytes")
+        need(8 <= self.max_headers <= 1000, "max_headers", "must be between 8 and 1000")
+        need(0 < self.head_timeout <= 300, "head_timeout", "must be between 0 and 300 seconds")
+        need(0 < self.idle_timeout <= 3600, "idle_timeout", "must be between 0 and 3600 seconds")
+        need(0 <= self.max_queued_requests <= 1024, "max_queued_requests", "must be between 0 and 1024")
+        need(0 <= self.max_queued_body <= 64 * 1024 * 1024, "max_queued_body", "must be between 0 and 64 MiB")
+        need(64 <= self.max_chunk_line <= 64 * 1024, "max_chunk_line", "must be between 64 and 65536 bytes")
 
 
-LIMITS = HeadLimits()
+LIMITS = HttpLimits()
 
 REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
@@ -99,7 +114,7 @@ def head_end(buf: bytes) -> int:
     return a + 3
 
 
-def find_request_head(buf: bytes, limits: HeadLimits = LIMITS) -> int:
+def find_request_head(buf: bytes, limits: HttpLimits = LIMITS) -> int:
     """The end of the request head in ``buf``, or -1 while it is not whole;
     HeadError as soon as what is there cannot become a valid head."""
     if not request_line_ok(buf):
@@ -155,7 +170,7 @@ class ResponseHead(Head):
         self.version, self.status, self.reason = version, status, reason
 
 
-def _lines(head: bytes, limits: HeadLimits, what: str) -> list[bytes]:
+def _lines(head: bytes, limits: HttpLimits, what: str) -> list[bytes]:
     if len(head) > limits.max_head:
         raise HeadError(f"{what} head too large", 431)
     if not head.endswith(b"\r\n\r\n"):
@@ -176,7 +191,7 @@ def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def parse_request_head(head: bytes, limits: HeadLimits = LIMITS) -> RequestHead:
+def parse_request_head(head: bytes, limits: HttpLimits = LIMITS) -> RequestHead:
     """A whole request head (request line to the empty line)."""
     while head.startswith(b"\r\n"):
         head = head[2:]
@@ -187,7 +202,7 @@ def parse_request_head(head: bytes, limits: HeadLimits = LIMITS) -> RequestHead:
     return RequestHead(m.group(1), m.group(2), b"1." + m.group(3), _fields(lines[1:]))
 
 
-def parse_response_head(head: bytes, limits: HeadLimits = LIMITS) -> ResponseHead:
+def parse_response_head(head: bytes, limits: HttpLimits = LIMITS) -> ResponseHead:
     """A whole response head (status line to the empty line)."""
     lines = _lines(head, limits, "response")
     m = _STATUS_LINE_PARTS.match(lines[0])

@@ -201,10 +201,11 @@ class RelayNode:
         self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble))
         routes = self.routes = RouteTable(self._http_routes(self.cfg))
         opener = functools.partial(self.seam.open, kind=KIND_HTTP)
-        timeout = self.cfg.gateway_timeout
+        timeout, limits = self.cfg.gateway_timeout, self.cfg.http_limits
         return admission.TlsListener(
             adm, "https", socks, hctx,
-            lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout), ticket=ticket))
+            lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout, limits),
+                                     ticket=ticket, limits=limits))
 
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
         return [self._agent_route] + [parse_route(name, r) for name, r in cfg.http.items()]
@@ -219,7 +220,7 @@ class RelayNode:
         address in use, a certificate that does not load) keeps its old
         state and says so; the rest is applied."""
         old = self.cfg
-        for key in ("agents", "https", "metrics", "data"):
+        for key in ("agents", "https", "metrics", "data", "http_limits", "admission", "mux"):
             if getattr(cfg, key) != getattr(old, key):
                 log.warning("reload: this setting needs a restart; keeping the running value", extra={"key": key})
                 setattr(cfg, key, getattr(old, key))

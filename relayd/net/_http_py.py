@@ -57,12 +57,6 @@ log = logging.getLogger("relayd.http")
 # count every case).
 _LOG = RateLimitedLog(log)
 
-# One set of head limits for every HTTP/1 head relayd reads (relayd.core.http1).
-MAX_HEAD = http1.LIMITS.max_head
-MAX_HEADERS = http1.LIMITS.max_headers
-MAX_QUEUED_BODY = 1024 * 1024
-MAX_QUEUED_REQUESTS = 16
-IDLE_TIMEOUT = 60.0
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
@@ -150,7 +144,8 @@ class Request:
 class HttpConnection:
     """The HTTP/1.1 side of one client connection on the HTTPS port."""
 
-    def __init__(self, port, transport, routes, open_stream, gateway_timeout: float) -> None:
+    def __init__(self, port, transport, routes, open_stream, gateway_timeout: float,
+                 limits: http1.HttpLimits = http1.LIMITS) -> None:
         self.port = port  # the HttpsPort protocol (owns the transport callbacks)
         self.transport = transport
         self.routes = routes if isinstance(routes, RouteTable) else RouteTable(routes)
@@ -161,6 +156,14 @@ class HttpConnection:
         self.open_stream = open_stream
         self.opening = None  # the seam's Opening while a stream is held for an agent
         self.gateway_timeout = gateway_timeout
+        # The limits (relayd.core.http1.HttpLimits), read per request from
+        # C fields, not from the config object.
+        self.max_head = limits.max_head
+        self.max_headers = limits.max_headers
+        self.max_queued_body = limits.max_queued_body
+        self.max_queued_requests = limits.max_queued_requests
+        self.idle_timeout = limits.idle_timeout
+        self.max_chunk_line = limits.max_chunk_line
         self.parser = httptools.HttpRequestParser(self)
         self.cur: Request | None = None  # being parsed
         self.inbuf = b""  # a request head not yet whole
@@ -238,7 +241,7 @@ class HttpConnection:
                     self.inbuf = b""
                 end = head_end(data)
                 if end < 0:
-                    if len(data) > MAX_HEAD:
+                    if len(data) > self.max_head:
                         raise _Refuse(431, "request head too large")
                     if not request_line_ok(data):
                         raise _Refuse(400, "bad request line")
@@ -295,7 +298,7 @@ class HttpConnection:
             return
         self.held.append(data)
         self.held_bytes += len(data)
-        if self.held_bytes > MAX_QUEUED_BODY:
+        if self.held_bytes > self.max_queued_body:
             self._pause_reading()
 
     def _body_counted(self) -> None:
@@ -315,7 +318,7 @@ class HttpConnection:
         req = self.cur
         req.url += url
         req.head_bytes += len(url)
-        if req.head_bytes > MAX_HEAD:
+        if req.head_bytes > self.max_head:
             raise _Refuse(431, "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -323,10 +326,10 @@ class HttpConnection:
         headers = req.headers
         headers.append((name, value))
         req.head_bytes += len(name) + len(value) + 4
-        if req.head_bytes > MAX_HEAD:
+        if req.head_bytes > self.max_head:
             raise _Refuse(431, "request head too large")
-        if len(headers) > MAX_HEADERS:
-            raise _Refuse(431, f"more than {MAX_HEADERS} header fields")
+        if len(headers) > self.max_headers:
+            raise _Refuse(431, f"more than {self.max_headers} header fields")
 
     def on_headers_complete(self) -> None:
         req = self.cur
@@ -435,7 +438,7 @@ class HttpConnection:
             self.deadline = 0.0  # no longer idle (a request in flight keeps its gateway deadline)
             self._start(req)
         else:
-            if len(self.queue) >= MAX_QUEUED_REQUESTS:
+            if len(self.queue) >= self.max_queued_requests:
                 raise _Refuse(400, "too many pipelined requests")
             self.queue.append(req)
 
@@ -447,7 +450,7 @@ class HttpConnection:
         else:
             req.body.append(body)
             req.body_bytes += len(body)
-            if req.body_bytes > MAX_QUEUED_BODY:
+            if req.body_bytes > self.max_queued_body:
                 self._pause_reading()
 
     def on_message_complete(self) -> None:
@@ -589,7 +592,7 @@ class HttpConnection:
         if end < 0:
             if buf is data:
                 self.resp_head = bytearray(data)
-            if len(self.resp_head) > MAX_HEAD:
+            if len(self.resp_head) > self.max_head:
                 self.error(502, "the service sent an oversized response head")
                 return
             self.stream.consumed(len(data))
@@ -710,7 +713,7 @@ class HttpConnection:
         if self.queue:
             self._start(self.queue.popleft())
         else:
-            self.deadline = self.loop_time() + IDLE_TIMEOUT
+            self.deadline = self.loop_time() + self.idle_timeout
             self.deadline_kind = _IDLE
 
     def _drop_stream(self) -> None:
@@ -809,7 +812,7 @@ class HttpConnection:
             # smuggled (RFC 9112 6.3 says treat it as an error).
             if length is not None:
                 raise _Refuse(502, "the service sent both Content-Length and Transfer-Encoding")
-            self.resp_chunked = ChunkedEnd()
+            self.resp_chunked = ChunkedEnd(self.max_chunk_line, self.max_head)
         elif length is not None:
             if not length.isdigit() or len(length) > 18:
                 raise _Refuse(502, "the service sent a bad Content-Length")
@@ -970,7 +973,7 @@ class HttpConnection:
     def _resume_reading(self) -> None:
         if self.reading_paused and not self.closed and not self.pending_body:
             q = sum(r.body_bytes for r in self.queue)
-            if q <= MAX_QUEUED_BODY:
+            if q <= self.max_queued_body:
                 self.reading_paused = False
                 self.transport.resume_reading()
 
@@ -1119,7 +1122,6 @@ _CH_FIELD = 7  # inside a trailer field line
 _CH_FIELD_LF = 8
 _CH_END_LF = 9
 _CH_DONE = 10
-MAX_CHUNK_LINE = 4096
 
 
 class ChunkedEnd:
@@ -1131,7 +1133,9 @@ class ChunkedEnd:
     drop whatever a service sends after it instead of passing it on as a
     next response."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = 4096, max_trailers: int = 32 * 1024) -> None:
+        self.max_line = max_line  # a size line
+        self.max_trailers = max_trailers  # the whole trailer section
         self.state = _CH_SIZE
         self.left = 0
         self.digits = 0
@@ -1179,7 +1183,7 @@ class ChunkedEnd:
                     return -2
                 else:
                     self.line += 1
-                    if self.line > MAX_CHUNK_LINE:
+                    if self.line > self.max_line:
                         return -2
             elif state == _CH_SIZE_LF:
                 if c != 10:
@@ -1214,7 +1218,7 @@ class ChunkedEnd:
                     if c == 58:
                         self.colon = True
                     self.line += 1
-                    if self.line > MAX_HEAD:
+                    if self.line > self.max_trailers:
                         return -2
             elif state == _CH_FIELD_LF:
                 if c != 10:

@@ -11,7 +11,4 @@ Route = _impl.Route
 RouteTable = _impl.RouteTable
 parse_route = _impl.parse_route
 pick_route = _impl.pick_route
-MAX_HEAD = _impl.MAX_HEAD
-MAX_HEADERS = _impl.MAX_HEADERS
-IDLE_TIMEOUT = _impl.IDLE_TIMEOUT
 COMPILED = is_compiled(_impl)

@@ -197,7 +197,8 @@ class HttpsPort(asyncio.Protocol):
     and steps aside when a local service takes the connection over.
     """
 
-    def __init__(self, make_http, ticket=None) -> None:
+    def __init__(self, make_http, ticket=None, limits: http1.HttpLimits = http1.LIMITS) -> None:
+        self._limits = limits
         # Admission ticket (relayd.net.admission): unauthenticated until the
         # first request head is whole.
         self._ticket = ticket
@@ -209,12 +210,13 @@ class HttpsPort(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(http1.LIMITS.timeout, self._head_timeout)
+        self._timer = asyncio.get_running_loop().call_later(self._limits.head_timeout, self._head_timeout)
 
     def _head_timeout(self) -> None:
         # A client that never finishes its first head (slowloris).
         metrics.BAD_INPUT.labels("https", "head_timeout").inc()
-        _LOG.info("no whole request head within %gs", http1.LIMITS.timeout, extra={"peer": peer_name(self._transport)})
+        _LOG.info("no whole request head within %gs", self._limits.head_timeout,
+                  extra={"peer": peer_name(self._transport)})
         abort_with_reset(self._transport)
 
     def data_received(self, data: bytes) -> None:
@@ -223,7 +225,7 @@ class HttpsPort(asyncio.Protocol):
             return
         self._buf += data
         try:
-            if http1.find_request_head(self._buf) < 0:
+            if http1.find_request_head(self._buf, self._limits) < 0:
                 return
         except http1.HeadError as exc:
             # HTTP/0.9, a bare LF, garbage: answered at once, not held until

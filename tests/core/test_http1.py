@@ -58,7 +58,7 @@ def test_malformed_response_heads(head):
 
 
 def test_limits_are_431_and_one_set():
-    limits = http1.HeadLimits(max_head=1024, max_headers=8)
+    limits = http1.HttpLimits(max_head=1024, max_headers=8)
     many = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(9)) + b"\r\n"
     with pytest.raises(http1.HeadError) as e:
         http1.parse_request_head(many, limits)
@@ -72,9 +72,9 @@ def test_limits_are_431_and_one_set():
         http1.find_request_head(big[:1050], limits)
     assert e.value.status == 431
     with pytest.raises(ConfigError, match="max_head"):
-        http1.HeadLimits(max_head=10)
-    from relayd.net import http_ingress
-    assert http_ingress.MAX_HEAD == http1.LIMITS.max_head and http_ingress.MAX_HEADERS == http1.LIMITS.max_headers
+        http1.HttpLimits(max_head=10)
+    with pytest.raises(ConfigError, match=r"http\.idle_timeout: must be between 0 and 3600 seconds \(got 0\)"):
+        http1.HttpLimits(idle_timeout=0)
 
 
 def test_find_request_head_refuses_garbage_at_once_and_waits_for_the_rest():

@@ -121,3 +121,25 @@ def test_endpoints_cannot_claim_the_relays_own_path(route):
     with pytest.raises(ConfigError, match="relay's own"):
         hi.parse_route("web", route)
     hi.parse_route("web", "app.example/.relaydx")  # a different segment: fine
+
+
+def test_the_connection_takes_its_limits_from_the_config():
+    from relayd.core import http1
+
+    async def main():
+        t = FakeTransport()
+        limits = http1.HttpLimits(max_queued_requests=1, max_headers=8)
+        conn = hi.HttpConnection(None, t, [hi.parse_route("web", "app.example")],
+                                 lambda e, c, ready: ready(Stream(e), None), 60, limits)
+        get = b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        conn.feed(get + get + get)  # one in flight, one queued, one too many
+        assert bytes(t.out).startswith(b"HTTP/1.1 400 ") and b"pipelined" in bytes(t.out)
+        t2 = FakeTransport()
+        conn2 = hi.HttpConnection(None, t2, [hi.parse_route("web", "app.example")],
+                                  lambda e, c, ready: ready(Stream(e), None), 60, limits)
+        conn2.feed(b"GET /a HTTP/1.1\r\nHost: app.example\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(9)) + b"\r\n")
+        assert bytes(t2.out).startswith(b"HTTP/1.1 431 ")
+        conn.lost()
+        conn2.lost()
+
+    asyncio.run(main())

@@ -9,6 +9,7 @@ import httptools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relayd.core import http1
 from relayd.net import http_ingress as hi
 
 
@@ -176,7 +177,7 @@ def test_oversized_head_without_an_end_is_refused():
     async def main():
         t = FakeTransport()
         conn = hi.HttpConnection(None, t, [hi.Route("web", "app.example")], lambda e, c, ready: ready(FakeStream(), None), 60)
-        conn.feed(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Big: " + b"a" * (hi.MAX_HEAD + 10))
+        conn.feed(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Big: " + b"a" * (http1.LIMITS.max_head + 10))
         assert bytes(t.out).startswith(b"HTTP/1.1 431") and t.closed
         conn.lost()
 

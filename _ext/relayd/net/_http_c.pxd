@@ -17,7 +17,7 @@ cdef class Request:
 
 cdef class ChunkedEnd:
     cdef public int state, digits
-    cdef public long long left, line
+    cdef public long long left, line, max_line, max_trailers
     cdef public bint colon
 
     @cython.locals(i=Py_ssize_t, n=Py_ssize_t, take=Py_ssize_t, c=int, state=int)
@@ -32,6 +32,8 @@ cdef class HttpConnection:
     cdef public bint mid_message, head_alone, resp_started, resp_close, upstream_close, raw, raw_in, closed
     cdef public bint write_paused, reading_paused
     cdef public long long body_left, served, resp_left, deferred, held_bytes, last_gen
+    cdef public long long max_head, max_headers, max_queued_body, max_queued_requests, max_chunk_line
+    cdef public double idle_timeout
     cdef public object client, client_b, fwd_head, last_host, last_path, last_route, last_clean, _sweep
 
 cdef class _Drain:
