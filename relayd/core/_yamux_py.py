@@ -36,7 +36,8 @@ and many streams split it. A stream charges the larger of its target and
 what the peer may still send plus what is unconsumed: yamux cannot take
 credit back, so a window that shrinks frees its budget only as the peer uses
 the credit it holds. Windows shrink (credit is withheld) when a stream's
-consumer is far slower than its window (an idle or slow stream), and, while
+consumer is far slower than its window and half a window took longer than
+``MuxConfig.window_idle`` (an idle or slow stream), and, while
 another stream waits for budget, when a stream holds more than its fair
 share. A stream that can receive no more (the peer's FIN, a reset, the end)
 returns its charge at once, and ``release_windows`` returns the session's
@@ -352,6 +353,7 @@ class Session:
         self.client = client
         self._max_window = config.max_window
         self._recv_budget = config.recv_budget
+        self._window_idle = config.window_idle
         self._node = node_budget
         self._budget_used = 0  # the sum of the streams' charges
         self._holders = 0  # streams with a charge
@@ -646,8 +648,11 @@ class Session:
         """Resize the window once per epoch (half a window consumed)."""
         # If consuming that took less than 4 RTT x (the consumed fraction of
         # the window), the sender is window-bound: double the window, as far
-        # as the budgets allow. If it took 4 times longer than that, the
-        # window is 16 times what this stream's rate needs: halve it.
+        # as the budgets allow. If it took 4 times longer than that (the
+        # window is 16 times what the stream's rate needs) and longer than
+        # window_idle, the stream went idle or slow: halve it. The absolute
+        # floor matters: the RTT comes from pings on a quiet moment, and a
+        # loaded machine's scheduling hiccups must not undo growth.
         spent: cython.double = now - st.epoch_start
         bound: cython.double = 4.0 * self._rtt * consumed / st.target
         if spent < bound:
@@ -655,7 +660,7 @@ class Session:
                 return
         else:
             self._unstarve(st)
-            if spent > 4.0 * bound:
+            if spent > 4.0 * bound and spent > self._window_idle:
                 self._shrink(st, INITIAL_WINDOW)
         if self._starved and not st.starved and st.charged:
             # Another stream waits for budget: give back what is above an

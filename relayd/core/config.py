@@ -49,6 +49,11 @@ class MuxConfig:
     #: The same, all sessions of the node (process) together: a relay with
     #: many busy agents grows windows only while the sum stays within this.
     node_recv_budget: int = 256 * 1024 * 1024
+    #: Seconds: a stream that took longer than this to consume half its
+    #: window, and 16 times longer than its round trips would need, went
+    #: idle or slow; its window halves (down to 256 KiB), and the budget it
+    #: frees goes to other streams as the peer uses the credit it holds.
+    window_idle: float = 1.0
     #: A data frame longer than this is a protocol error (FrameTooLarge).
     max_frame_payload: int = 16 * 1024 * 1024
     #: Outbound data is cut into frames of at most this many bytes.
@@ -88,7 +93,7 @@ class MuxConfig:
         need(1 <= self.max_pending_pongs <= 1 << 20, "max_pending_pongs", "must be positive")
         need(1 <= self.max_refused_streams <= 1 << 20, "max_refused_streams", "must be positive")
         need(0 <= self.reset_memory <= 1 << 20, "reset_memory", "must not be negative")
-        for name in ("ping_interval", "ping_timeout", "open_timeout"):
+        for name in ("ping_interval", "ping_timeout", "open_timeout", "window_idle"):
             need(0 < getattr(self, name) <= 3600, name, "must be between 0 and 3600 seconds")
 
 

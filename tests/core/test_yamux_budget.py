@@ -153,6 +153,24 @@ def test_slow_consumer_shrinks_and_frees_as_the_peer_uses_its_credit(ymx):
     assert link.send(sid, 1) == 1
 
 
+def test_hiccups_shorter_than_window_idle_do_not_shrink(ymx):
+    """The RTT comes from pings on a quiet moment; a slow epoch on a busy
+    machine is not a slow stream unless it lasts longer than window_idle."""
+    link = Link(ymx, MuxConfig(max_window=4 * MiB, recv_budget=4 * MiB, window_idle=1.0), rtt=0.0005)
+    sid = link.open()
+    for _ in range(8):
+        link.send(sid)
+        link.consume(sid, 0.0001)
+    assert link.s.recv_window(sid) == 4 * MiB
+    for _ in range(6):
+        link.send(sid)
+        link.consume(sid, 0.9)  # 900 ms for a window: far beyond 16 RTT, under window_idle
+        assert link.s.recv_window(sid) == 4 * MiB
+    link.send(sid)
+    link.consume(sid, 2.5)
+    assert link.s.recv_window(sid) == 2 * MiB
+
+
 def test_idle_stream_keeps_only_the_credit_the_peer_holds(ymx):
     """yamux cannot take credit back: a stream that goes idle after a burst
     stays charged for what the peer may still send, no more."""
@@ -220,6 +238,8 @@ def test_budget_config_is_validated():
         MuxConfig(recv_budget=-1)
     with pytest.raises(errors.ConfigError, match="node_recv_budget"):
         MuxConfig(recv_budget=32 * MiB, node_recv_budget=16 * MiB)
+    with pytest.raises(errors.ConfigError, match="window_idle"):
+        MuxConfig(window_idle=0)
     cfg = MuxConfig()
     assert cfg.recv_budget == 16 * MiB and cfg.node_recv_budget == 256 * MiB
 
@@ -228,9 +248,10 @@ def test_budget_keys_in_the_toml_config(tmp_path):
     from relayd.config import load_serve
 
     path = tmp_path / "relayd.toml"
-    path.write_text("[mux]\nrecv_budget = 8388608\nnode_recv_budget = 134217728\n")
+    path.write_text("[mux]\nrecv_budget = 8388608\nnode_recv_budget = 134217728\nwindow_idle = 2\n")
     cfg = load_serve(path)
     assert cfg.mux.recv_budget == 8 * MiB and cfg.mux.node_recv_budget == 128 * MiB
+    assert cfg.mux.window_idle == 2
     path.write_text("[mux]\nrecv_budget = '8M'\n")
     with pytest.raises(errors.ConfigError, match="mux.recv_budget"):
         load_serve(path)

@@ -104,6 +104,7 @@ cdef class Session:
     cdef readonly bint client
     cdef long long _max_window
     cdef long long _recv_budget
+    cdef double _window_idle
     cdef WindowBudget _node
     cdef long long _budget_used
     cdef Py_ssize_t _holders
