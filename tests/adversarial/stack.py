@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.net.test_http_ingress import Upstream
 from tests.tunnel.test_cli import Proc, cli, free_port, wait_port
+from tests.waiting import until_sync
 
 MARKER = b"PAYLOAD-7f3a9c"
 ATTACKER = "127.0.0.2"
@@ -95,15 +96,17 @@ class CutHandler(socketserver.BaseRequestHandler):
 
 
 class SinkHandler(socketserver.BaseRequestHandler):
-    """Reads until the peer ends; records whether that was EOF or a reset."""
+    """Reads until the peer ends; records how many bytes came and whether
+    the end was EOF or a reset."""
 
     endings: list = []
+    received = 0
 
     def handle(self):
         s = self.request
         try:
-            while s.recv(65536):
-                pass
+            while data := s.recv(65536):
+                SinkHandler.received += len(data)
             self.endings.append("eof")
         except ConnectionResetError:
             self.endings.append("reset")
@@ -179,6 +182,7 @@ class Stack:
         HttpService.requests = []
         BlobHandler.endings = []
         SinkHandler.endings = []
+        SinkHandler.received = 0
         self.ports = {k: free_port() for k in ("agents", "https", "metrics", *TCP, *extra_tcp)}
         self.data = tmp / "relay"
         conf = tmp / "relay.toml"
@@ -216,8 +220,8 @@ class Stack:
             self.agent = proc  # the first agent: the one the bystander's traffic goes through
         else:
             self.more_agents.append(proc)
-        self.wait(lambda: self.links() > links and self.metric("relayd_active_listeners") >= 1, 30,
-                  "the agent did not connect")
+        until_sync(lambda: self.links() > links and self.metric("relayd_active_listeners") >= 1, 30,
+                   "the agent did not connect", ignore=(OSError,))
         return proc
 
     def stop(self, check: bool = True) -> tuple[str, str]:
@@ -265,18 +269,6 @@ class Stack:
         """Links the (first) agent process made: 1 unless it had to reconnect."""
         self.agent.err.seek(0)
         return self.agent.err.read().count(b'"msg":"connected"')
-
-    @staticmethod
-    def wait(pred, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if pred():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(what)
 
     # -- clients ------------------------------------------------------------------------------
 
@@ -344,11 +336,8 @@ class Bystander:
                          threading.Thread(target=self._http, daemon=True)]
         for t in self._threads:
             t.start()
-        deadline = time.monotonic() + 10
-        while (self.tcp_bytes == 0 or self.http_requests == 0) and not self.errors:
-            if time.monotonic() > deadline:
-                raise AssertionError("the bystander never got going")
-            time.sleep(0.02)
+        until_sync(lambda: (self.tcp_bytes and self.http_requests) or self.errors, 10,
+                   "the bystander never got going")
 
     def _tcp(self) -> None:
         try:
@@ -365,7 +354,7 @@ class Bystander:
                 if got != chunk:
                     raise AssertionError("echo stream corrupted")
                 self.tcp_bytes += len(chunk)
-                time.sleep(0.005)
+                time.sleep(0.005)  # kept: paces the bystander's traffic (steady, not a CPU hog)
             s.close()
         except Exception as exc:
             self.errors.append(f"tcp: {type(exc).__name__}: {exc}")
@@ -385,7 +374,7 @@ class Bystander:
                     buf += data
                 buf = buf[buf.index(want) + len(want):]
                 self.http_requests += 1
-                time.sleep(0.01)
+                time.sleep(0.01)  # kept: paces the bystander's requests
             s.close()
         except Exception as exc:
             self.errors.append(f"https: {type(exc).__name__}: {exc}")
@@ -393,11 +382,8 @@ class Bystander:
     def check(self) -> None:
         """Still healthy: both streams progressed and nothing went wrong."""
         t, h = self.tcp_bytes, self.http_requests
-        deadline = time.monotonic() + 10
-        while (self.tcp_bytes == t or self.http_requests == h) and not self.errors:
-            if time.monotonic() > deadline:
-                raise AssertionError("the bystander stalled")
-            time.sleep(0.02)
+        until_sync(lambda: (self.tcp_bytes > t and self.http_requests > h) or self.errors, 10,
+                   "the bystander stalled")
         assert not self.errors, self.errors
 
     def stop(self) -> None:

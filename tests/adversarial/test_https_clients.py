@@ -5,11 +5,11 @@ their route, HTTP/0.9 and bare LF, slowloris. A bystander's TCP stream and
 kept-alive HTTPS connection run through all of it and must stay intact."""
 
 import socket
-import time
 
 import pytest
 
-from tests.adversarial.stack import MARKER, HttpService, Stack, cut, statuses
+from tests.adversarial.stack import MARKER, HttpService, cut, statuses
+from tests.waiting import until_sync
 
 
 REQ = b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n"
@@ -89,23 +89,22 @@ def test_paths_are_normalised_or_refused(stack, unharmed, target, status, seen):
 @pytest.mark.parametrize("first", [b"GET /\r\n", b"GET / HTTP/1.1\nHost: app.example\n\n", b"\x16\x03garbage\r\n"])
 def test_http09_and_bare_lf_are_answered_at_once(stack, unharmed, first):
     """Defect: held until the 10 s head timeout instead of a 400."""
-    t0 = time.monotonic()
-    got = stack.https(first, timeout=5)
-    assert statuses(got) == [400] and time.monotonic() - t0 < 2
+    got = stack.https(first, timeout=5)  # the deadline: half the head timeout
+    assert statuses(got) == [400], got[:200]
 
 
 def test_slowloris_is_cut_and_counted(stack, unharmed):
     before = stack.metric("relayd_bad_input_total", where="https", kind="head_timeout")
     s = stack.tls()
     s.sendall(b"GET / HTTP/1.1\r\nHost: app.example\r\n")
-    s.settimeout(15)
-    t0 = time.monotonic()
+    s.settimeout(12)  # the deadline: the head timeout (10 s) cuts it first
     try:
         while s.recv(100):
             pass
+    except socket.timeout:
+        raise AssertionError("a head that never ends was not cut at the head timeout") from None
     except OSError:
         pass
-    assert time.monotonic() - t0 < 12
     assert stack.metric("relayd_bad_input_total", where="https", kind="head_timeout") == before + 1
     s.close()
 
@@ -131,5 +130,5 @@ def test_garbage_on_the_agents_port_is_counted(stack, unharmed):
     except OSError:
         pass
     s.close()
-    Stack.wait(lambda: stack.metric("relayd_bad_input_total", where="agent_port", kind="not_tls") == before + 1,
-               5, "garbage on the agents port was not counted")
+    until_sync(lambda: stack.metric("relayd_bad_input_total", where="agent_port", kind="not_tls") == before + 1,
+               5, "garbage on the agents port was not counted", ignore=(OSError,))

@@ -6,11 +6,11 @@ resets, no agent at all), the TCP peer on the other side gets a reset
 import os
 import signal
 import socket
-import time
 
 import pytest
 
 from tests.adversarial.stack import BLOB_SIZE, BlobHandler, SinkHandler, Stack, blob
+from tests.waiting import until_sync
 
 
 @pytest.fixture
@@ -56,10 +56,10 @@ def test_service_reset_reaches_the_client_as_a_reset(stack):
 def test_client_reset_reaches_the_service_as_a_reset(stack):
     s = stack.tcp("sink")
     s.sendall(os.urandom(1 << 20))
-    time.sleep(0.3)
+    until_sync(lambda: SinkHandler.received == 1 << 20, 10, "the bytes never reached the service")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
-    Stack.wait(lambda: SinkHandler.endings, 10, "the service never saw the end")
+    until_sync(lambda: SinkHandler.endings, 10, "the service never saw the end")
     assert SinkHandler.endings == ["reset"]
 
 
@@ -70,16 +70,16 @@ def test_client_that_finishes_cleanly_ends_cleanly(stack):
     s.shutdown(socket.SHUT_WR)
     assert s.recv(10) == b""
     s.close()
-    Stack.wait(lambda: SinkHandler.endings, 10, "the service never saw the end")
+    until_sync(lambda: SinkHandler.endings, 10, "the service never saw the end")
     assert SinkHandler.endings == ["eof"]
 
 
 def test_relay_killed_resets_the_service_side(stack):
     s = stack.tcp("sink")
     s.sendall(os.urandom(1 << 20))
-    time.sleep(0.3)
+    until_sync(lambda: SinkHandler.received == 1 << 20, 10, "the bytes never reached the service")
     os.kill(stack.relay.p.pid, signal.SIGKILL)
-    Stack.wait(lambda: SinkHandler.endings, 15, "the service never saw the end")
+    until_sync(lambda: SinkHandler.endings, 15, "the service never saw the end")
     assert SinkHandler.endings == ["reset"]
     s.close()
 
@@ -105,5 +105,5 @@ def test_download_client_that_resets_resets_the_service(stack):
     assert download(s, 4 << 20) >= 4 << 20
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
-    Stack.wait(lambda: BlobHandler.endings, 10, "the service never saw the end")
+    until_sync(lambda: BlobHandler.endings, 10, "the service never saw the end")
     assert BlobHandler.endings == ["reset"]

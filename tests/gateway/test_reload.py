@@ -8,10 +8,10 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 from relayd.net import run
 from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
+from tests.waiting import listening, until_sync
 
 
 def test_tcp_endpoints_come_and_go_and_established_connections_live_on(tmp_path):
@@ -124,21 +124,8 @@ def test_sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_one(tmp
     proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=log)
 
-    def listening(port):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return True
-        except OSError:
-            return False
-
     def wait(pred, what):
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if pred():
-                return
-            time.sleep(0.05)
-        log.seek(0)
-        raise AssertionError(f"{what}\n{log.read().decode()[-2000:]}")
+        until_sync(pred, 20, lambda: f"{what}\n{log.seek(0) or log.read().decode()[-2000:]}")
 
     try:
         wait(lambda: listening(one), "the relay did not start")

@@ -9,14 +9,11 @@ import os
 import socket
 import ssl
 
-from prometheus_client import REGISTRY
 
 from relayd.net import run
-from tests.tunnel.util import echo_service, join_token, start_agent, start_relay, wait_for
-
-
-def value(name, **labels):
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+from tests.tunnel.util import echo_service, join_token, start_agent, start_relay
+from tests.metric import value
+from tests.waiting import until
 
 
 async def http_service():
@@ -71,9 +68,9 @@ def test_http_endpoints_count_like_tcp_endpoints(tmp_path):
         assert value("relayd_bytes_total", direction="out", **labels) - before_out >= len(big)
         assert value("relayd_streams_opened_total", **labels) >= 1
         assert value("relayd_sender_connections_total", endpoint="seamweb", result="success") >= 1
-        await wait_for(lambda: value("relayd_stream_open_seconds_count") > before_lat, 5)
+        await until(lambda: value("relayd_stream_open_seconds_count") > before_lat, 5)
         # The stream ended with the client connection: not active any more.
-        await wait_for(lambda: value("relayd_streams_active", **labels) == 0, 5)
+        await until(lambda: value("relayd_streams_active", **labels) == 0, 5)
         await agent.stop()
         await relay.stop()
         srv.close()
@@ -89,6 +86,8 @@ def test_http_endpoints_honour_the_grace_period(tmp_path):
         # The request arrives first; the agent connects a moment later.
         pending = asyncio.ensure_future(https_request(
             relay, b"GET /x HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n"))
+        # kept: the point: time passes with no agent and the request is held, not refused
+        # (a held HTTP request has no public signal to wait for)
         await asyncio.sleep(0.5)
         assert not pending.done()
         agent = await start_agent(tmp_path, "a1", join_token(relay), {"graceweb": ("127.0.0.1", port)})
@@ -127,10 +126,11 @@ def test_a_client_gone_while_held_leaves_nothing_behind(tmp_path):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"request before any agent")
             w.write_eof()
-            await asyncio.sleep(0.2)
+            held = lambda: value("relayd_active_connections", endpoint="held")
+            await until(lambda: held() == 2, 5, "the two clients were not held")
             gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             gone.close()
-            await asyncio.sleep(0.2)
+            await until(lambda: held() == 1, 5, "the relay did not see the client leave")
             agent = await start_agent(tmp_path, "a1", join_token(relay), {"held": ("127.0.0.1", svc)})
             assert await asyncio.wait_for(r.read(), 10) == b"request before any agent"
             w.close()

@@ -29,6 +29,7 @@ import pytest
 from relayd.errors import SessionClosedError, StreamResetError
 from relayd.net import mux, run
 from tests.interop import gobuild, protocol
+from tests.waiting import until
 
 pytestmark = pytest.mark.interop
 
@@ -104,15 +105,14 @@ async def drive_python_side(conn, *, open_streams, nbytes, expect_accepted, send
 
     rtts = [await conn.ping(timeout=10) for _ in range(3)]
     opened = await asyncio.gather(*(open_one(i) for i in range(open_streams)))
-    while sum(1 for s in served if s["op"] == "E") < expect_accepted:
-        await asyncio.sleep(0.01)
+    await until(lambda: sum(1 for s in served if s["op"] == "E") >= expect_accepted, 60,
+                "the Go peer's streams were not all served")
     if send_goaway:
         conn.go_away()
         # The Go peer notices (OpenStream -> ErrRemoteGoAway) and hangs up.
         await asyncio.wait_for(asyncio.shield(conn.closed_future), 60)
     else:
-        while conn.session.remote_go_away is None:
-            await asyncio.sleep(0.01)
+        await until(lambda: conn.session.remote_go_away is not None, 60, "the Go peer sent no GoAway")
         with pytest.raises(SessionClosedError):
             await conn.open_stream()
         await asyncio.gather(*serve_tasks)
@@ -221,8 +221,7 @@ def test_resets_both_ways(go_peer):
                     return "reset"
 
             results = await asyncio.wait_for(asyncio.gather(*(open_one(i) for i in range(30))), 60)
-            while conn.session.remote_go_away is None:
-                await asyncio.sleep(0.01)
+            await until(lambda: conn.session.remote_go_away is not None, 60, "the Go peer sent no GoAway")
             probe_results = await asyncio.gather(*probes)
             await conn.close()
             acc.cancel()

@@ -7,21 +7,18 @@ cap they hit is not the bystander's (127.0.0.1)."""
 import asyncio
 import socket
 import ssl
-import time
+from pathlib import Path
 
 import pytest
 
-from relayd import metrics
 from relayd.control.ca import CertificateAuthority, generate_key_and_csr
 from relayd.core.config import AdmissionConfig
 from relayd.errors import ConfigError
 from relayd.net import admission, run, tls
+from tests.metric import bad_input as bad
+from tests.waiting import until
 
 ATTACKER = "127.0.0.2"
-
-
-def bad(where, kind):
-    return metrics.BAD_INPUT.labels(where, kind)._value.get()
 
 
 class Echo(asyncio.Protocol):
@@ -71,27 +68,28 @@ async def _tls_echo(tmp, ca, port, client_cert=None, source="127.0.0.1"):
     return data
 
 
-def _raw(port, source=ATTACKER):
+def _raw(port, source=ATTACKER, timeout=5):
     s = socket.socket()
     s.bind((source, 0))
-    s.settimeout(5)
+    s.settimeout(timeout)
     s.connect(("127.0.0.1", port))
     return s
 
 
 def _reset_at_once(port, source):
-    """A connection that is reset (RST) within two seconds, whether the reset
-    overtakes connect() or arrives on the first read."""
-    t0 = time.monotonic()
+    """A connection that is reset (RST) before a two-second deadline, whether
+    the reset overtakes connect() or arrives on the first read."""
     try:
-        s = _raw(port, source)
+        s = _raw(port, source, timeout=2)
         try:
             s.recv(1)
             return False
         finally:
             s.close()
     except ConnectionResetError:
-        return time.monotonic() - t0 < 2
+        return True
+    except socket.timeout:
+        return False
 
 
 def test_source_of_groups_ipv6_by_64():
@@ -131,16 +129,14 @@ def test_per_source_cap_resets_the_excess_and_spares_others(pki):
         adm, lst = await _listener(ctx, max_unauthenticated_per_source=8)
         before = bad("test", "source_cap")
         held = [await asyncio.to_thread(_raw, lst.port) for _ in range(8)]
-        await asyncio.sleep(0.1)
-        assert adm.total == 8
+        await until(lambda: adm.total == 8, 5, "the 8 connections were not all admitted")
         assert await asyncio.to_thread(_reset_at_once, lst.port, ATTACKER)
         assert bad("test", "source_cap") == before + 1
         # The bystander from another source is admitted meanwhile.
         assert await _tls_echo(tmp, ca, lst.port) == b"hello"
         for s in held:
             s.close()
-        await asyncio.sleep(0.2)
-        assert adm.total == 0
+        await until(lambda: adm.total == 0, 5, "closed connections kept their admission")
         lst.close()
 
     run(main())
@@ -155,8 +151,7 @@ def test_node_cap_holds_whatever_the_sources(pki):
         for i in range(3):
             for _ in range(2):
                 held.append(await asyncio.to_thread(_raw, lst.port, f"127.0.0.{10 + i}"))
-        await asyncio.sleep(0.1)
-        assert adm.total == 6
+        await until(lambda: adm.total == 6, 5, "the 6 connections were not all admitted")
         before = bad("test", "node_cap")
         assert await asyncio.to_thread(_reset_at_once, lst.port, "127.0.0.20")
         assert bad("test", "node_cap") == before + 1
@@ -192,11 +187,7 @@ def test_failed_handshakes_are_classified_and_counted(pki, payload, kind):
             s.close()
 
         await asyncio.to_thread(poke)
-        for _ in range(50):
-            if bad("test", kind) == before + 1:
-                break
-            await asyncio.sleep(0.05)
-        assert bad("test", kind) == before + 1
+        await until(lambda: bad("test", kind) == before + 1, 5, f"{kind} was not counted")
         assert adm.total == 0
         assert await _tls_echo(tmp, ca, lst.port) == b"hello"
         lst.close()
@@ -212,8 +203,8 @@ def test_handshake_timeout_is_counted(pki):
         before = bad("test", "tls_timeout")
         s = await asyncio.to_thread(_raw, lst.port)
         s.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
-        await asyncio.sleep(1.0)
-        assert bad("test", "tls_timeout") == before + 1 and adm.total == 0
+        await until(lambda: bad("test", "tls_timeout") == before + 1, 5, "the handshake timeout was not counted")
+        assert adm.total == 0
         s.close()
         lst.close()
 
@@ -235,17 +226,13 @@ def test_foreign_and_expired_client_certificates_are_counted(pki):
     good = client_cert(ca, 1, "good")
 
     async def main():
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # kept: the point: the one-second certificate has expired
         adm, lst = await _listener(ctx)
         for cert, kind in ((foreign, "client_cert_untrusted"), (expired, "client_cert_expired")):
             before = bad("test", kind)
             with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
                 await _tls_echo(tmp, ca, lst.port, cert)
-            for _ in range(50):
-                if bad("test", kind) == before + 1:
-                    break
-                await asyncio.sleep(0.05)
-            assert bad("test", kind) == before + 1, kind
+            await until(lambda: bad("test", kind) == before + 1, 5, f"{kind} was not counted")
         assert await _tls_echo(tmp, ca, lst.port, good) == b"hello"
         lst.close()
 
@@ -281,9 +268,11 @@ def test_known_sources_get_in_past_a_full_node_cap():
 EMFILE_SCRIPT = r"""
 import asyncio, os, resource, socket, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-from relayd import metrics
+sys.path.insert(0, sys.argv[3])
 from relayd.core.config import AdmissionConfig
 from relayd.net import admission, run, tls
+from tests.metric import bad_input, value
+from tests.waiting import until
 ctx = tls.server_context(sys.argv[1], sys.argv[2])
 
 async def main():
@@ -297,13 +286,16 @@ async def main():
         pass
     print(lst.port, flush=True)
     sys.stdin.readline()  # the test has connected: accept() hits EMFILE
-    await asyncio.sleep(0.5)
-    print(metrics.RESOURCE_EXHAUSTED.labels("test", "file_descriptors")._value.get(), adm.total, flush=True)
+    exhausted = lambda: value("relayd_resource_exhausted_total", listener="test", resource="file_descriptors")
+    await until(exhausted, 5, "EMFILE was not counted")
+    print(exhausted(), adm.total, flush=True)
     for f in filler:
         f.close()
-    await asyncio.sleep(0.5)  # accepting resumes: the waiting client is taken
-    print(metrics.RESOURCE_EXHAUSTED.labels("test", "file_descriptors")._value.get() > 0, flush=True)
-    print(metrics.BAD_INPUT.labels("test", "tls_timeout")._value.get() + adm.total, flush=True)
+    # Accepting resumes: the waiting client is taken (admitted, or timed out since).
+    taken = lambda: bad_input("test", "tls_timeout") + adm.total
+    await until(taken, 10, "the waiting client was never taken")
+    print(exhausted() > 0, flush=True)
+    print(taken(), flush=True)
 
 run(main())
 """
@@ -317,7 +309,8 @@ def test_out_of_descriptors_pauses_accepting_and_is_counted(pki):
     import sys
 
     tmp, ca, ctx = pki
-    p = subprocess.Popen([sys.executable, "-c", EMFILE_SCRIPT, str(tmp / "s.crt"), str(tmp / "s.key")],
+    repo = str(Path(__file__).resolve().parents[2])
+    p = subprocess.Popen([sys.executable, "-c", EMFILE_SCRIPT, str(tmp / "s.crt"), str(tmp / "s.key"), repo],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = int(p.stdout.readline())

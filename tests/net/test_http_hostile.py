@@ -8,8 +8,8 @@ import asyncio
 import httptools
 import pytest
 
-from relayd import metrics
 from relayd.net import http_ingress as hi
+from tests.metric import bad_input
 from tests.net.test_http_ingress import FakeStream, FakeTransport, Upstream
 
 ROUTES = [hi.parse_route("web", "app.example"), hi.parse_route("api", "app.example/api"),
@@ -74,10 +74,6 @@ def run(body):
             c.conn.lost()
 
     asyncio.run(main())
-
-
-def bad_input(where, kind):
-    return metrics.BAD_INPUT.labels(where, kind)._value.get()
 
 
 # -- request smuggling ----------------------------------------------------------------

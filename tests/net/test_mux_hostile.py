@@ -13,16 +13,13 @@ import struct
 
 import pytest
 
-from relayd import metrics
 from relayd.core import _yamux_py as K
 from relayd.net import mux, run
 from tests.core.frames import data, frame, parse_frames, syn, wnd
+from tests.metric import value
+from tests.waiting import until
 
 BYSTANDER = 1  # the raw peer is the client: odd stream ids
-
-
-def _counter(counter, **labels) -> float:
-    return counter.labels(**labels)._value.get()
 
 
 class RawPeer:
@@ -170,13 +167,13 @@ def test_syn_then_protocol_error_ends_with_goaway_and_metric(case):
     async def main():
         errors = _loop_errors()
         server, conn, peer = await _server()
-        before = _counter(metrics.PROTOCOL_ERRORS, kind=kind)
+        before = value("relayd_protocol_errors_total", kind=kind)
         await peer.send(bad)
         frames = await peer.read_frames(lambda fs: any(f[0] == K.TYPE_GO_AWAY for f in fs))
         goaways = [f for f in frames if f[0] == K.TYPE_GO_AWAY]
         assert goaways[-1][3] == K.GO_AWAY_PROTOCOL_ERROR
         await asyncio.wait_for(asyncio.shield(conn.closed_future), 5)
-        assert _counter(metrics.PROTOCOL_ERRORS, kind=kind) == before + 1
+        assert value("relayd_protocol_errors_total", kind=kind) == before + 1
         assert not errors, errors
         peer.sock.close()
         server.close()
@@ -217,9 +214,9 @@ def test_sink_that_raises_costs_only_its_stream():
     async def main():
         errors = _loop_errors()
         server, conn, peer = await _server(handler)
-        before = _counter(metrics.INTERNAL_ERRORS, where="mux_event")
+        before = value("relayd_internal_errors_total", where="mux_event")
         await peer.send(syn(3))
-        await asyncio.sleep(0.05)
+        await until(lambda: sinks, 5, "stream 3 never reached its handler")
         start = len(peer.buf)
         await peer.send(data(3, b"boom") + data(BYSTANDER, b"same read"))
         frames = await peer.read_frames(
@@ -227,7 +224,7 @@ def test_sink_that_raises_costs_only_its_stream():
             and b"same read" in b"".join(f[4] for f in parse_frames(peer.buf[start:])))
         assert frames
         assert sinks and sinks[0].reset
-        assert _counter(metrics.INTERNAL_ERRORS, where="mux_event") == before + 1
+        assert value("relayd_internal_errors_total", where="mux_event") == before + 1
         assert await peer.echo_data(BYSTANDER, b"still") == b"still"
         assert not conn.closed and not errors
         peer.sock.close()

@@ -8,7 +8,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 import pytest
 from cryptography import x509
@@ -18,6 +17,7 @@ from relayd.control.ca import CertificateAuthority
 from relayd.errors import ConfigError
 from relayd.net import run
 from tests.tunnel.test_wss import wss_token
+from tests.waiting import until_sync
 from tests.tunnel.util import echo_ok, echo_service, start_agent, start_relay
 
 
@@ -88,25 +88,12 @@ def test_sighup_reloads_a_running_relay(tmp_path):
     log = open(tmp_path / "relay.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(cfg)], stderr=log)
     try:
-        deadline = time.time() + 15
-        while True:
-            try:
-                run(served_cert(https, "app.example", ca_a.cert_path))
-                break
-            except (OSError, ssl.SSLError):
-                assert time.time() < deadline, (tmp_path / "relay.log").read_text()
-                time.sleep(0.1)
+        until_sync(lambda: run(served_cert(https, "app.example", ca_a.cert_path)), 15,
+                   lambda: (tmp_path / "relay.log").read_text(), ignore=(OSError,), interval=0.1)
         ca_c, _, _ = issue(tmp_path, "public-c", ["app.example"], "app")
         os.kill(proc.pid, signal.SIGHUP)
-        deadline = time.time() + 5
-        while True:
-            try:
-                if run(served_cert(https, "app.example", ca_c.cert_path)).issuer == ca_c.certificate.subject:
-                    break
-            except ssl.SSLError:
-                pass
-            assert time.time() < deadline, "SIGHUP did not reload the certificate"
-            time.sleep(0.1)
+        until_sync(lambda: run(served_cert(https, "app.example", ca_c.cert_path)).issuer == ca_c.certificate.subject,
+                   5, "SIGHUP did not reload the certificate", ignore=(ssl.SSLError,), interval=0.1)
         assert proc.poll() is None  # still serving
         assert b"certificates reloaded" in (tmp_path / "relay.log").read_bytes()
     finally:

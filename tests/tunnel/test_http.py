@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -15,7 +16,9 @@ import time
 import pytest
 
 from relayd.net import run
+from tests.metric import bad_input, value
 from tests.tunnel.util import join_token, start_agent, start_relay
+from tests.waiting import until_sync
 
 BIG = os.urandom(3 * 1024 * 1024)
 
@@ -26,6 +29,7 @@ class Backend(http.server.BaseHTTPRequestHandler):
     # peer's delayed ACK stalls each kept-alive response ~40 ms.
     disable_nagle_algorithm = True
     name = "web"
+    seen: list = []  # paths of the GET requests the services received, in order
 
     def log_message(self, *a):
         pass
@@ -51,6 +55,7 @@ class Backend(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        Backend.seen.append(self.path)
         if self.path.startswith("/big"):
             return self._send(BIG)
         if self.path.startswith("/stream"):
@@ -64,7 +69,7 @@ class Backend(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             return
         if self.path.startswith("/slow"):
-            time.sleep(3)
+            time.sleep(3)  # kept: the point: a service slower than the gateway timeout
         info = {"who": self.name, "path": self.path, "version": self.request_version,
                 "headers": {k.lower(): v for k, v in self.headers.items()}}
         self._send(json.dumps(info).encode(), extra=[("Keep-Alive", "timeout=5")])
@@ -144,10 +149,8 @@ def test_routing_forwarded_headers_hop_by_hop_keepalive(tmp_path, backends):
         for _ in range(3):
             r = curl(relay, *(["URL/x"] * 100), "-o", "/dev/null")
             assert r.returncode == 0, r.stderr
-        deadline = time.time() + 5
-        while any(s.conn.session.stream_count() for s in relay.sessions.values()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert [s.conn.session.stream_count() for s in relay.sessions.values()] == [0]
+        until_sync(lambda: [s.conn.session.stream_count() for s in relay.sessions.values()] == [0], 5,
+                   lambda: f"streams left: {[s.conn.session.stream_count() for s in relay.sessions.values()]}")
 
     with_relay(tmp_path, backends, body)
 
@@ -259,7 +262,6 @@ def test_websocket_passthrough(tmp_path, backends):
 def test_wrk_load_keeps_every_request_good_and_frees_streams(tmp_path, backends):
     """wrk (Debian package, installed by scripts/test.sh) for a few seconds of
     keep-alive load: every response a 2xx, no socket errors, no stream left."""
-    import re
     import shutil
 
     if not shutil.which("wrk"):
@@ -271,10 +273,8 @@ def test_wrk_load_keeps_every_request_good_and_frees_streams(tmp_path, backends)
         total = int(re.search(r"(\d+) requests in", out).group(1))
         assert total > 100, out
         assert "Non-2xx" not in out and "Socket errors" not in out, out
-        deadline = time.time() + 5
-        while any(s.conn.session.stream_count() for s in relay.sessions.values()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert [s.conn.session.stream_count() for s in relay.sessions.values()] == [0]
+        until_sync(lambda: [s.conn.session.stream_count() for s in relay.sessions.values()] == [0], 5,
+                   lambda: f"streams left: {[s.conn.session.stream_count() for s in relay.sessions.values()]}")
 
     web, api = backends
 
@@ -392,23 +392,42 @@ def tls_exchange(relay, requests):
             data = b""
             for req in requests:
                 t.sendall(req)
-                while b"HTTP/1.1 " not in data:
-                    chunk = t.recv(65536)
-                    if not chunk:
-                        out.append(data)
-                        return out
-                    data += chunk
-                time.sleep(0.05)  # the response's bytes are all in
-                t.setblocking(False)
-                try:
-                    data += t.recv(65536)
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    pass
-                t.setblocking(True)
-                t.settimeout(10)
+                data, complete = read_response(t, data, head_only=req.startswith(b"HEAD "))
                 out.append(data)
+                if not complete:
+                    return out
                 data = b""
             return out
+
+
+def read_response(t, data: bytes, head_only: bool) -> tuple[bytes, bool]:
+    """One whole response (its head, then Content-Length bytes of body; to
+    the end of the connection if it says Connection: close); False if the
+    connection ended first."""
+
+    def more() -> bytes:
+        try:
+            return t.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            return b""
+
+    while b"\r\n\r\n" not in data:
+        if not (chunk := more()):
+            return data, False
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:[ \t]*(\d+)\r$", head + b"\r")
+    want = 0 if head_only or length is None else int(length.group(1))
+    while len(body) < want:
+        if not (chunk := more()):
+            return data, False
+        body += chunk
+        data += chunk
+    if re.search(rb"(?im)^connection:[ \t]*close\r$", head + b"\r"):
+        while chunk := more():  # anything the relay sends after it would show
+            data += chunk
+        return data, False
+    return data, True
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -427,8 +446,7 @@ def test_idempotent_request_is_retried_when_the_kept_alive_service_connection_cl
         assert [r[:12] for r in out] == [b"HTTP/1.1 200"] * 3, out
         assert all(r.endswith(b"ok") for r in out)
         assert be.conns == 3  # the 2nd and 3rd each went again on a new connection
-        from relayd import metrics
-        assert metrics.HTTP_RETRIES._value.get() >= 2
+        assert value("relayd_http_retries_total") >= 2
         post = b"POST /p HTTP/1.1\r\nHost: app.example\r\nContent-Length: 3\r\n\r\nabc"
         out = tls_exchange(relay, [get, post])
         assert out[0].startswith(b"HTTP/1.1 200")
@@ -452,12 +470,11 @@ def test_malformed_response_heads_get_502(tmp_path, bad):
     be = RawBackend(lambda n, i, head: bad)
 
     def body(relay):
-        from relayd import metrics
-        before = metrics.BAD_INPUT.labels("http_service", "bad_response_head")._value.get()
+        before = bad_input("http_service", "bad_response_head")
         out = tls_exchange(relay, [b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"])
         assert out[0].startswith(b"HTTP/1.1 502"), out
         assert b"malformed" in out[0] or b"Content-Length" in out[0] or b"Transfer-Encoding" in out[0]
-        assert metrics.BAD_INPUT.labels("http_service", "bad_response_head")._value.get() == before + 1
+        assert bad_input("http_service", "bad_response_head") == before + 1
 
     raw_relay(tmp_path, be, body)
 
@@ -501,16 +518,15 @@ def test_identical_heads_reuse_the_rewrite_but_keep_their_own_framing(tmp_path):
 def test_pipelined_request_does_not_lift_the_gateway_timeout_of_the_one_in_flight(tmp_path, backends):
     def body(relay):
         ctx = ssl.create_default_context(cafile=str(relay.ca_path))
-        t0 = time.monotonic()
         with socket.create_connection(("127.0.0.1", relay.https_port), 5) as raw:
             with ctx.wrap_socket(raw, server_hostname="app.example") as t:
                 t.sendall(b"GET /slow HTTP/1.1\r\nHost: app.example\r\n\r\n")
-                time.sleep(0.3)
+                until_sync(lambda: "/slow" in Backend.seen, 5, "the slow request never reached the service")
                 t.sendall(b"GET /next HTTP/1.1\r\nHost: app.example\r\n\r\n")
                 t.settimeout(10)
                 data = t.recv(65536)
+        # A 504 (gateway_timeout 1 s), not the 200 the slow service gives after 3 s.
         assert data.startswith(b"HTTP/1.1 504"), data
-        assert time.monotonic() - t0 < 2.5  # gateway_timeout 1 s (+ the 0.25 s sweep), not the 3 s service
 
     with_relay(tmp_path, backends, body, gateway_timeout=1.0)
 

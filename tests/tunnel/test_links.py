@@ -6,16 +6,16 @@ import socket
 
 from relayd.net import run
 from tests.tunnel.util import (
-    echo_ok, echo_service, join_token, refused, start_agent, start_relay, wait_for,
+    echo_ok, echo_service, join_token, refused, start_agent, start_relay,
 )
+from tests.metric import bad_input, value
+from tests.waiting import until
 
 
 def test_no_agent_refused_promptly(tmp_path):
     async def main():
         relay = await start_relay(tmp_path)
-        t0 = asyncio.get_running_loop().time()
-        assert await refused(relay.tcp_ports["echo"])
-        assert asyncio.get_running_loop().time() - t0 < 1.0
+        assert await refused(relay.tcp_ports["echo"], timeout=2)  # the deadline: no grace period, no wait
         await relay.stop()
 
     run(main())
@@ -25,8 +25,10 @@ def test_grace_period_holds_until_agent_arrives(tmp_path):
     async def main():
         relay = await start_relay(tmp_path, grace=5.0)
         async with echo_service() as svc:
+            before = value("relayd_active_connections", endpoint="echo")
             pending = asyncio.ensure_future(echo_ok(relay.tcp_ports["echo"]))
-            await asyncio.sleep(0.3)
+            await until(lambda: value("relayd_active_connections", endpoint="echo") == before + 1, 5,
+                        "the client was not held")
             assert not pending.done()
             agent = await start_agent(tmp_path, "a1", join_token(relay), {"echo": ("127.0.0.1", svc)})
             assert await asyncio.wait_for(pending, 10)
@@ -38,10 +40,15 @@ def test_grace_period_holds_until_agent_arrives(tmp_path):
 
 def test_grace_period_expires(tmp_path):
     async def main():
-        relay = await start_relay(tmp_path, grace=0.5)
-        t0 = asyncio.get_running_loop().time()
-        assert await refused(relay.tcp_ports["echo"])
-        assert 0.4 < asyncio.get_running_loop().time() - t0 < 2.0
+        relay = await start_relay(tmp_path, grace=1.0)
+        before = value("relayd_active_connections", endpoint="echo")
+        failed = value("relayd_streams_failed_total", endpoint="echo", reason="no_agent")
+        pending = asyncio.ensure_future(refused(relay.tcp_ports["echo"]))
+        await until(lambda: value("relayd_active_connections", endpoint="echo") == before + 1, 5,
+                    "the client was not held")
+        assert not pending.done()  # held for the grace period ...
+        assert await asyncio.wait_for(pending, 10)  # ... then refused
+        assert value("relayd_streams_failed_total", endpoint="echo", reason="no_agent") == failed + 1
         await relay.stop()
 
     run(main())
@@ -64,7 +71,7 @@ def test_spread_over_two_agents_and_failover(tmp_path):
             assert counts == [5, 5], counts  # least open streams first
             # One agent goes away: its streams end, new connections use the other.
             await a1.stop()
-            await wait_for(lambda: len(relay.sessions) == 1, 5)
+            await until(lambda: len(relay.sessions) == 1, 5)
             for _ in range(6):
                 assert await echo_ok(port)
             assert a2.streams_served >= 5 + 6
@@ -84,10 +91,10 @@ def test_reconnect_after_relay_restart(tmp_path):
             agent = await start_agent(tmp_path, "a1", join_token(relay), {"echo": ("127.0.0.1", svc)})
             assert await echo_ok(relay.tcp_ports["echo"])
             await relay.stop()
-            await wait_for(lambda: not agent.connected.is_set(), 5)
+            await until(lambda: not agent.connected.is_set(), 5)
             # Same data directory, same agent port: the agent heals by itself.
             relay = await start_relay(tmp_path, port=port)
-            await wait_for(lambda: agent.identity["agent_id"] in relay.sessions, 10)
+            await until(lambda: agent.identity["agent_id"] in relay.sessions, 10)
             assert await echo_ok(relay.tcp_ports["echo"])
             assert agent.reconnects >= 1
             await agent.stop()
@@ -104,7 +111,7 @@ def test_reconnect_after_link_cut_replaces_stale_session(tmp_path):
             aid = agent.identity["agent_id"]
             old = relay.sessions[aid]
             agent.conn.abort()  # the network drops the link under the agent
-            await wait_for(lambda: aid in relay.sessions and relay.sessions[aid] is not old, 10)
+            await until(lambda: aid in relay.sessions and relay.sessions[aid] is not old, 10)
             assert old.conn.closed or old not in relay.registry.by_endpoint["echo"]
             assert relay.registry.by_endpoint["echo"] == [relay.sessions[aid]]
             assert await echo_ok(relay.tcp_ports["echo"])
@@ -170,14 +177,12 @@ def test_dead_link_detected_by_keepalive(tmp_path):
             agent = await start_agent(tmp_path, "a1", None, {"echo": ("127.0.0.1", svc)})
             aid = agent.identity["agent_id"]
             assert await echo_ok(relay.tcp_ports["echo"])
-            t0 = asyncio.get_running_loop().time()
             hole.dead = True  # no FIN, no RST: only pings can tell
-            await wait_for(lambda: aid not in relay.sessions and not agent.connected.is_set(), 10)
-            took = asyncio.get_running_loop().time() - t0
-            # ping_interval 0.5 s + ping_timeout 1.5 s in these tests.
-            assert took < 4.0, took
+            # The deadline: ping_interval 0.5 s + ping_timeout 1.5 s in these tests, with room.
+            await until(lambda: aid not in relay.sessions and not agent.connected.is_set(), 4,
+                        "keepalive did not detect the dead link")
             hole.revive()
-            await wait_for(lambda: aid in relay.sessions, 10)
+            await until(lambda: aid in relay.sessions, 10)
             assert await echo_ok(relay.tcp_ports["echo"])
             await agent.stop()
         hole.close()
@@ -210,16 +215,13 @@ def test_garbage_on_agent_port_closes_only_that_connection(tmp_path):
     connection closed; the agent already connected keeps working."""
     import ssl as _ssl
 
-    from prometheus_client import REGISTRY
-
     from relayd.net import tls
 
     async def main():
         relay = await start_relay(tmp_path)
         async with echo_service() as svc:
             agent = await start_agent(tmp_path, "a1", join_token(relay), {"echo": ("127.0.0.1", svc)})
-            before = REGISTRY.get_sample_value("relayd_bad_input_total",
-                                               {"where": "agent_port", "kind": "FramingError"}) or 0
+            before = bad_input("agent_port", "FramingError")
             ctx = tls.client_context(str(relay.ca_path))
             for junk in (b"\xff\xff\xff\xff" + b"x" * 64, b"\x00\x00\x00\x03\xc1\xc1\xc1"):
                 r, w = await asyncio.open_connection("127.0.0.1", relay.agents_port, ssl=ctx,
@@ -230,9 +232,7 @@ def test_garbage_on_agent_port_closes_only_that_connection(tmp_path):
                 except (ConnectionError, _ssl.SSLError):
                     pass
                 w.close()
-            after = REGISTRY.get_sample_value("relayd_bad_input_total",
-                                              {"where": "agent_port", "kind": "FramingError"})
-            assert after == before + 2
+            assert bad_input("agent_port", "FramingError") == before + 2
             assert await echo_ok(relay.tcp_ports["echo"])
             await agent.stop()
         await relay.stop()

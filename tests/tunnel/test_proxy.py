@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -15,7 +14,8 @@ from relayd.agent import EnrollmentError
 from relayd.errors import AuthError, ConfigError
 from relayd.net import run
 from relayd.net.proxy import parse_proxy_url, proxy_from_env
-from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay, wait_for
+from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
+from tests.waiting import listening, until_sync
 
 
 def _free_port():
@@ -39,15 +39,9 @@ def tinyproxy(tmp_path):
         f'LogFile "{log}"\nAllow 127.0.0.1\nBasicAuth relay s3cret\nDisableViaHeader Yes\n')
     proc = subprocess.Popen([exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"tinyproxy did not start: {log.read_text() if log.exists() else ''}")
-                time.sleep(0.05)
+        until_sync(lambda: proc.poll() is not None or listening(port), 10, "tinyproxy did not start")
+        if proc.poll() is not None:
+            raise AssertionError(f"tinyproxy did not start: {log.read_text() if log.exists() else ''}")
         yield port, log
     finally:
         if proc.poll() is None:

@@ -12,7 +12,7 @@ from relayd.core import wire
 from relayd.core.framing import MessageReader, encode_message
 from relayd.net import run
 from relayd.net.wslink import AGENT_PATH, WsTransport
-from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay, wait_for
+from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
 
 
 def wss_token(relay, endpoints=()):

@@ -109,13 +109,3 @@ async def refused(port: int, timeout: float = 5) -> bool:
 
     return await asyncio.wait_for(go(), timeout)
 
-
-async def wait_for(pred, timeout: float = 10, interval: float = 0.02):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
