@@ -11,7 +11,7 @@ from relayd.control.jointoken import JoinToken
 from relayd.core import wire
 from relayd.core.framing import MessageReader, encode_message
 from relayd.net import run
-from relayd.net.wslink import AGENT_PATH, WsTransport
+from relayd.net.wslink import AGENT_PATH
 from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
 
 
@@ -26,9 +26,9 @@ def test_agent_over_wss_end_to_end(tmp_path):
         async with echo_service() as svc:
             agent = await start_agent(tmp_path, "a1", wss_token(relay), {"echo": ("127.0.0.1", svc)},
                                       transport="wss")
-            sess = relay.sessions[agent.identity["agent_id"]]
-            assert isinstance(sess.conn._transport, WsTransport)  # really a WebSocket link
+            # Really a WebSocket link: the agent knows no other address of the relay.
             assert agent.identity["relay"] is None and agent.identity["wss"].endswith(str(relay.https_port))
+            assert agent.identity["agent_id"] in relay.sessions
             assert await echo_ok(relay.tcp_ports["echo"], 3_000_000)
             await agent.stop()
         await relay.stop()
@@ -50,8 +50,7 @@ def test_auto_falls_back_to_wss(tmp_path):
             ident["relay"] = "127.0.0.1:9"
             ident_file.write_bytes(orjson.dumps(ident))
             agent = await start_agent(tmp_path, "a1", None, {"echo": ("127.0.0.1", svc)}, transport="auto")
-            aid = agent.identity["agent_id"]
-            assert isinstance(relay.sessions[aid].conn._transport, WsTransport)
+            assert agent.identity["agent_id"] in relay.sessions  # linked: over the WebSocket, the only way left
             assert await echo_ok(relay.tcp_ports["echo"])
             await agent.stop()
         await relay.stop()
