@@ -18,6 +18,7 @@ flags, flags winning. Everything a flag can say the file can say too.
     join = "relayd1...."              # only needed once
     transport = "tls"
     reconnect_max = "30s"
+    connect_timeout = "10s"
     drain = "10s"                     # on stop: GoAway, open streams may finish
     [agent.endpoints]
     web = "127.0.0.1:80"
@@ -246,6 +247,9 @@ class AgentConfig:
     transport: str = "tls"
     proxy: str | None = None
     reconnect_max: float = 30.0
+    #: Seconds for each step of reaching the relay (TCP, proxy CONNECT, TLS,
+    #: the preamble's reply) and for a service to accept a stream's dial.
+    connect_timeout: float = 10.0
     #: On SIGTERM/SIGINT: seconds open streams may finish after GoAway.
     drain: float = 10.0
     mux: MuxConfig = field(default_factory=MuxConfig)
@@ -273,12 +277,14 @@ class AgentConfig:
             parse_proxy_url(self.proxy, "agent.proxy")
         if not 1 <= self.reconnect_max <= 3600:
             raise ConfigError("config key 'agent.reconnect_max': must be between 1s and 1h")
+        if not 0.5 <= self.connect_timeout <= 300:
+            raise ConfigError("config key 'agent.connect_timeout': must be between 0.5s and 5m")
         return self
 
 
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
                "http", "gateway_timeout", "drain"}
-_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "endpoints", "drain"}
+_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
 
 
@@ -409,6 +415,8 @@ def load_agent(path: Path | None) -> AgentConfig:
         cfg.proxy = _str(a["proxy"], "agent.proxy")
     if "reconnect_max" in a:
         cfg.reconnect_max = parse_duration(a["reconnect_max"], "agent.reconnect_max")
+    if "connect_timeout" in a:
+        cfg.connect_timeout = parse_duration(a["connect_timeout"], "agent.connect_timeout")
     if "drain" in a:
         cfg.drain = parse_duration(a["drain"], "agent.drain")
     eps = a.get("endpoints", {})

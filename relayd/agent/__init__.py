@@ -47,7 +47,6 @@ from relayd.net.splice import TcpSplice
 
 log = logging.getLogger("relayd.agent")
 
-CONNECT_TIMEOUT = 10.0
 STABLE_AFTER = 10.0  # a link that lived this long resets the backoff
 
 
@@ -114,12 +113,12 @@ class AgentNode:
         proxy = self._proxy(host)
         upgrade = ClientUpgrade(factory(), addr) if websocket else None
         proto_factory = (lambda: upgrade) if websocket else factory
-        async with asyncio.timeout(CONNECT_TIMEOUT):
+        async with asyncio.timeout(self.cfg.connect_timeout):
             if proxy is None:
                 transport, _ = await loop.create_connection(proto_factory, host, port, ssl=ctx,
                                                             server_hostname=server_hostname)
             else:
-                sock = await connect_via_proxy(proxy, host, port, CONNECT_TIMEOUT)
+                sock = await connect_via_proxy(proxy, host, port, self.cfg.connect_timeout)
                 transport, _ = await loop.create_connection(proto_factory, sock=sock, ssl=ctx,
                                                             server_hostname=server_hostname)
             if upgrade is not None:
@@ -174,7 +173,7 @@ class AgentNode:
                 raise EnrollmentUnavailable(f"cannot reach the relay at {token.address}: "
                                             f"{str(exc) or type(exc).__name__}") from None
             try:
-                reply = await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+                reply = await asyncio.wait_for(pre.reply, self.cfg.connect_timeout)
             except (OSError, asyncio.TimeoutError, FramingError) as exc:
                 raise EnrollmentUnavailable(f"the relay at {token.address} did not answer: "
                                             f"{str(exc) or type(exc).__name__}") from None
@@ -314,7 +313,7 @@ class AgentNode:
         transport = await self._connect(lambda: pre, ident.get("relay"), ident.get("wss"), self._tls(),
                                         ident.get("server_hostname"))
         try:
-            return transport, await asyncio.wait_for(pre.reply, CONNECT_TIMEOUT)
+            return transport, await asyncio.wait_for(pre.reply, self.cfg.connect_timeout)
         except BaseException:
             transport.abort()
             raise
@@ -356,7 +355,7 @@ class AgentNode:
         try:
             # asyncio.timeout, not wait_for: no extra task per stream. The
             # header usually arrives with the SYN, so the read does not wait.
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with asyncio.timeout(self.cfg.connect_timeout):
                 header = StreamHeader.decode(await stream.read_message())
                 if header.kind != KIND_CONTROL:
                     target = self.cfg.endpoints.get(header.target)
