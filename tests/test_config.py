@@ -1,9 +1,10 @@
-"""The one duration parser and the one host:port parser of relayd's config
-(flags, TOML, join-token addresses): strict, with errors that name the key."""
+"""relayd's config: the one duration parser and the one host:port parser
+(flags, TOML, join-token addresses), strict, with errors that name the key;
+the TOML file carrying what the flags carry."""
 
 import pytest
 
-from relayd.config import parse_duration, parse_hostport
+from relayd.config import ServeConfig, load_agent, load_serve, parse_duration, parse_hostport
 from relayd.errors import ConfigError
 
 
@@ -52,8 +53,6 @@ def test_an_address_to_dial_needs_a_host():
 
 
 def test_drain_has_a_key_in_both_configs(tmp_path):
-    from relayd.config import load_agent, load_serve
-
     f = tmp_path / "c.toml"
     f.write_text('[serve]\ndrain = "30s"\n[agent]\ndrain = "2m"\n')
     assert load_serve(f).drain == 30 and load_agent(f).drain == 120
@@ -61,7 +60,6 @@ def test_drain_has_a_key_in_both_configs(tmp_path):
 
 
 def test_http_limits_have_a_table_and_are_checked_at_start(tmp_path):
-    from relayd.config import load_serve
     from relayd.core import http1
 
     f = tmp_path / "relay.toml"
@@ -75,3 +73,42 @@ def test_http_limits_have_a_table_and_are_checked_at_start(tmp_path):
         f.write_text(f"[http]\n{bad}\n")
         with pytest.raises(ConfigError, match=key):
             load_serve(f)
+
+
+def test_config_file_carries_what_flags_carry(tmp_path):
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text(
+        "[serve]\ndata = 'r'\nagents = '127.0.0.1:7100'\npublic = 'relay.example:443'\nhostname = 'relay.example'\n"
+        "metrics = '127.0.0.1:9100'\ngrace = '2s'\nagent_cert_ttl = '7d'\n[serve.tcp]\nweb = ':8080'\n"
+        "[agent]\ndata = 'a'\njoin = 'relayd1.x'\nreconnect_max = '10s'\n[agent.endpoints]\nweb = '127.0.0.1:80'\n"
+        "[mux]\nmax_window = 8388608\nping_interval = '5s'\n[log]\nlevel = 'debug'\n")
+    s = load_serve(cfg).validate()
+    assert s.agents == ("127.0.0.1", 7100) and s.public == ("relay.example", 443) and s.grace == 2.0
+    assert s.tcp == {"web": ("0.0.0.0", 8080)} and s.agent_cert_ttl == 7 * 86400 and s.mux.max_window == 8388608
+    assert s.advertised == ("relay.example", 443) and s.log_level == "debug" and s.metrics == ("127.0.0.1", 9100)
+    a = load_agent(cfg).validate()
+    assert a.endpoints == {"web": ("127.0.0.1", 80)} and a.reconnect_max == 10 and a.mux.ping_interval == 5
+
+
+def test_certs_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="serve.https"):
+        ServeConfig(certs=[(tmp_path / "a", tmp_path / "b")]).validate()
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("[serve]\nhttps = '127.0.0.1:0'\n[[serve.certs]]\ncert = '/nonexistent.pem'\nkey = '/x.key'\n")
+    with pytest.raises(ConfigError, match=r"serve\.certs\[0\]\.cert"):
+        load_serve(cfg).validate()
+    cfg.write_text("[serve]\nhttps = '127.0.0.1:0'\n[[serve.certs]]\ncert = 'a'\n")
+    with pytest.raises(ConfigError, match="needs cert and key"):
+        load_serve(cfg)
+
+
+def test_agent_connect_timeout_is_a_setting(tmp_path):
+    from relayd.config import load_agent
+
+    f = tmp_path / "agent.toml"
+    f.write_text('[agent]\nconnect_timeout = "3s"\n')
+    assert load_agent(f).connect_timeout == 3.0
+    assert load_agent(None).connect_timeout == 10.0
+    f.write_text('[agent]\nconnect_timeout = "0s"\n')
+    with pytest.raises(ConfigError, match="agent.connect_timeout"):
+        load_agent(f).validate()

@@ -25,7 +25,7 @@ import httptools
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.net.test_http_ingress import Upstream
-from tests.tunnel.test_cli import Proc, cli, free_port, wait_port
+from tests.tunnel.processes import Proc, cli, free_port, wait_port
 from tests.waiting import until_sync
 
 MARKER = b"PAYLOAD-7f3a9c"

@@ -9,7 +9,6 @@ import sqlite3
 
 import pytest
 
-from relayd.control.ca import CertificateAuthority
 from relayd.control.store import Store, open_data_dir
 from relayd.errors import AuthError, ConfigError, DataDirError, StorageError
 

@@ -2,7 +2,6 @@
 messages to an agent, an agent sends its own to the relay, and a stream of a
 kind a side does not take is refused without harm to the link."""
 
-import asyncio
 import logging
 
 

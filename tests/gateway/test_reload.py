@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from relayd.net import run
+from tests.tunnel.processes import free_port
 from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
 from tests.waiting import listening, until_sync
 
@@ -111,11 +112,6 @@ def test_http_routes_swap_for_the_next_request_on_a_kept_alive_connection(tmp_pa
 
 
 def test_sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_one(tmp_path):
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     agents, one, two = free_port(), free_port(), free_port()
     conf = tmp_path / "relay.toml"
     conf.write_text(f'[serve]\ndata = "{tmp_path / "d"}"\nagents = "127.0.0.1:{agents}"\n'

@@ -12,9 +12,7 @@ import sys
 import pytest
 from cryptography import x509
 
-from relayd.config import ServeConfig, load_serve
 from relayd.control.ca import CertificateAuthority
-from relayd.errors import ConfigError
 from relayd.net import run
 from tests.tunnel.test_wss import wss_token
 from tests.waiting import until_sync
@@ -99,15 +97,3 @@ def test_sighup_reloads_a_running_relay(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
-
-
-def test_certs_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="serve.https"):
-        ServeConfig(certs=[(tmp_path / "a", tmp_path / "b")]).validate()
-    cfg = tmp_path / "r.toml"
-    cfg.write_text("[serve]\nhttps = '127.0.0.1:0'\n[[serve.certs]]\ncert = '/nonexistent.pem'\nkey = '/x.key'\n")
-    with pytest.raises(ConfigError, match=r"serve\.certs\[0\]\.cert"):
-        load_serve(cfg).validate()
-    cfg.write_text("[serve]\nhttps = '127.0.0.1:0'\n[[serve.certs]]\ncert = 'a'\n")
-    with pytest.raises(ConfigError, match="needs cert and key"):
-        load_serve(cfg)

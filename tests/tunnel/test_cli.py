@@ -3,77 +3,15 @@ and `relayd admin` processes on loopback, stopped by PID."""
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 
 import pytest
 
-from relayd.net import run
+from tests.tunnel.processes import RELAYD, Proc, cli, free_port, wait_agents_online, wait_port
 from tests.tunnel.util import echo_handler
-from tests.waiting import listening, until_sync
-
-RELAYD = [sys.executable, "-m", "relayd.cli"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Proc:
-    def __init__(self, args, **kw):
-        # Output goes to temp files: an undrained pipe would block the process.
-        self.out = tempfile.TemporaryFile()
-        self.err = tempfile.TemporaryFile()
-        self.p = subprocess.Popen(RELAYD + args, stdout=self.out, stderr=self.err, **kw)
-
-    def stop(self):
-        if self.p.poll() is None:
-            os.kill(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.p.pid, signal.SIGKILL)
-                self.p.wait(5)
-        self.out.seek(0)
-        self.err.seek(0)
-        return self.out.read().decode(), self.err.read().decode()
-
-    def rss(self):
-        with open(f"/proc/{self.p.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-
-def cli(*args, check=True):
-    res = subprocess.run(RELAYD + list(args), capture_output=True, text=True, timeout=60)
-    if check:
-        assert res.returncode == 0, res.stderr
-    return res
-
-
-def wait_port(port, timeout=15):
-    until_sync(lambda: listening(port), timeout, f"port {port} did not open")
-
-
-def wait_agents_online(data, n, timeout=15):
-    def online():
-        out = cli("admin", "agents", "--data", str(data)).stdout
-        return out if out.count(" online ") >= n else None
-
-    return until_sync(online, timeout, lambda: "agents not online:\n" + cli("admin", "agents", "--data", str(data)).stdout,
-                      interval=0.2)
-
 
 @pytest.fixture
 def relay_proc(tmp_path):
@@ -234,23 +172,6 @@ def test_malformed_config_fails_at_start_naming_the_key(tmp_path, text, key):
     assert res.returncode == 2
     assert key in res.stderr and res.stderr.startswith("relayd: error:")
     assert "Traceback" not in res.stderr
-
-
-def test_config_file_carries_what_flags_carry(tmp_path):
-    from relayd.config import load_agent, load_serve
-
-    cfg = tmp_path / "relayd.toml"
-    cfg.write_text(
-        "[serve]\ndata = 'r'\nagents = '127.0.0.1:7100'\npublic = 'relay.example:443'\nhostname = 'relay.example'\n"
-        "metrics = '127.0.0.1:9100'\ngrace = '2s'\nagent_cert_ttl = '7d'\n[serve.tcp]\nweb = ':8080'\n"
-        "[agent]\ndata = 'a'\njoin = 'relayd1.x'\nreconnect_max = '10s'\n[agent.endpoints]\nweb = '127.0.0.1:80'\n"
-        "[mux]\nmax_window = 8388608\nping_interval = '5s'\n[log]\nlevel = 'debug'\n")
-    s = load_serve(cfg).validate()
-    assert s.agents == ("127.0.0.1", 7100) and s.public == ("relay.example", 443) and s.grace == 2.0
-    assert s.tcp == {"web": ("0.0.0.0", 8080)} and s.agent_cert_ttl == 7 * 86400 and s.mux.max_window == 8388608
-    assert s.advertised == ("relay.example", 443) and s.log_level == "debug" and s.metrics == ("127.0.0.1", 9100)
-    a = load_agent(cfg).validate()
-    assert a.endpoints == {"web": ("127.0.0.1", 80)} and a.reconnect_max == 10 and a.mux.ping_interval == 5
 
 
 def test_admin_on_missing_data_dir(tmp_path):

@@ -29,7 +29,7 @@ import pytest
 
 from relayd.control.jointoken import JoinToken
 from relayd.control.store import Store
-from tests.tunnel.test_cli import RELAYD, Proc, cli, free_port, wait_agents_online, wait_port
+from tests.tunnel.processes import RELAYD, Proc, cli, free_port, wait_agents_online, wait_port
 
 EX_TEMPFAIL = 75
 

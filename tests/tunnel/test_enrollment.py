@@ -9,7 +9,6 @@ from relayd.agent import AgentNode, EnrollmentError
 from relayd.config import AgentConfig
 from relayd.core import wire
 from relayd.control.jointoken import JoinToken
-from relayd.errors import AuthError
 from relayd.net import run
 from relayd.net import tls
 from relayd.net.preamble import ClientPreamble
@@ -111,15 +110,6 @@ def test_token_of_another_relay(tmp_path):
             await _agent(tmp_path, "a1", aimed).enroll(aimed)
         await relay.stop()
         await other.stop()
-
-    run(main())
-
-
-@pytest.mark.parametrize("text", ["", "relayd1.", "relayd1.!!!!", "relayd2.abcd", "hello world", "relayd1." + "A" * 5000])
-def test_malformed_token_text(tmp_path, text):
-    async def main():
-        with pytest.raises(AuthError, match="malformed join token"):
-            await _agent(tmp_path, "a1", text).enroll(text)
 
     run(main())
 

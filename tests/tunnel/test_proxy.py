@@ -1,29 +1,18 @@
 """Agents behind a forward proxy: a real tinyproxy (Debian package, installed
 by scripts/test.sh) on loopback, with Basic proxy authentication."""
 
-import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 
 import pytest
 
-from relayd.agent import EnrollmentError
-from relayd.errors import AuthError, ConfigError
+from relayd.errors import AuthError
 from relayd.net import run
-from relayd.net.proxy import parse_proxy_url, proxy_from_env
+from tests.tunnel.processes import free_port
 from tests.tunnel.util import echo_ok, echo_service, join_token, start_agent, start_relay
 from tests.waiting import listening, until_sync
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 @pytest.fixture
@@ -31,7 +20,7 @@ def tinyproxy(tmp_path):
     exe = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
     if not os.path.exists(exe):
         pytest.fail("tinyproxy is needed (scripts/test.sh installs it): apt-get install tinyproxy")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "tinyproxy.log"
     conf = tmp_path / "tinyproxy.conf"
     conf.write_text(
@@ -96,20 +85,3 @@ async def _start_expect_failure(tmp_path, relay, proxy):
     finally:
         await agent.stop()
     return agent
-
-
-def test_proxy_from_environment_and_no_proxy():
-    env = {"HTTPS_PROXY": "http://u:p@proxy.internal:3128", "NO_PROXY": "localhost,.corp.example,10.0.0.0/8"}
-    p = proxy_from_env("relay.example.com", env)
-    assert (p.host, p.port, p.username, p.password) == ("proxy.internal", 3128, "u", "p")
-    assert "p@" not in repr(p) and "u:" not in repr(p)
-    assert proxy_from_env("localhost", env) is None
-    assert proxy_from_env("relay.corp.example", env) is None
-    assert proxy_from_env("10.1.2.3", env) is None
-    assert proxy_from_env("relay.example.com", {}) is None
-
-
-@pytest.mark.parametrize("url", ["socks5://h:1", "https://h:1", "http://", "http://h:notaport"])
-def test_bad_proxy_url(url):
-    with pytest.raises(ConfigError, match="proxy"):
-        parse_proxy_url(url)
