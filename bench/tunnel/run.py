@@ -90,7 +90,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def rss_kib(pids: list[int], field: str = "VmRSS:") -> int:
-    """Summed RSS of ``pids`` (``VmHWM:``: their peaks since they started)."""
+    """Summed RSS of ``pids`` (``VmHWM:``: their peaks since they started,
+    or since ``reset_peak_rss``)."""
     total = 0
     for pid in pids:
         try:
@@ -100,6 +101,21 @@ def rss_kib(pids: list[int], field: str = "VmRSS:") -> int:
         except OSError:
             pass
     return total
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    """Start ``VmHWM`` over at the current RSS (``clear_refs`` 5, Linux 4.0+),
+    so that each run's peak is its own."""
+    for pid in pids:
+        try:
+            pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def rss_by_proc(procs: list, field: str = "VmRSS:") -> dict[str, int]:
+    """``rss_kib`` of each harness process (with its descendants), by name."""
+    return {p.name: rss_kib(p.tree(), field) for p in procs}
 
 
 class Proc:
@@ -463,8 +479,11 @@ def run_target(ctx: Ctx, name: str) -> dict:
         settle(a.settle)
         if procs:
             out["rss_before_iperf_kib"] = rss_kib([pid for p in procs for pid in p.tree()])
+            out["rss_before_iperf_by_proc_kib"] = rss_by_proc(procs)
+        peak_by_proc: dict[str, int] = {}
         for streams in (1, 8):
             pids = [pid for p in procs for pid in p.tree()]
+            reset_peak_rss(pids)
             c0 = cpu_seconds(pids)
             r = iperf_client(public, seconds=a.seconds, streams=streams, timeout=a.seconds + 60)
             c1 = cpu_seconds(pids)
@@ -472,16 +491,23 @@ def run_target(ctx: Ctx, name: str) -> dict:
                 r["proxy_cpu_s"] = round(c1 - c0, 3)
                 r["cpu_s_per_gb"] = (c1 - c0) / (r["bytes"] / 1e9)
                 r["proxy_cpu_pct"] = 100 * (c1 - c0) / r["seconds"]
+            if procs:
+                # This run's own peak (VmHWM was reset before it), per process.
+                r["rss_peak_by_proc_kib"] = rss_by_proc(procs, "VmHWM:")
+                r["rss_peak_kib"] = sum(r["rss_peak_by_proc_kib"].values())
+                for k, v in r["rss_peak_by_proc_kib"].items():
+                    peak_by_proc[k] = max(peak_by_proc.get(k, 0), v)
             out[f"iperf_{streams}"] = r
             print(f"  {name}: iperf3 -P {streams}: "
-                  + (f"{r['gbit_s']:.2f} Gbit/s" if "error" not in r else r["error"]), flush=True)
+                  + (f"{r['gbit_s']:.2f} Gbit/s" if "error" not in r else r["error"])
+                  + (f", peak RSS {r['rss_peak_kib'] / 1024:.1f} MiB" if procs else ""), flush=True)
             settle(a.settle)
         if procs:
-            # Peak during the runs (the 8-stream one dominates), and what is
-            # left once they are over.
-            pids = [pid for p in procs for pid in p.tree()]
-            out["rss_peak_iperf_kib"] = rss_kib(pids, "VmHWM:")
-            out["rss_after_iperf_kib"] = rss_kib(pids)
+            # Peak of each process over both runs, and what is left once they
+            # are over (after one settle pause).
+            out["rss_peak_iperf_kib"] = sum(peak_by_proc.values())
+            out["rss_after_iperf_kib"] = rss_kib([pid for p in procs for pid in p.tree()])
+            out["rss_after_iperf_by_proc_kib"] = rss_by_proc(procs)
         reg.stop(procs)
         procs = []
         settle(a.settle)
@@ -556,6 +582,7 @@ COLUMNS = [  # key, header, better ("hi"/"lo"), proxy-only
     ("rss", "RSS idle MiB", "lo", True),
     ("rss1k", "RSS per 1000 streams MiB", "lo", True),
     ("rsspk", "peak RSS under iperf MiB", "lo", True),
+    ("pk8", "8-stream peak above idle MiB", "lo", True),
     ("rssaft", "RSS after iperf MiB", "lo", True),
 ]
 
@@ -579,6 +606,8 @@ def metrics(r: dict) -> dict:
                   if get("hold", "rss_per_1000_kib") is not None else None),
         "rsspk": r["rss_peak_iperf_kib"] / 1024 if r.get("rss_peak_iperf_kib") else None,
         "rssaft": r["rss_after_iperf_kib"] / 1024 if r.get("rss_after_iperf_kib") else None,
+        "pk8": ((get("iperf_8", "rss_peak_kib") - r["rss_before_iperf_kib"]) / 1024
+                if get("iperf_8", "rss_peak_kib") and r.get("rss_before_iperf_kib") else None),
     }
     return m
 
@@ -588,7 +617,7 @@ def fmt(v, key: str) -> str:
         return "-"
     if key in ("p50", "p99", "cps"):
         return f"{v:,.0f}"
-    if key in ("rss", "rss1k", "rsspk", "rssaft"):
+    if key in ("rss", "rss1k", "rsspk", "rssaft", "pk8"):
         return f"{v:.1f}"
     return f"{v:.2f}"
 
@@ -651,6 +680,13 @@ def tables(runs: dict[str, list[dict]]) -> str:
             c = r.get("connect") or {}
             if c.get("failures"):
                 notes.append(f"- {tag}: {c['failures']} failed connections in conn/s ({c.get('errors')})")
+            before = r.get("rss_before_iperf_by_proc_kib") or {}
+            peak8 = (r.get("iperf_8") or {}).get("rss_peak_by_proc_kib") or {}
+            after = r.get("rss_after_iperf_by_proc_kib") or {}
+            if peak8:
+                notes.append(f"- {tag}: RSS MiB idle -> 8-stream peak -> after, per process: " + "; ".join(
+                    f"{k} {before.get(k, 0) / 1024:.1f} -> {v / 1024:.1f} -> {after.get(k, 0) / 1024:.1f}"
+                    for k, v in peak8.items()))
             h = r.get("hold") or {}
             if h.get("failures"):
                 notes.append(f"- {tag}: {h['failures']} of the held connections failed")
