@@ -285,7 +285,7 @@ class AgentConfig:
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
                "http", "gateway_timeout", "drain"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain"}
-_DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout"}
+_DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout", "window_idle"}
 
 
 def _load_toml(path: Path) -> dict:

@@ -112,3 +112,9 @@ def test_agent_connect_timeout_is_a_setting(tmp_path):
     f.write_text('[agent]\nconnect_timeout = "0s"\n')
     with pytest.raises(ConfigError, match="agent.connect_timeout"):
         load_agent(f).validate()
+
+
+def test_mux_window_idle_takes_a_duration(tmp_path):
+    f = tmp_path / "relay.toml"
+    f.write_text('[mux]\nwindow_idle = "2s"\n')
+    assert load_serve(f).mux.window_idle == 2.0

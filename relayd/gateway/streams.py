@@ -109,6 +109,10 @@ class StreamSeam:
         self._waiting.setdefault(endpoint, []).append(op)
         return op
 
+    def held(self, endpoint: str) -> int:
+        """How many openings wait for an agent of ``endpoint`` (grace)."""
+        return len(self._waiting.get(endpoint, ()))
+
     def close(self) -> None:
         """Node stopping: every held request is refused."""
         waiting, self._waiting = self._waiting, {}

@@ -86,9 +86,7 @@ def test_http_endpoints_honour_the_grace_period(tmp_path):
         # The request arrives first; the agent connects a moment later.
         pending = asyncio.ensure_future(https_request(
             relay, b"GET /x HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n"))
-        # kept: the point: time passes with no agent and the request is held, not refused
-        # (a held HTTP request has no public signal to wait for)
-        await asyncio.sleep(0.5)
+        await until(lambda: relay.seam.held("graceweb") == 1, 10, "the request was not held for an agent")
         assert not pending.done()
         agent = await start_agent(tmp_path, "a1", join_token(relay), {"graceweb": ("127.0.0.1", port)})
         got = await asyncio.wait_for(pending, 10)
