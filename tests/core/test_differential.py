@@ -11,6 +11,7 @@ from relayd.core import _yamux_py as K
 from relayd.core.config import MuxConfig
 from tests.conftest import BUILDS, yamux_build
 from tests.core.frames import data, describe, frame, goaway, ping, wnd
+from tests.core.splits import split_at
 
 SIDS = st.sampled_from([1, 3, 5, 7, 9, 11, 2, 4, 0, 13, 15])
 FLAGS = st.sampled_from([0, 0, 0, K.FLAG_SYN, K.FLAG_ACK, K.FLAG_FIN, K.FLAG_RST, K.FLAG_SYN | K.FLAG_FIN, 0x10])
@@ -113,10 +114,7 @@ def scenario(draw):
     frames = draw(st.lists(peer_frame, min_size=1, max_size=25))
     raw = b"".join(encode(f) for f in frames)
     cuts = sorted(set(draw(st.lists(st.integers(0, len(raw)), max_size=8))))
-    pieces, last = [], 0
-    for c in cuts + [len(raw)]:
-        pieces.append(raw[last:c])
-        last = c
+    pieces = split_at(raw, cuts)
     steps = [(p, draw(st.lists(local_cmd, max_size=4))) for p in pieces]
     client = draw(st.booleans())
     cfg = draw(st.sampled_from([
@@ -159,10 +157,7 @@ def test_split_invariance(build, frames, cut_seed):
 
     whole = feed([raw])
     cuts = sorted(cut_seed.sample(range(len(raw) + 1), min(len(raw) + 1, 6)))
-    pieces, last = [], 0
-    for c in cuts + [len(raw)]:
-        pieces.append(raw[last:c])
-        last = c
+    pieces = split_at(raw, cuts)
     assert feed(pieces) == whole
 
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from relayd.core import _wsframe_py as P
 from relayd.core.wsconfig import WsConfig
 from tests.conftest import BUILDS
+from tests.core.splits import split_at
 
 KEY = b"\x5a\xa5\x0f\xf0"
 
@@ -179,10 +180,7 @@ def scenario(draw):
     frames = draw(st.lists(peer_frame, min_size=1, max_size=14))
     raw = b"".join(encode(f, not client) for f in frames)
     cuts = sorted(set(draw(st.lists(st.integers(0, len(raw)), max_size=8))))
-    pieces, last = [], 0
-    for c in cuts + [len(raw)]:
-        pieces.append(raw[last:c])
-        last = c
+    pieces = split_at(raw, cuts)
     steps = [(p, draw(st.lists(local_cmd, max_size=3))) for p in pieces]
     cfg = draw(st.sampled_from([None, WsConfig(max_message=300, max_frame=200, max_buffered=300)]))
     return client, cfg, draw(st.booleans()), steps
@@ -214,10 +212,7 @@ def test_split_invariance(build, frames, client, cut_seed):
 
     whole = feed([raw])
     cuts = sorted(cut_seed.sample(range(len(raw) + 1), min(len(raw) + 1, 6)))
-    pieces, last = [], 0
-    for c in cuts + [len(raw)]:
-        pieces.append(raw[last:c])
-        last = c
+    pieces = split_at(raw, cuts)
     assert feed(pieces) == whole
 
 

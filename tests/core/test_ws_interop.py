@@ -17,7 +17,7 @@ from relayd.core.wsconfig import WsConfig
 from relayd.net import run
 from tests.conftest import BUILDS
 
-websockets = pytest.importorskip("websockets", reason="websockets is a test dependency")
+import websockets
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.asyncio.server import serve  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402

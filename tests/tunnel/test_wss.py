@@ -61,7 +61,7 @@ def test_auto_falls_back_to_wss(tmp_path):
 def test_independent_websocket_client_speaks_to_the_agent_endpoint(tmp_path):
     """`websockets` (an independent RFC 6455 implementation) completes the
     upgrade and exchanges binary messages with the relay."""
-    client = pytest.importorskip("websockets.asyncio.client", reason="websockets is a test dependency")
+    import websockets.asyncio.client as client
 
     async def main():
         relay = await start_relay(tmp_path, https=("127.0.0.1", 0))
@@ -104,7 +104,7 @@ def test_https_port_refuses_what_it_does_not_serve(tmp_path):
 
 
 def test_text_message_on_agent_link_closes_it(tmp_path):
-    client = pytest.importorskip("websockets.asyncio.client", reason="websockets is a test dependency")
+    import websockets.asyncio.client as client
     from websockets.exceptions import ConnectionClosed
 
     async def main():
