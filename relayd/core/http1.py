@@ -114,17 +114,19 @@ def head_end(buf: bytes) -> int:
     return a + 3
 
 
-def find_request_head(buf: bytes, limits: HttpLimits = LIMITS) -> int:
+def find_request_head(buf: bytes, max_head: int = LIMITS.max_head) -> int:
     """The end of the request head in ``buf``, or -1 while it is not whole;
-    HeadError as soon as what is there cannot become a valid head."""
+    HeadError as soon as what is there cannot become a valid head (too
+    large, or a first line that is no request line: answered now, not at a
+    timeout). A whole head is checked further by whoever parses it."""
+    end = head_end(buf)
+    if 0 <= end <= max_head:
+        return end
     if not request_line_ok(buf):
         raise HeadError("bad request line")
-    end = head_end(buf)
-    if end < 0 and len(buf) > limits.max_head:
+    if end >= 0 or len(buf) > max_head:
         raise HeadError("request head too large", 431)
-    if end > limits.max_head:
-        raise HeadError("request head too large", 431)
-    return end
+    return -1
 
 
 class Head:
@@ -175,13 +177,13 @@ def _lines(head: bytes, limits: HttpLimits, what: str) -> list[bytes]:
         raise HeadError(f"{what} head too large", 431)
     if not head.endswith(b"\r\n\r\n"):
         raise HeadError(f"{what} head does not end with an empty line")
-    lines = head[:-4].split(b"\r\n")
-    if len(lines) - 1 > limits.max_headers:
+    return head[:-4].split(b"\r\n")
+
+
+def _fields(lines: list[bytes], limits: HttpLimits) -> list[tuple[bytes, bytes]]:
+    """The field lines, after the first line was found good."""
+    if len(lines) > limits.max_headers:
         raise HeadError(f"more than {limits.max_headers} header fields", 431)
-    return lines
-
-
-def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     out = []
     for line in lines:
         m = _FIELD.match(line)
@@ -199,7 +201,7 @@ def parse_request_head(head: bytes, limits: HttpLimits = LIMITS) -> RequestHead:
     m = _REQUEST_LINE_PARTS.match(lines[0])
     if m is None:
         raise HeadError("bad request line")
-    return RequestHead(m.group(1), m.group(2), b"1." + m.group(3), _fields(lines[1:]))
+    return RequestHead(m.group(1), m.group(2), b"1." + m.group(3), _fields(lines[1:], limits))
 
 
 def parse_response_head(head: bytes, limits: HttpLimits = LIMITS) -> ResponseHead:
@@ -208,7 +210,7 @@ def parse_response_head(head: bytes, limits: HttpLimits = LIMITS) -> ResponseHea
     m = _STATUS_LINE_PARTS.match(lines[0])
     if m is None:
         raise HeadError("bad status line")
-    return ResponseHead(b"1." + m.group(1), int(m.group(2)), m.group(3) or b"", _fields(lines[1:]))
+    return ResponseHead(b"1." + m.group(1), int(m.group(2)), m.group(3) or b"", _fields(lines[1:], limits))
 
 
 def response(status: int, body: bytes = b"", content_type: bytes = b"text/plain; charset=utf-8",

@@ -47,7 +47,7 @@ import httptools
 
 from relayd import metrics
 from relayd.core import http1
-from relayd.core.http1 import head_end, request_line_ok
+from relayd.core.http1 import find_request_head
 from relayd.errors import ConfigError, RelaydError
 from relayd.log import RateLimitedLog, caught
 from relayd.net import abort_with_reset
@@ -150,6 +150,7 @@ class HttpConnection:
         self.transport = transport
         self.routes = routes if isinstance(routes, RouteTable) else RouteTable(routes)
         self.last_gen = 0
+        self.served_heads = False  # a whole request head has been seen on this connection
         # open_stream(endpoint, client, ready) -> Opening | None: the gateway's
         # stream seam; it answers ready(stream, None) or ready(None, reason),
         # at once or (held for an agent) later.
@@ -239,12 +240,11 @@ class HttpConnection:
                 if self.inbuf:
                     data = self.inbuf + data
                     self.inbuf = b""
-                end = head_end(data)
+                try:
+                    end = find_request_head(data, self.max_head)
+                except http1.HeadError as exc:
+                    raise _Refuse(exc.status, str(exc)) from None
                 if end < 0:
-                    if len(data) > self.max_head:
-                        raise _Refuse(431, "request head too large")
-                    if not request_line_ok(data):
-                        raise _Refuse(400, "bad request line")
                     self.inbuf = data
                     return
                 fed, data = data[:end], data[end:]
@@ -332,6 +332,10 @@ class HttpConnection:
             raise _Refuse(431, f"more than {self.max_headers} header fields")
 
     def on_headers_complete(self) -> None:
+        if not self.served_heads:
+            self.served_heads = True
+            if self.port is not None:
+                self.port.first_head()  # its timeout and admission ticket end here
         req = self.cur
         parser = self.parser
         method = req.method = parser.get_method()

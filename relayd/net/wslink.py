@@ -204,13 +204,16 @@ class HttpsPort(asyncio.Protocol):
         self._ticket = ticket
         self._make_http = make_http  # (port, transport) -> HttpConnection
         self._http = None
-        self._buf = b""
         self._transport = None
         self._timer = None
 
     def connection_made(self, transport) -> None:
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(self._limits.head_timeout, self._head_timeout)
+        # The ingress reads every head, the first included: it answers a bad
+        # one at once and calls first_head() when the first is whole.
+        self._http = self._make_http(self, transport)
+        self.data_received = self._http.feed
 
     def _head_timeout(self) -> None:
         # A client that never finishes its first head (slowloris).
@@ -219,28 +222,12 @@ class HttpsPort(asyncio.Protocol):
                   extra={"peer": peer_name(self._transport)})
         abort_with_reset(self._transport)
 
-    def data_received(self, data: bytes) -> None:
-        if self._http is not None:
-            self._http.feed(data)
-            return
-        self._buf += data
-        try:
-            if http1.find_request_head(self._buf, self._limits) < 0:
-                return
-        except http1.HeadError as exc:
-            # HTTP/0.9, a bare LF, garbage: answered at once, not held until
-            # the head timeout.
-            metrics.BAD_INPUT.labels("https", "head_too_large" if exc.status == 431 else "bad_request").inc()
-            metrics.HTTP_RESPONSES.labels(str(exc.status)).inc()
-            self._transport.write(http1.response(exc.status, (str(exc) + "\n").encode()))
-            self._transport.close()
-            return
-        self._timer.cancel()
+    def first_head(self) -> None:
+        """The ingress has the connection's first whole request head."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._release()
-        self._http = self._make_http(self, self._transport)
-        self.data_received = self._http.feed  # from now on, straight to the ingress
-        buf, self._buf = self._buf, b""
-        self._http.feed(buf)
 
     def detach(self) -> None:
         """A local service takes the connection over: nothing more comes here."""

@@ -69,7 +69,7 @@ def test_limits_are_431_and_one_set():
     assert e.value.status == 431
     # Found too large before it is whole: refused without waiting for the end.
     with pytest.raises(http1.HeadError) as e:
-        http1.find_request_head(big[:1050], limits)
+        http1.find_request_head(big[:1050], limits.max_head)
     assert e.value.status == 431
     with pytest.raises(ConfigError, match="max_head"):
         http1.HttpLimits(max_head=10)
@@ -84,6 +84,10 @@ def test_find_request_head_refuses_garbage_at_once_and_waits_for_the_rest():
     for bad in (b"\x16\x03\x01\x02\x00\x01\n", b"GET /\r\n", b"SSH-2.0-OpenSSH\r\n"):
         with pytest.raises(http1.HeadError):
             http1.find_request_head(bad)
+    # A whole head is found; its parser refuses what is wrong in it.
+    assert http1.find_request_head(b"GET /\r\n\r\n") == 9
+    with pytest.raises(http1.HeadError):
+        http1.parse_request_head(b"GET /\r\n\r\n")
 
 
 def test_response_writer():

@@ -30,7 +30,7 @@ cdef class HttpConnection:
     cdef public ChunkedEnd resp_chunked
     cdef public object inbuf, resp_head, pending_body, held, deadline_kind, loop_time
     cdef public bint mid_message, head_alone, resp_started, resp_close, upstream_close, raw, raw_in, closed
-    cdef public bint write_paused, reading_paused
+    cdef public bint write_paused, reading_paused, served_heads
     cdef public long long body_left, served, resp_left, deferred, held_bytes, last_gen
     cdef public long long max_head, max_headers, max_queued_body, max_queued_requests, max_chunk_line
     cdef public double idle_timeout
