@@ -1,4 +1,4 @@
-"""Fuzz the HTTP ingress's request side (relayd/net/_http_py.py), compiled
+"""Fuzz the HTTP ingress's request side (relayd/net/http_ingress.py over relayd/core/_h1proxy_py.py), compiled
 against pure.
 
 The wire bytes are what a client sends on the relay's HTTPS port (after
@@ -34,7 +34,7 @@ from fuzz import harness
 from fuzz.harness import RESPONSES
 
 with harness.instrumented(__name__ == "__main__"):
-    from relayd.net import _http_py  # noqa: F401  (the instrumented twin)
+    from relayd.core import _h1proxy_py  # noqa: F401  (the instrumented twin)
 
 COMMANDS = (None,) + tuple(("service", r) for r in RESPONSES) + (
     ("service_eof",), ("service_reset",), ("grant",), ("pause_writing",), ("resume_writing",),
@@ -43,7 +43,7 @@ COMMANDS = (None,) + tuple(("service", r) for r in RESPONSES) + (
 
 def test_one_input(data: bytes) -> None:
     script = harness.Script(data)
-    harness.agree(harness.each_build("http", harness.drive_ingress, script, "client", COMMANDS))
+    harness.agree(harness.each_build("h1proxy", harness.drive_ingress, script, "client", COMMANDS))
 
 
 if __name__ == "__main__":

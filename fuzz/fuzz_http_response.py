@@ -1,4 +1,4 @@
-"""Fuzz the HTTP ingress's response side (relayd/net/_http_py.py), compiled
+"""Fuzz the HTTP ingress's response side (relayd/net/http_ingress.py over relayd/core/_h1proxy_py.py), compiled
 against pure.
 
 A canned request (chosen by the mode byte) opens a stream; the wire bytes
@@ -31,7 +31,7 @@ from fuzz import harness
 from fuzz.harness import REQUESTS
 
 with harness.instrumented(__name__ == "__main__"):
-    from relayd.net import _http_py  # noqa: F401  (the instrumented twin)
+    from relayd.core import _h1proxy_py  # noqa: F401  (the instrumented twin)
 
 COMMANDS = (None, ("service_eof",), ("service_reset",), ("grant",), ("pause_writing",), ("resume_writing",),
             ("client_eof",), ("expire",)) + tuple(("client", r) for r in REQUESTS)
@@ -40,7 +40,7 @@ COMMANDS = (None, ("service_eof",), ("service_reset",), ("grant",), ("pause_writ
 def test_one_input(data: bytes) -> None:
     script = harness.Script(data)
     opening = REQUESTS[(script.mode >> 3) & 7]
-    harness.agree(harness.each_build("http", harness.drive_ingress, script, "service", COMMANDS, opening))
+    harness.agree(harness.each_build("h1proxy", harness.drive_ingress, script, "service", COMMANDS, opening))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ _announced = set()
 
 def builds(name: str) -> list:
     """``[(label, module)]`` of hot module ``name`` ("yamux", "wsframe",
-    "http"): the compiled build and the pure twin, or the pure twin alone
+    "h1proxy"): the compiled build and the pure twin, or the pure twin alone
     under RELAYD_NO_EXTENSIONS=1."""
     base = HOT_MODULES[name]
     pure = ("pure", importlib.import_module(base + "_py"))
@@ -304,8 +304,9 @@ def main(test_one_input) -> None:
 
 # --- the HTTP ingress with fake ends ------------------------------------------------------
 #
-# The ingress (relayd/net/_http_py.py) talks to a client transport and to
-# yamux streams toward the service. Both are faked here with the behaviour of
+# The ingress (relayd/net/http_ingress.py, over the framing machine of
+# relayd/core/_h1proxy_py.py in one build or the other) talks to a client
+# transport and to yamux streams toward the service. Both are faked here with the behaviour of
 # the real ones that the ingress can see (MuxStream: a stream reset either
 # way refuses sends, a half-closed one too; data on a stream the relay reset
 # is dropped), and every call either way is written to one transcript.
@@ -432,7 +433,7 @@ class FakeStream:
 
 
 class Ingress:
-    """One ``HttpConnection`` of one build between a fake client and fake
+    """One ``HttpConnection`` over one build's framing between a fake client and fake
     streams. Create it inside the event loop (``run_in_loop``).
 
     Mode bits 0-1 say what opening a stream gives: always a stream; never
@@ -454,10 +455,13 @@ class Ingress:
         self.window = 10 if mode & 4 else 1 << 40
         # A module-wide cache of rewritten response heads: cleared, so that
         # an input replays the same way alone or after others.
-        mod._HEAD_CACHE.clear()
+        mod.clear_head_cache()
+        from relayd.net import http_ingress
+
         self.transport = FakeTransport(self.log)
-        self.conn = mod.HttpConnection(None, self.transport, [mod.parse_route(n, t) for n, t in ROUTES],
-                                       self._open, 30.0)
+        self.conn = http_ingress.HttpConnection(None, self.transport,
+                                                [http_ingress.parse_route(n, t) for n, t in ROUTES],
+                                                self._open, 30.0, framing=mod.Framing)
 
     def _open(self, endpoint: str, client: str, ready) -> None:
         """The stream seam's part: answers ready(stream, None) or ready(None, reason)."""
@@ -478,14 +482,15 @@ class Ingress:
 
     def _orphan_body(self) -> bool:
         """The request still receiving its body was already answered."""
-        c = self.conn
-        cur = c.cur
-        return cur is not None and not cur.complete and cur is not c.active and cur not in c.queue
+        fr = self.conn.framing
+        cur = fr.cur
+        return cur is not None and not cur.complete and cur is not fr.active and cur not in fr.queue
 
     def state(self) -> tuple:
         c = self.conn
-        return ("state", c.closed, c.raw, c.raw_in, c.resp_started, c.body_left, c.resp_left, len(c.queue),
-                c.reading_paused, c.write_paused)
+        fr = c.framing
+        return ("state", c.closed, fr.client_state, fr.service_state, fr.resp_started, fr.body_left, fr.resp_left,
+                len(fr.queue), fr.queued_bytes, c.reading_paused, c.write_paused)
 
     # what the client does
     def client(self, data: bytes) -> None:

@@ -16,7 +16,7 @@ from types import ModuleType
 HOT_MODULES = {
     "yamux": "relayd.core._yamux",
     "wsframe": "relayd.core._wsframe",
-    "http": "relayd.net._http",
+    "h1proxy": "relayd.core._h1proxy",
 }
 
 

@@ -1,9 +1,9 @@
 """HTTP/1.x heads: the one parser and the one set of limits.
 
 Every place in relayd that reads an HTTP/1 head uses this module: the HTTPS
-front door (relayd.net.wslink) and the ingress behind it (its response heads;
-its request heads and bodies are framed by llhttp, which applies the same
-limits), the agent's WebSocket upgrade, the forward proxy's CONNECT reply and
+front door (relayd.net.wslink) and the ingress's framing behind it
+(relayd.core._h1proxy_py, which checks whole heads with REQUEST_HEAD and
+RESPONSE_HEAD: the same grammar at C speed), the agent's WebSocket upgrade, the forward proxy's CONNECT reply and
 the metrics listener. Sans-I/O: bytes in, values or ``HeadError`` out.
 
 The grammar is RFC 9112's, strictly: a request line ``method SP target SP
@@ -60,7 +60,7 @@ LIMITS = HttpLimits()
 
 REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
-           431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
+           431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 
 
@@ -77,10 +77,14 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # Field values and reason phrases: HTAB, SP, visible characters, obs-text;
 # no other control character (RFC 9110 5.5, RFC 9112 4).
 _TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"
-REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/1\.[01]\r\n")
-_REQUEST_LINE_PARTS = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/1\.([01])\Z")
+REQUEST_LINE = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/1\.[01]\r\n")
+_REQUEST_LINE_PARTS = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])\Z")
 _STATUS_LINE_PARTS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\Z")
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _TEXT + rb"*?)[ \t]*\Z")
+#: A whole request head (request line to the empty line, empty lines before
+#: it removed), for the ingress's hot path.
+REQUEST_HEAD = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/1\.[01]\r\n"
+                          rb"(?:" + _TOKEN + rb":" + _TEXT + rb"*\r\n)*\r\n\Z")
 #: A whole response head (status line to the empty line), for callers that
 #: only need its syntax checked at C speed (the ingress's hot path).
 RESPONSE_HEAD = re.compile(rb"HTTP/1\.[01] [1-9][0-9][0-9](?: " + _TEXT + rb"*)?\r\n"

@@ -50,7 +50,7 @@ def test_facade_selects_compiled_by_default():
 
     assert yamux.COMPILED
     assert _build.report() == {"relayd.core._yamux": "compiled", "relayd.core._wsframe": "compiled",
-                               "relayd.net._http": "compiled"}
+                               "relayd.core._h1proxy": "compiled"}
 
 
 @pytest.mark.parametrize("name", ["FrameParser", "Connection"])
@@ -73,15 +73,17 @@ def test_websocket_events_are_shared_not_compiled():
         assert getattr(_wsframe_c, name) is getattr(_wsframe_py, name) is getattr(ws_events, name)
 
 
-@pytest.mark.parametrize("name", ["HttpConnection", "Request", "ChunkedEnd", "_Drain"])
-def test_http_ingress_classes_are_extension_types(name):
-    from relayd.net import _http_c, http_ingress
+@pytest.mark.parametrize("name", ["Framing", "Request", "ChunkedEnd"])
+def test_http_framing_classes_are_extension_types(name):
+    from relayd.core import _h1proxy_c, h1proxy
 
-    assert http_ingress.COMPILED and http_ingress.HttpConnection is _http_c.HttpConnection
-    cls = getattr(_http_c, name)
+    assert h1proxy.COMPILED and h1proxy.Framing is _h1proxy_c.Framing
+    cls = getattr(_h1proxy_c, name)
     assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE and cls.__dictoffset__ == 0
     with pytest.raises(AttributeError):
-        _http_c.Request().not_a_field = 1
+        _h1proxy_c.Request().not_a_field = 1
+    with pytest.raises(AttributeError):  # fields are private unless the contract says readonly
+        _h1proxy_c.Framing(b"x").inbuf
 
 
 _NEGATIVE_SUBSCRIPTS = r"""

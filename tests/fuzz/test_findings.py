@@ -47,10 +47,10 @@ GET = b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"
 OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
-@pytest.fixture(params=[label for label, _ in harness.builds("http")])
+@pytest.fixture(params=[label for label, _ in harness.builds("h1proxy")])
 def http(request):
     """The HTTP ingress module of each build in use."""
-    return dict(harness.builds("http"))[request.param]
+    return dict(harness.builds("h1proxy"))[request.param]
 
 
 def ingress(mod, *actions):
