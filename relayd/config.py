@@ -31,6 +31,10 @@ flags, flags winning. Everything a flag can say the file can say too.
     max_head = 32768                  # the HTTPS port's connections
     idle_timeout = "60s"
 
+    [websocket]                       # relayd.core.wsconfig.WsConfig: the agent link over WSS
+    max_message = 16777216            # (relay and agent side)
+    close_timeout = "10s"
+
     [admission]                       # relayd.core.config.AdmissionConfig (relay)
     max_unauthenticated = 1024
     max_unauthenticated_per_source = 64
@@ -55,6 +59,7 @@ from pathlib import Path
 
 from relayd.core.config import AdmissionConfig, MuxConfig
 from relayd.core.http1 import HttpLimits
+from relayd.core.wsconfig import AGENT_LINK, WsConfig
 from relayd.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -157,6 +162,8 @@ class ServeConfig:
     #: On SIGTERM/SIGINT: seconds open streams may finish after GoAway.
     drain: float = 10.0
     mux: MuxConfig = field(default_factory=MuxConfig)
+    #: the agent link's WebSocket over WSS ([websocket])
+    websocket: WsConfig = AGENT_LINK
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     http_limits: HttpLimits = field(default_factory=HttpLimits)
     log_level: str = "info"
@@ -253,6 +260,8 @@ class AgentConfig:
     #: On SIGTERM/SIGINT: seconds open streams may finish after GoAway.
     drain: float = 10.0
     mux: MuxConfig = field(default_factory=MuxConfig)
+    #: the agent link's WebSocket over WSS ([websocket])
+    websocket: WsConfig = AGENT_LINK
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
@@ -338,9 +347,16 @@ def _mux(table) -> MuxConfig:
 
 
 def _common(doc: dict, cfg) -> None:
-    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "log"}, "<top>") if doc else {}
+    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "log"}, "<top>") if doc else {}
     if "mux" in top:
         cfg.mux = _mux(top["mux"])
+    if "websocket" in top:
+        # Keys not given keep the agent link's values, not WsConfig's defaults.
+        given = _limits(top["websocket"], WsConfig, "websocket", {"close_timeout"})
+        try:
+            cfg.websocket = dataclasses.replace(AGENT_LINK, **{k: getattr(given, k) for k in top["websocket"]})
+        except ConfigError as exc:
+            raise ConfigError(f"config key {exc}") from None
     if "log" in top:
         lg = _known(top["log"], {"level"}, "log")
         if "level" in lg:

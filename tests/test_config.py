@@ -75,6 +75,23 @@ def test_http_limits_have_a_table_and_are_checked_at_start(tmp_path):
             load_serve(f)
 
 
+def test_websocket_limits_have_a_table_in_both_configs(tmp_path):
+    from relayd.core.wsconfig import AGENT_LINK
+
+    f = tmp_path / "c.toml"
+    f.write_text('[websocket]\nmax_message = 65536\nclose_timeout = "3s"\n')
+    for cfg in (load_serve(f), load_agent(f)):
+        ws = cfg.websocket
+        assert (ws.max_message, ws.close_timeout) == (65536, 3.0)
+        assert ws.max_frame == AGENT_LINK.max_frame  # the rest keep the agent link's values
+    assert load_serve(None).websocket == load_agent(None).websocket == AGENT_LINK
+    for bad, key in (('max_frame = 10', "websocket.max_frame"), ('close_timeout = "0s"', "websocket.close_timeout"),
+                     ('max_buffered = "big"', "websocket.max_buffered"), ('nonsense = 1', "nonsense")):
+        f.write_text(f"[websocket]\n{bad}\n")
+        with pytest.raises(ConfigError, match=key):
+            load_serve(f)
+
+
 def test_config_file_carries_what_flags_carry(tmp_path):
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(

@@ -111,7 +111,7 @@ class AgentNode:
         server_hostname = server_hostname or host
         loop = asyncio.get_running_loop()
         proxy = self._proxy(host)
-        upgrade = ClientUpgrade(factory(), addr) if websocket else None
+        upgrade = ClientUpgrade(factory(), addr, self.cfg.websocket) if websocket else None
         proto_factory = (lambda: upgrade) if websocket else factory
         async with asyncio.timeout(self.cfg.connect_timeout):
             if proxy is None:

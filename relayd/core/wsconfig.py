@@ -45,3 +45,9 @@ class WsConfig:
         need(type(self.max_buffered) is int and 256 <= self.max_buffered <= _MAX, "max_buffered",
              f"must be an integer between 256 and {_MAX}")
         need(0 < self.close_timeout <= 300, "close_timeout", "must be between 0 and 300 seconds")
+
+
+#: The agent link's WebSocket (relay and agent side): a message carries yamux
+#: frames, whose payload may reach the mux's 16 MiB frame limit. The
+#: ``[websocket]`` table of the config sets it.
+AGENT_LINK = WsConfig(max_message=16 * 1024 * 1024, max_frame=16 * 1024 * 1024)

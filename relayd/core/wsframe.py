@@ -8,7 +8,7 @@ from relayd._build import load
 from relayd.core import _wsframe_py as _pure
 from relayd.core.ws_events import (EVENT_TYPES, BinaryMessage, Close, DataFrame, Ping, Pong, TextMessage,
                                    WsProtocolError)
-from relayd.core.wsconfig import WsConfig
+from relayd.core.wsconfig import AGENT_LINK, WsConfig
 
 _impl = load("wsframe")
 
@@ -44,6 +44,6 @@ InvalidUtf8 = _errors.InvalidUtf8
 MessageTooBig = _errors.MessageTooBig
 COMPILED = _impl is not _pure
 
-__all__ = ["FrameParser", "Connection", "WsConfig", "EVENT_TYPES", "DataFrame", "TextMessage", "BinaryMessage",
+__all__ = ["FrameParser", "Connection", "WsConfig", "AGENT_LINK", "EVENT_TYPES", "DataFrame", "TextMessage", "BinaryMessage",
            "Ping", "Pong", "Close", "WsProtocolError", "mask", "encode_frame", "encode_header", "encode_close",
            "close_code_allowed", "COMPILED"]

@@ -198,7 +198,7 @@ class RelayNode:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
-        self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble))
+        self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble, self.cfg.websocket))
         routes = self.routes = RouteTable(self._http_routes(self.cfg))
         opener = functools.partial(self.seam.open, kind=KIND_HTTP)
         timeout, limits = self.cfg.gateway_timeout, self.cfg.http_limits

@@ -40,7 +40,7 @@ AGENT_PATH = "/.relayd/agent"
 
 #: The agent link's WebSocket limits: a message is one write of the link
 #: (the mux flushes up to its frame size per write).
-AGENT_LINK = ws.WsConfig(max_message=16 * 1024 * 1024, max_frame=16 * 1024 * 1024)
+AGENT_LINK = ws.AGENT_LINK
 
 class WsTransport(asyncio.Transport):
     """A byte-stream transport made of binary WebSocket messages."""
@@ -263,10 +263,11 @@ class HttpsPort(asyncio.Protocol):
             self._ticket = None
 
 
-def agent_link_service(make_agent_protocol: Callable[[], asyncio.Protocol]):
+def agent_link_service(make_agent_protocol: Callable[[], asyncio.Protocol], config: ws.WsConfig = AGENT_LINK):
     """The relay's own service at ``AGENT_PATH``: a WebSocket upgrade that
     turns the connection into an agent link (``WsProtocol`` around
-    ``make_agent_protocol()``, the preamble); anything else gets 400."""
+    ``make_agent_protocol()``, the preamble, with the limits of ``config``);
+    anything else gets 400."""
 
     def serve(head: http1.RequestHead, transport, rest: bytes) -> None:
         res = server_handshake(head.method, head.target, head.headers)
@@ -277,7 +278,7 @@ def agent_link_service(make_agent_protocol: Callable[[], asyncio.Protocol]):
             transport.close()
             return
         transport.write(res.response)
-        proto = WsProtocol(make_agent_protocol(), client=False)
+        proto = WsProtocol(make_agent_protocol(), client=False, config=config)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         if rest:
@@ -290,9 +291,10 @@ class ClientUpgrade(asyncio.Protocol):
     """The agent's side of the opening handshake; then hands the link to
     ``WsProtocol(inner)``."""
 
-    def __init__(self, inner: asyncio.Protocol, host: str) -> None:
+    def __init__(self, inner: asyncio.Protocol, host: str, config: ws.WsConfig = AGENT_LINK) -> None:
         self.inner = inner
         self.host = host
+        self.config = config
         self._handshake = client_handshake(host, AGENT_PATH)
         self.key = self._handshake.key
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -324,7 +326,7 @@ class ClientUpgrade(asyncio.Protocol):
             self._fail(f"relay refused the WebSocket upgrade: {head.status} {head.reason[:60].decode('latin-1')!r} "
                        f"({exc})")
             return
-        proto = WsProtocol(self.inner, client=True)
+        proto = WsProtocol(self.inner, client=True, config=self.config)
         self._transport.set_protocol(proto)
         proto.connection_made(self._transport)
         self.done.set_result(proto)
