@@ -291,12 +291,11 @@ class Framing:
                 pieces: list = []
                 end = self.req_chunks.feed(data, pieces)
                 for piece in pieces:
-                    self._body(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    self._body(piece)
                 if end == -2:
                     raise _Refuse(400, "bad request: malformed chunked body", "bad_request")
                 if end == -1:
                     return
-                self._body(b"0\r\n\r\n")
                 self.req_chunks = None
                 self._body_end()
                 data = data[end:]
@@ -325,11 +324,12 @@ class Framing:
                 return
 
     def _body(self, piece: bytes) -> None:
-        """A piece of the current request's body, framed for the service."""
+        """A piece of the current request's body (de-chunked): to the service
+        now if it can go (chunked again for it), else kept with the request."""
         req = self.cur
         req.has_body = True
         if req is self.active and self.upstream and not req.body:
-            self.events.append((EV_UPSTREAM, piece))
+            self.events.append((EV_UPSTREAM, b"%x\r\n" % len(piece) + piece + b"\r\n" if req.chunked else piece))
         else:
             req.body.append(piece)
             req.body_bytes += len(piece)
@@ -340,6 +340,8 @@ class Framing:
         req = self.cur
         req.complete = True
         if req is self.active:
+            if req.chunked and self.upstream and not req.body:
+                self.events.append((EV_UPSTREAM, b"0\r\n\r\n"))  # else request_bytes() ends it
             self.events.append((EV_COMPLETE, req))
 
     def _request(self, head: bytes) -> None:
@@ -385,20 +387,53 @@ class Framing:
         self.upstream = True
         if fresh:
             self.served = 0
-        if not req.body:
-            return req.upstream_head
-        out = b"".join([req.upstream_head] + req.body)
+        if not req.chunked:
+            if not req.body:
+                return req.upstream_head
+            out = b"".join([req.upstream_head] + req.body)
+        else:
+            parts = [req.upstream_head]
+            for piece in req.body:
+                parts.append(b"%x\r\n" % len(piece))
+                parts.append(piece)
+                parts.append(b"\r\n")
+            if req.complete:
+                parts.append(b"0\r\n\r\n")
+            out = b"".join(parts)
         self.queued_bytes -= req.body_bytes
         req.body = []
         req.body_bytes = 0
         return out
 
+    def take_body(self) -> bytes:
+        """The body of the request in flight as it has come (de-chunked), for
+        a local service that answers it itself (``answered``)."""
+        req = self.active
+        out = b"".join(req.body)
+        self.queued_bytes -= req.body_bytes
+        req.body = []
+        req.body_bytes = 0
+        return out
+
+    def answered(self, close: cython.bint) -> list:
+        """The relay answered the request in flight itself (a local service;
+        the adapter wrote the response, ``close`` if it said Connection:
+        close): the exchange ends as one whose response had no body."""
+        events = self.events = []
+        req = self.active
+        if close or not req.complete or not req.keep_alive:
+            self.resp_close = True
+        self._service_move(SI_HEAD_EMPTY)
+        self._response_done()
+        return events
+
     def take_held(self) -> bytes:
         """The client's bytes after an upgrade request (for a local service
         that takes the connection over)."""
         out = b"".join(self.held)
+        for piece in self.held:
+            self.queued_bytes -= len(piece)
         self.held = []
-        self.queued_bytes = 0
         return out
 
     # -- the service's bytes ---------------------------------------------------------

@@ -58,10 +58,11 @@ class HttpLimits:
 
 LIMITS = HttpLimits()
 
-REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
-           431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-           504: "Gateway Timeout"}
+REASONS = {101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+           400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 413: "Content Too Large", 426: "Upgrade Required",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 class HeadError(ProtocolError):
@@ -217,11 +218,22 @@ def parse_response_head(head: bytes, limits: HttpLimits = LIMITS) -> ResponseHea
     return ResponseHead(b"1." + m.group(1), int(m.group(2)), m.group(3) or b"", _fields(lines[1:], limits))
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A whole response one of the relay's own services gives (the front
+    door writes it with ``response``, keeping the connection alive or not)."""
+
+    status: int
+    body: bytes = b""
+    content_type: bytes = b"text/plain; charset=utf-8"
+    headers: tuple = ()
+
+
 def response(status: int, body: bytes = b"", content_type: bytes = b"text/plain; charset=utf-8",
              close: bool = True, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
     """A whole response relayd writes itself (errors, small local answers)."""
     out = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode())]
-    if body or status >= 200:
+    if status >= 200 and status not in (204, 304):
         out.append(b"Content-Type: " + content_type)
         out.append(b"Content-Length: %d" % len(body))
     for name, value in headers or ():

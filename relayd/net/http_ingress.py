@@ -45,16 +45,24 @@ COMPILED = h1proxy.COMPILED
 @dataclass(frozen=True)
 class Route:
     """Where requests for ``host`` (``*``: any host) under ``prefix`` go: an
-    HTTP endpoint's agents, or with ``local`` one of the relay's own
-    services. ``local(head, transport, rest)`` gets the whole request head
-    (a relayd.core.http1.RequestHead), the transport, and the bytes after
-    the head; it answers and closes, or takes the transport over (an
-    upgrade)."""
+    HTTP endpoint's agents, or one of the relay's own services:
+
+    * ``respond``: a request/response service on the kept-alive connection.
+      ``await respond(head, body)`` gets the request head (a
+      relayd.core.http1.RequestHead) and its whole body (de-chunked, at most
+      ``max_queued_body`` bytes, else 413) and returns a
+      relayd.core.http1.Reply; the next request on the connection is routed
+      on its own, as ever.
+    * ``local``: a service that takes the connection over (an upgrade):
+      ``local(head, transport, rest)`` gets the head, the transport and the
+      bytes after the head.
+    """
 
     endpoint: str
     host: str
     prefix: str = "/"
     local: object = None
+    respond: object = None
 
 
 def parse_route(name: str, text: str) -> Route:
@@ -163,7 +171,14 @@ class HttpConnection:
             self.error(400, "bad request")
             return
         self._run(events)
-        if self.framing.queued_bytes > self.max_queued_body:
+        fr = self.framing
+        if fr.queued_bytes > self.max_queued_body:
+            active = fr.active
+            if active is not None and active.route is not None and active.route.respond is not None \
+                    and not active.complete:
+                # A local service takes the body whole: pausing would wait forever.
+                self.error(413, "request body too large for this service")
+                return
             self._pause_reading()
 
     def eof(self) -> None:
@@ -189,8 +204,12 @@ class HttpConnection:
                 self.deadline = self.loop_time() + self.idle_timeout
                 self.deadline_kind = _IDLE
             elif code == EV_COMPLETE:
-                if value.route is not None and value.route.local is not None:
-                    self._hand_over(value)
+                route = value.route
+                if route is not None:
+                    if route.respond is not None:
+                        self._respond(value)
+                    elif route.local is not None:
+                        self._hand_over(value)
             elif code == EV_DROP:
                 self._drop_stream()
             elif code == EV_CLOSE:
@@ -227,6 +246,10 @@ class HttpConnection:
             return
         self.deadline = self.loop_time() + self.gateway_timeout
         self.deadline_kind = _GATEWAY
+        if route.respond is not None:
+            if req.complete:
+                self._respond(req)
+            return
         if route.local is not None:
             if req.complete:
                 self._hand_over(req)
@@ -301,6 +324,33 @@ class HttpConnection:
         if n < len(data):
             self.pending.append(data[n:])
             self._pause_reading()
+
+    def _respond(self, req) -> None:
+        """A local service answers ``req`` (see Route.respond); the answer
+        comes in _responded. The task is the connection's ``opening``: it is
+        cancelled with the connection."""
+        head = http1.RequestHead(req.method, req.url, req.version, req.headers)
+        task = asyncio.ensure_future(req.route.respond(head, self.framing.take_body()))
+        self.opening = task
+        task.add_done_callback(lambda t: self._responded(req, t))
+
+    def _responded(self, req, task) -> None:
+        if self.opening is task:
+            self.opening = None
+        if self.closed or task.cancelled() or self.framing.active is not req:
+            return
+        exc = task.exception()
+        if exc is not None:
+            caught("http_local", exc, client=self.client, endpoint=req.route.endpoint)
+            self.error(500, "the relay's service failed")
+            return
+        reply = task.result()
+        close = not req.keep_alive
+        data = http1.response(reply.status, reply.body, reply.content_type, close=close, headers=list(reply.headers))
+        if req.head_only and reply.body:
+            data = data[:len(data) - len(reply.body)]
+        self.transport.write(data)
+        self._run(self.framing.answered(close))
 
     def _hand_over(self, req) -> None:
         """The connection goes to one of the relay's own services, with the
@@ -439,6 +489,7 @@ class HttpConnection:
             return
         fr = self.framing
         if self.deadline_kind is _GATEWAY:
+            # (an agent's service, or the relay's own: its task is cancelled)
             if fr.active is not None and not fr.resp_started:
                 self.error(504, f"no response from the service within {self.gateway_timeout:g}s")
         elif fr.active is None:

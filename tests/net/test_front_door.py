@@ -1,8 +1,10 @@
 """The HTTPS front door: every request, each one on a kept-alive connection
 included, is routed on its own, to an HTTP endpoint or to one of the relay's
-own services (local routes: today the agent link)."""
+own services (local routes: the agent link, which takes the connection over,
+and request/response services on the kept-alive connection)."""
 
 import asyncio
+import re
 
 import pytest
 
@@ -10,7 +12,9 @@ from relayd.errors import ConfigError
 from relayd.net import http_ingress as hi
 from relayd.net.wslink import AGENT_PATH, HttpsPort
 from tests.net.test_http_hostile import Stream
+from tests.metric import value
 from tests.net.test_http_ingress import FakeTransport
+from tests.waiting import until
 
 UPGRADE = (b"GET " + AGENT_PATH.encode() + b"?v=1 HTTP/1.1\r\nHost: relay.example\r\nUpgrade: websocket\r\n"
            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -143,3 +147,122 @@ def test_the_connection_takes_its_limits_from_the_config():
         conn2.lost()
 
     asyncio.run(main())
+
+
+class Responder:
+    """A local request/response service (Route.respond) that records what
+    it got; ``gate`` holds its answers until set."""
+
+    def __init__(self, fail=False):
+        self.got = []
+        self.fail = fail
+        self.gate = None
+
+    async def __call__(self, head, body):
+        self.got.append((head.method, head.target, body))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("secret-payload-in-the-error")
+        from relayd.core.http1 import Reply
+
+        return Reply(200, b"got " + head.target + b" " + body, headers=((b"X-Local", b"1"),))
+
+
+def serve(responder, body, gateway_timeout=60.0):
+    async def main():
+        t = FakeTransport()
+        streams = []
+
+        def open_stream(endpoint, client, ready):
+            streams.append(Stream(endpoint))
+            ready(streams[-1], None)
+
+        routes = [hi.Route("", "*", "/.relayd/echo", respond=responder), hi.parse_route("web", "app.example")]
+        conn = hi.HttpConnection(None, t, routes, open_stream, gateway_timeout)
+        try:
+            await body(conn, t, streams)
+        finally:
+            conn.lost()
+
+    asyncio.run(main())
+
+
+def responses(out: bytes) -> list[bytes]:
+    """The status lines in ``out``, in order."""
+    return re.findall(rb"HTTP/1\.1 [0-9]{3} [A-Za-z ]+", bytes(out))
+
+
+def test_a_local_service_answers_pipelined_requests_on_a_kept_alive_connection():
+    r = Responder()
+
+    async def body(conn, t, streams):
+        conn.feed(b"GET /.relayd/echo?a=1 HTTP/1.1\r\nHost: relay.example\r\n\r\n"
+                  b"POST /.relayd/echo HTTP/1.1\r\nHost: relay.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n"
+                  b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        await until(lambda: len(responses(t.out)) == 2 and streams)
+        assert r.got == [(b"GET", b"/.relayd/echo?a=1", b""), (b"POST", b"/.relayd/echo", b"abcde")]
+        out = bytes(t.out)
+        assert out.count(b"X-Local: 1") == 2 and b"Connection: close" not in out
+        assert out.index(b"got /.relayd/echo?a=1 ") < out.index(b"got /.relayd/echo abcde")
+        conn.stream_data(OK)  # the endpoint's answer, third, on the same connection
+        assert bytes(t.out).endswith(b"hi") and not t.closed
+        conn.feed(b"HEAD /.relayd/echo HTTP/1.1\r\nHost: relay.example\r\nConnection: close\r\n\r\n")
+        await until(lambda: t.closed)
+        tail = bytes(t.out).rsplit(b"hi", 1)[1]
+        assert tail.startswith(b"HTTP/1.1 200 OK") and tail.endswith(b"Connection: close\r\n\r\n")  # no body
+
+    serve(r, body)
+
+
+def test_a_local_service_that_fails_answers_500_and_leaves_no_secret_in_the_log(caplog):
+    r = Responder(fail=True)
+    before = value("relayd_internal_errors_total", where="http_local")
+
+    async def body(conn, t, streams):
+        conn.feed(b"GET /.relayd/echo HTTP/1.1\r\nHost: relay.example\r\n\r\n")
+        await until(lambda: t.closed)
+        assert responses(t.out) == [b"HTTP/1.1 500 Internal Server Error"]
+
+    serve(r, body)
+    assert value("relayd_internal_errors_total", where="http_local") == before + 1
+    assert "secret-payload" not in caplog.text
+
+
+def test_a_local_service_gets_a_bounded_body():
+    from relayd.core import http1
+
+    r = Responder()
+
+    async def body(conn, t, streams):
+        # A bystander: another client's exchange with an endpoint, mid-body.
+        t2 = FakeTransport()
+        bystander = hi.HttpConnection(None, t2, [hi.parse_route("web", "app.example")],
+                                      lambda e, c, ready: ready(Stream(e), None), 60)
+        bystander.feed(b"POST /b HTTP/1.1\r\nHost: app.example\r\nContent-Length: 4\r\n\r\nab")
+        conn.feed(b"POST /.relayd/echo HTTP/1.1\r\nHost: relay.example\r\nContent-Length: %d\r\n\r\n"
+                  % (http1.LIMITS.max_queued_body + 10) + b"x" * (http1.LIMITS.max_queued_body + 1))
+        assert responses(t.out) == [b"HTTP/1.1 413 Content Too Large"] and t.closed and not r.got
+        bystander.feed(b"cd")
+        bystander.stream_data(OK)
+        assert bytes(t2.out).endswith(b"hi") and not t2.closed
+        assert bytes(bystander.stream.sent).endswith(b"\r\n\r\nabcd")
+        bystander.lost()
+
+    serve(r, body)
+
+
+def test_a_slow_local_service_times_out_with_504_and_is_cancelled():
+    r = Responder()
+
+    async def body(conn, t, streams):
+        r.gate = asyncio.Event()
+        conn.feed(b"GET /.relayd/echo HTTP/1.1\r\nHost: relay.example\r\n\r\n")
+        await until(lambda: t.closed, timeout=5)
+        assert responses(t.out) == [b"HTTP/1.1 504 Gateway Timeout"]
+        r.gate.set()
+        await asyncio.sleep(0)
+        assert responses(t.out) == [b"HTTP/1.1 504 Gateway Timeout"]  # the late answer went nowhere
+
+    serve(r, body, gateway_timeout=0.3)
