@@ -39,6 +39,10 @@ flags, flags winning. Everything a flag can say the file can say too.
     max_unauthenticated = 1024
     max_unauthenticated_per_source = 64
     handshake_timeout = "10s"
+    preamble_timeout = "10s"
+
+    [splice]                          # relayd.core.config.SpliceConfig: TCP clients and services
+    max_pending = 4194304
 
     [log]
     level = "info"
@@ -57,7 +61,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayd.core.config import AdmissionConfig, MuxConfig
+from relayd.core.config import SPLICE, AdmissionConfig, MuxConfig, SpliceConfig
 from relayd.core.http1 import HttpLimits
 from relayd.core.wsconfig import AGENT_LINK, WsConfig
 from relayd.errors import ConfigError
@@ -164,6 +168,8 @@ class ServeConfig:
     mux: MuxConfig = field(default_factory=MuxConfig)
     #: the agent link's WebSocket over WSS ([websocket])
     websocket: WsConfig = AGENT_LINK
+    #: TCP splices ([splice])
+    splice: SpliceConfig = SPLICE
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     http_limits: HttpLimits = field(default_factory=HttpLimits)
     log_level: str = "info"
@@ -262,6 +268,8 @@ class AgentConfig:
     mux: MuxConfig = field(default_factory=MuxConfig)
     #: the agent link's WebSocket over WSS ([websocket])
     websocket: WsConfig = AGENT_LINK
+    #: TCP splices ([splice])
+    splice: SpliceConfig = SPLICE
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
@@ -347,7 +355,10 @@ def _mux(table) -> MuxConfig:
 
 
 def _common(doc: dict, cfg) -> None:
-    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "log"}, "<top>") if doc else {}
+    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "splice", "log"},
+                 "<top>") if doc else {}
+    if "splice" in top:
+        cfg.splice = _limits(top["splice"], SpliceConfig, "splice", set())
     if "mux" in top:
         cfg.mux = _mux(top["mux"])
     if "websocket" in top:
@@ -373,7 +384,8 @@ def load_serve(path: Path | None) -> ServeConfig:
     doc = _load_toml(path)
     _common(doc, cfg)
     if "admission" in doc:
-        cfg.admission = _limits(doc["admission"], AdmissionConfig, "admission", {"handshake_timeout"})
+        cfg.admission = _limits(doc["admission"], AdmissionConfig, "admission",
+                                {"handshake_timeout", "preamble_timeout"})
     if "http" in doc:
         cfg.http_limits = _limits(doc["http"], HttpLimits, "http", {"head_timeout", "idle_timeout"})
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")

@@ -92,6 +92,22 @@ def test_websocket_limits_have_a_table_in_both_configs(tmp_path):
             load_serve(f)
 
 
+def test_splice_limits_and_the_preamble_timeout_have_keys(tmp_path):
+    from relayd.core.config import SPLICE
+
+    f = tmp_path / "c.toml"
+    f.write_text('[splice]\nmax_held = 4096\n[admission]\npreamble_timeout = "3s"\n')
+    cfg = load_serve(f)
+    assert (cfg.splice.max_held, cfg.splice.max_pending, cfg.admission.preamble_timeout) == (4096, SPLICE.max_pending, 3)
+    assert load_agent(f).splice.max_held == 4096
+    for bad, key in (('[splice]\nmax_held = 10', "splice.max_held"),
+                     ('[splice]\nmax_pending = 1024', "splice.max_pending"),
+                     ('[admission]\npreamble_timeout = "0s"', "admission.preamble_timeout")):
+        f.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=key):
+            load_serve(f)
+
+
 def test_config_file_carries_what_flags_carry(tmp_path):
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(

@@ -366,10 +366,10 @@ class AgentNode:
                         return
                     btls = self._backend_tls.get(header.target)
                     if btls is None:
-                        await loop.create_connection(lambda: TcpSplice(stream), *target)
+                        await loop.create_connection(lambda: TcpSplice(stream, limits=self.cfg.splice), *target)
                     else:
                         ctx, server_name = btls
-                        await loop.create_connection(lambda: TcpSplice(stream), *target, ssl=ctx,
+                        await loop.create_connection(lambda: TcpSplice(stream, limits=self.cfg.splice), *target, ssl=ctx,
                                                      server_hostname=server_name)
         except (RelaydError, asyncio.IncompleteReadError) as exc:
             log.warning("bad stream header: %s", type(exc).__name__,

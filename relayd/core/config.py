@@ -113,6 +113,9 @@ class AdmissionConfig:
     max_unauthenticated_per_source: int = 64
     #: Seconds a TLS handshake may take.
     handshake_timeout: float = 10.0
+    #: Seconds an agent has, after its handshake, to send its whole preamble
+    #: request (enrol, renew, open the link).
+    preamble_timeout: float = 10.0
     #: File descriptors kept free: above (limit - headroom), new
     #: unauthenticated and public connections are refused.
     fd_headroom: int = 256
@@ -123,4 +126,27 @@ class AdmissionConfig:
         need(1 <= self.max_unauthenticated_per_source <= self.max_unauthenticated,
              "max_unauthenticated_per_source", "must be between 1 and max_unauthenticated")
         need(0 < self.handshake_timeout <= 300, "handshake_timeout", "must be between 0 and 300 seconds")
+        need(0 < self.preamble_timeout <= 300, "preamble_timeout", "must be between 0 and 300 seconds")
         need(16 <= self.fd_headroom <= 1 << 20, "fd_headroom", "must be at least 16")
+
+
+@dataclass(frozen=True)
+class SpliceConfig:
+    """Limits of a TCP splice: a public client on the relay, a service's
+    connection on the agent (relayd.net.splice.TcpSplice, I/O layer)."""
+
+    #: Bytes held from the TCP side while reading is paused (only what was in
+    #: flight when the pause took effect can arrive); beyond, the connection
+    #: is aborted: the peer ignores flow control.
+    max_pending: int = 4 * 1024 * 1024
+    #: Bytes held from a client that waits for its stream (held for an agent
+    #: by ``grace``) before reading pauses.
+    max_held: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        need = _checker(self, "splice")
+        need(64 * 1024 <= self.max_pending <= 1 << 30, "max_pending", "must be between 65536 and 1073741824")
+        need(1024 <= self.max_held <= self.max_pending, "max_held", "must be between 1024 and max_pending")
+
+
+SPLICE = SpliceConfig()

@@ -166,7 +166,8 @@ class RelayNode:
                 sock.close()
             raise
         adm = self.admission = admission.Admission(self.cfg.admission)
-        preamble = functools.partial(ServerPreamble, self.agent_port.on_request)
+        preamble = functools.partial(ServerPreamble, self.agent_port.on_request,
+                                     timeout=self.cfg.admission.preamble_timeout)
         lst = admission.TlsListener(adm, "agent_port", agent_socks, ctx, lambda ticket: preamble(ticket=ticket))
         self._listeners.append(lst)
         self.agents_port = lst.port
@@ -174,7 +175,7 @@ class RelayNode:
             self._listeners.append(self._https_port(adm, https_socks, preamble))
             self.https_port = self._listeners[-1].port
         self._write_relay_json()
-        self.tcp = TcpEndpoints(self.seam, adm)
+        self.tcp = TcpEndpoints(self.seam, adm, self.cfg.splice)
         for name, socks in tcp_socks.items():
             await self.tcp.listen(name, socks)
         if metrics_socks is not None:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 
 from relayd import metrics
+from relayd.core.config import SPLICE, SpliceConfig
 from relayd.gateway.streams import StreamSeam
 from relayd.net import admission, peer_name
 from relayd.net.splice import TcpSplice
 
 
 class TcpEndpoints:
-    def __init__(self, seam: StreamSeam, adm: admission.Admission) -> None:
+    def __init__(self, seam: StreamSeam, adm: admission.Admission, limits: SpliceConfig = SPLICE) -> None:
         self.seam = seam
         self.admission = adm
+        self.limits = limits
         self.ports: dict[str, int] = {}  # endpoint -> bound port (the first, if several)
         self._servers: dict[str, list[asyncio.AbstractServer]] = {}
         self._stopped: list[asyncio.AbstractServer] = []
@@ -83,7 +85,7 @@ class PublicConnection(TcpSplice):
     """A client of a public endpoint; routed to an agent once connected."""
 
     def __init__(self, endpoints: TcpEndpoints, endpoint: str) -> None:
-        super().__init__(on_close=endpoints._closed)
+        super().__init__(on_close=endpoints._closed, limits=endpoints.limits)
         self.endpoints = endpoints
         self.endpoint = endpoint
         self.opening = None  # the stream seam's Opening while held for an agent

@@ -20,25 +20,23 @@ import asyncio
 import logging
 from typing import Callable
 
+from relayd.core.config import SPLICE, SpliceConfig
 from relayd.errors import RelaydError
 from relayd.net import abort_with_reset
 
 log = logging.getLogger("relayd.splice")
 
-#: Bytes held from the TCP side while reading is paused (only what was in
-#: flight when the pause took effect can arrive); beyond this, abort.
-MAX_PENDING = 4 * 1024 * 1024
-#: Bytes held from a client that waits for its stream before reading pauses.
-MAX_HELD = 256 * 1024
 
 
 class TcpSplice(asyncio.Protocol):
     __slots__ = (
         "stream", "transport", "_pending", "_reading_paused", "_write_paused", "_deferred",
-        "_tcp_eof", "_stream_eof", "_fin_sent", "_done", "on_close",
+        "_tcp_eof", "_stream_eof", "_fin_sent", "_done", "on_close", "_max_pending", "_max_held",
     )
 
-    def __init__(self, stream=None, *, on_close: Callable | None = None) -> None:
+    def __init__(self, stream=None, *, on_close: Callable | None = None, limits: SpliceConfig = SPLICE) -> None:
+        self._max_pending = limits.max_pending
+        self._max_held = limits.max_held
         self.stream = None
         self.transport: asyncio.Transport | None = None
         self._pending: bytes | None = None
@@ -71,7 +69,7 @@ class TcpSplice(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         # Without a stream yet (held for an agent) reading goes on, so that a
         # client who leaves is noticed; what it sends is held, up to
-        # MAX_HELD, then reading pauses until bind().
+        # max_held (SpliceConfig), then reading pauses until bind().
         self.transport = transport
         if self.stream is not None:
             self.stream.attach(self)
@@ -81,10 +79,10 @@ class TcpSplice(asyncio.Protocol):
             # Held: waiting for the stream or its window (reading is paused
             # then; only what was already in flight lands here).
             self._pending = data if self._pending is None else self._pending + data
-            if len(self._pending) > MAX_PENDING:
+            if len(self._pending) > self._max_pending:
                 log.warning("peer kept sending while paused; closing", extra={"pending": len(self._pending)})
                 self._abort()
-            elif self.stream is None and len(self._pending) > MAX_HELD:
+            elif self.stream is None and len(self._pending) > self._max_held:
                 self._pause_reading()
             return
         self._send(data)
