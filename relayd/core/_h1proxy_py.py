@@ -825,7 +825,7 @@ def _read_request(fr: Framing, head: bytes) -> Request:
         raise _Refuse(400, "Transfer-Encoding with Content-Length or in HTTP/1.0", "bad_request")
     tokens = named or _NO_TOKENS
     req.keep_alive = (b"keep-alive" in tokens) if http10 else (b"close" not in tokens)
-    req.upgrade = upgrade is not None and b"upgrade" in tokens
+    req.upgrade = bool(upgrade) and b"upgrade" in tokens  # an empty Upgrade asks for nothing
     req.version = b"1.0" if http10 else b"1.1"
     req.chunked = te is not None
     req.host = host
