@@ -251,9 +251,89 @@ def cmd_admin(args: argparse.Namespace) -> int:
             if not store.revoke_agent(args.id):
                 return _fail(f"no agent {args.id!r}", 1)
             print(f"revoked {args.id}: a running relay cuts its link within a second")
+        elif args.admin == "hc":
+            return _admin_hc(args, d, store)
     finally:
         store.close()
     return 0
+
+
+def _admin_hc(args: argparse.Namespace, d: Path, store) -> int:
+    """``relayd admin hc ...``: hybrid connections and their rules in the
+    data directory (a running relay picks the changes up)."""
+    from relayd.config import parse_duration
+    from relayd.control import sas
+    from relayd.control.hybrid import HybridConnection, check_path
+
+    cmd = args.hc
+    if cmd == "create":
+        opts = {"requires_client_auth": not args.no_client_auth, "websocket": not args.no_websocket,
+                "http": not args.no_http}
+        if args.response_timeout:
+            opts["response_timeout"] = parse_duration(args.response_timeout, "--response-timeout")
+        if args.control_threshold is not None:
+            opts["control_threshold"] = args.control_threshold
+        hc = HybridConnection(args.path, **opts)
+        store.hc_create(hc)
+        print(f"created hybrid connection {hc.path}")
+    elif cmd == "delete":
+        if not store.hc_delete(check_path(args.path)):
+            return _fail(f"no hybrid connection {args.path!r}", 1)
+        print(f"deleted hybrid connection {args.path}: a running relay closes its listeners")
+    elif cmd == "list":
+        cat = store.hc_catalog()
+        print("node rules: " + (", ".join(f"{r.name} ({','.join(sorted(r.rights))})" for r in cat.rules) or "-"))
+        print(f"{'PATH':<32} {'CLIENT AUTH':<11} {'WEBSOCKET':<9} {'HTTP':<5} {'TIMEOUT':>8} {'THRESHOLD':>9}  RULES")
+        for hc in cat.connections.values():
+            rules = ", ".join(f"{r.name} ({','.join(sorted(r.rights))})" for r in hc.rules) or "-"
+            print(f"{hc.path:<32} {'yes' if hc.requires_client_auth else 'no':<11} "
+                  f"{'yes' if hc.websocket else 'no':<9} {'yes' if hc.http else 'no':<5} "
+                  f"{hc.response_timeout:>7g}s {hc.control_threshold:>9}  {rules}")
+    elif cmd == "rule":
+        scope = check_path(args.path) if args.path else ""
+        if args.rule == "add":
+            rule = sas.SasRule(args.name, args.key or sas.new_key(), rights=sas.parse_rights(args.rights))
+            store.hc_rule_add(scope, rule)
+            print(f"added rule {rule.name} ({','.join(sorted(rule.rights))}) to {scope or 'the node'}")
+            print(f"key: {rule.primary_key}")
+        elif args.rule == "rotate":
+            rule = store.hc_rule_rotate(scope, args.name, args.key or sas.new_key())
+            print(f"rotated rule {rule.name} of {scope or 'the node'}: tokens signed with the previous key "
+                  "stay good until the next rotation")
+            print(f"key: {rule.primary_key}")
+        elif args.rule == "remove":
+            if not store.hc_rule_remove(scope, args.name):
+                return _fail(f"no rule {args.name!r} in {scope or 'the node'}", 1)
+            print(f"removed rule {args.name} from {scope or 'the node'}")
+    elif cmd == "connection-string":
+        cat = store.hc_catalog()
+        scope = check_path(args.path) if args.path else ""
+        if scope:
+            found = cat.find(scope)
+            if found is None or found[1]:
+                return _fail(f"no hybrid connection {args.path!r}", 1)
+            rules = found[0].rules
+        else:
+            rules = cat.rules
+        rule = next((r for r in rules if r.name == args.name), None)
+        if rule is None:
+            return _fail(f"no rule {args.name!r} in {scope or 'the node'}", 1)
+        key = rule.secondary_key if args.secondary else rule.primary_key
+        if not key:
+            return _fail(f"rule {args.name!r} has no secondary key (it was never rotated)", 1)
+        host = args.host or _hc_host(d)
+        print(sas.ConnectionString(f"sb://{host}/", rule.name, key, scope))
+    return 0
+
+
+def _hc_host(d: Path) -> str:
+    """The relay's HTTPS address for connection strings: ``HOST`` (port 443)
+    or ``HOST:PORT``."""
+    info = _relay_info(d)
+    if "https" not in info:
+        raise ConfigError("this relay has no --https listener, where hybrid connections are served")
+    host, _, port = info["https"].rpartition(":")
+    return host if port == "443" else info["https"]
 
 
 # -- demo (the README's first command) -------------------------------------------------------
@@ -317,6 +397,37 @@ def build_parser() -> argparse.ArgumentParser:
     rv = asub.add_parser("revoke-agent", help="revoke an agent: cuts its live link, refuses its certificate")
     rv.add_argument("id")
     rv.add_argument("--data", required=True)
+    hc = asub.add_parser("hc", help="hybrid connections (Azure Relay) and their shared access rules")
+    hsub = hc.add_subparsers(dest="hc", required=True)
+    c = hsub.add_parser("create", help="create a hybrid connection")
+    c.add_argument("path", help="its path, e.g. orders or a/b/c")
+    c.add_argument("--no-client-auth", action="store_true", help="senders need no token")
+    c.add_argument("--no-websocket", action="store_true", help="refuse WebSocket senders")
+    c.add_argument("--no-http", action="store_true", help="refuse HTTP-mode requests")
+    c.add_argument("--response-timeout", help="a listener's HTTP answer deadline (default 60s)")
+    c.add_argument("--control-threshold", type=int, help="largest body on the control channel (default 65536)")
+    hl = hsub.add_parser("list", help="list hybrid connections and rules (never keys)")
+    hd = hsub.add_parser("delete", help="delete a hybrid connection and its rules")
+    hd.add_argument("path")
+    hr = hsub.add_parser("rule", help="shared access rules of the node (no PATH) or of a hybrid connection")
+    rsub = hr.add_subparsers(dest="rule", required=True)
+    for name, what in (("add", "add a rule (prints its key)"), ("rotate", "new primary key; the old one stays "
+                       "valid as the secondary"), ("remove", "remove a rule")):
+        r = rsub.add_parser(name, help=what)
+        r.add_argument("path", nargs="?", help="the hybrid connection (none: the node)")
+        r.add_argument("--name", required=True)
+        r.add_argument("--data", required=True)
+        if name != "remove":
+            r.add_argument("--key", help="the key to use (default: 32 random bytes, Base64)")
+        if name == "add":
+            r.add_argument("--rights", required=True, help="some of listen,send,manage")
+    cs = hsub.add_parser("connection-string", help="print a connection string, as Azure's portal does")
+    cs.add_argument("path", nargs="?", help="the hybrid connection (none: a node rule)")
+    cs.add_argument("--name", required=True, help="the rule")
+    cs.add_argument("--secondary", action="store_true", help="with the rule's secondary key")
+    cs.add_argument("--host", help="HOST[:PORT] to name (default: the relay's HTTPS address)")
+    for each in (c, hl, hd, cs):
+        each.add_argument("--data", required=True)
     ad.set_defaults(func=cmd_admin)
 
     d = sub.add_parser("demo", help="relay + enrolled agent + sample services on loopback, traffic through the tunnel")

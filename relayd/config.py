@@ -44,6 +44,17 @@ flags, flags winning. Everything a flag can say the file can say too.
     [splice]                          # relayd.core.config.SpliceConfig: TCP clients and services
     max_pending = 4194304
 
+    [hybrid]                          # Azure Relay hybrid connections (relay; docs/hybrid.md)
+    clock_skew = "5m"                 # a SAS token may be this far past its expiry
+    [[hybrid.rules]]                  # node scope: valid for every hybrid connection
+    name = "RootManageSharedAccessKey"
+    key = "c2VjcmV0..."
+    rights = ["listen", "send", "manage"]
+    [[hybrid.connections]]
+    path = "orders"
+    requires_client_auth = true       # also: websocket, http (true), response_timeout ("60s"),
+    rules = [{ name = "orders-listen", key = "...", rights = ["listen"] }]   # control_threshold, max_listeners
+
     [log]
     level = "info"
 
@@ -64,6 +75,8 @@ from pathlib import Path
 from relayd.core.config import SPLICE, AdmissionConfig, MuxConfig, SpliceConfig
 from relayd.core.http1 import HttpLimits
 from relayd.core.wsconfig import AGENT_LINK, WsConfig
+from relayd.control.hybrid import Catalog, HybridConnection
+from relayd.control.sas import CLOCK_SKEW, SasRule, parse_rights
 from relayd.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -172,6 +185,11 @@ class ServeConfig:
     splice: SpliceConfig = SPLICE
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    #: [hybrid]: the hybrid connections and node rules of the config
+    #: (relayd.control.hybrid.Catalog; the data directory's are added at start)
+    hybrid: Catalog = field(default_factory=Catalog)
+    #: [hybrid] clock_skew: seconds a SAS token may be past its expiry
+    hybrid_clock_skew: float = CLOCK_SKEW
     log_level: str = "info"
 
     @property
@@ -355,7 +373,7 @@ def _mux(table) -> MuxConfig:
 
 
 def _common(doc: dict, cfg) -> None:
-    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "splice", "log"},
+    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "splice", "hybrid", "log"},
                  "<top>") if doc else {}
     if "splice" in top:
         cfg.splice = _limits(top["splice"], SpliceConfig, "splice", set())
@@ -377,6 +395,62 @@ def _common(doc: dict, cfg) -> None:
             cfg.log_level = level
 
 
+def _sas_rule(t, key: str) -> SasRule:
+    t = _known(t, {"name", "key", "secondary_key", "rights"}, key)
+    if "name" not in t or "key" not in t or "rights" not in t:
+        raise ConfigError(f"config key '{key}': needs name, key and rights")
+    try:
+        return SasRule(_str(t["name"], f"{key}.name"), _str(t["key"], f"{key}.key"),
+                       _str(t["secondary_key"], f"{key}.secondary_key") if "secondary_key" in t else "",
+                       parse_rights(t["rights"]))
+    except ConfigError as exc:
+        raise ConfigError(f"config key '{key}': {exc}") from None
+
+
+def _hybrid(table) -> tuple[Catalog, float]:
+    h = _known(table, {"rules", "connections", "clock_skew"}, "hybrid")
+    skew = CLOCK_SKEW
+    if "clock_skew" in h:
+        skew = parse_duration(h["clock_skew"], "hybrid.clock_skew")
+        if not 0 <= skew <= 3600:
+            raise ConfigError("config key 'hybrid.clock_skew': must be between 0s and 1h")
+    for k in ("rules", "connections"):
+        if not isinstance(h.get(k, []), list):
+            raise ConfigError(f"config key 'hybrid.{k}': expected [[hybrid.{k}]] tables")
+    rules = [_sas_rule(t, f"hybrid.rules[{i}]") for i, t in enumerate(h.get("rules", []))]
+    connections = []
+    for i, t in enumerate(h.get("connections", [])):
+        key = f"hybrid.connections[{i}]"
+        t = _known(t, {"path", "requires_client_auth", "websocket", "http", "response_timeout",
+                       "control_threshold", "max_listeners", "rules"}, key)
+        if "path" not in t:
+            raise ConfigError(f"config key '{key}': needs a path")
+        opts: dict = {}
+        for flag in ("requires_client_auth", "websocket", "http"):
+            if flag in t:
+                if not isinstance(t[flag], bool):
+                    raise ConfigError(f"config key '{key}.{flag}': expected true or false")
+                opts[flag] = t[flag]
+        if "response_timeout" in t:
+            opts["response_timeout"] = parse_duration(t["response_timeout"], f"{key}.response_timeout")
+        for n in ("control_threshold", "max_listeners"):
+            if n in t:
+                if isinstance(t[n], bool) or not isinstance(t[n], int):
+                    raise ConfigError(f"config key '{key}.{n}': expected an integer")
+                opts[n] = t[n]
+        if not isinstance(t.get("rules", []), list):
+            raise ConfigError(f"config key '{key}.rules': expected a list of {{ name, key, rights }}")
+        opts["rules"] = tuple(_sas_rule(r, f"{key}.rules[{j}]") for j, r in enumerate(t.get("rules", [])))
+        try:
+            connections.append(HybridConnection(_str(t["path"], f"{key}.path"), **opts))
+        except ConfigError as exc:
+            raise ConfigError(f"config key '{key}': {exc}") from None
+    try:
+        return Catalog.of(connections, rules), skew
+    except ConfigError as exc:
+        raise ConfigError(f"config key 'hybrid': {exc}") from None
+
+
 def load_serve(path: Path | None) -> ServeConfig:
     cfg = ServeConfig()
     if path is None:
@@ -388,6 +462,8 @@ def load_serve(path: Path | None) -> ServeConfig:
                                 {"handshake_timeout", "preamble_timeout"})
     if "http" in doc:
         cfg.http_limits = _limits(doc["http"], HttpLimits, "http", {"head_timeout", "idle_timeout"})
+    if "hybrid" in doc:
+        cfg.hybrid, cfg.hybrid_clock_skew = _hybrid(doc["hybrid"])
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
     if "data" in s:
         cfg.data = Path(_str(s["data"], "serve.data"))

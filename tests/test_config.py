@@ -151,3 +151,61 @@ def test_mux_window_idle_takes_a_duration(tmp_path):
     f = tmp_path / "relay.toml"
     f.write_text('[mux]\nwindow_idle = "2s"\n')
     assert load_serve(f).mux.window_idle == 2.0
+
+
+HYBRID = '''
+[hybrid]
+clock_skew = "2m"
+[[hybrid.rules]]
+name = "RootManageSharedAccessKey"
+key = "c2VjcmV0LWtleS1vZi10aGUtbm9kZQ=="
+rights = ["listen", "send", "manage"]
+[[hybrid.connections]]
+path = "orders"
+requires_client_auth = true
+rules = [{ name = "orders-listen", key = "b3JkZXJzLWxpc3Rlbi1rZXk=", rights = ["listen"] }]
+[[hybrid.connections]]
+path = "a/b/c"
+requires_client_auth = false
+websocket = false
+response_timeout = "5m"
+control_threshold = 4096
+'''
+
+
+def test_hybrid_connections_and_rules_from_the_config(tmp_path):
+    f = tmp_path / "relay.toml"
+    f.write_text(HYBRID)
+    cfg = load_serve(f)
+    cat = cfg.hybrid
+    assert cfg.hybrid_clock_skew == 120
+    assert [r.name for r in cat.rules] == ["RootManageSharedAccessKey"]
+    hc, suffix = cat.find("ORDERS/17/lines")
+    assert (hc.path, suffix, hc.requires_client_auth, hc.websocket, hc.http) == ("orders", "17/lines", True, True, True)
+    assert [r.name for r in cat.rules_for(hc)] == ["RootManageSharedAccessKey", "orders-listen"]
+    abc, rest = cat.find("a/b/c")
+    assert (abc.requires_client_auth, abc.websocket, abc.response_timeout, abc.control_threshold, rest) == (
+        False, False, 300, 4096, "")
+    assert cat.find("a/b") is None and cat.find("ordersx") is None
+    assert load_serve(None).hybrid.connections == {}
+
+
+@pytest.mark.parametrize("bad, key", [
+    ('[[hybrid.connections]]\npath = "x"\n[[hybrid.connections]]\npath = "X"\n', "defined twice"),
+    ('[[hybrid.connections]]\npath = "a//b"\n', "hybrid.connections\\[0\\]"),
+    ('[[hybrid.connections]]\npath = "$hc/x"\n', "hybrid.connections\\[0\\]"),
+    ('[[hybrid.connections]]\npath = "x"\nhttp = "yes"\n', "hybrid.connections\\[0\\].http"),
+    ('[[hybrid.connections]]\npath = "x"\ncontrol_threshold = 100000\n', "control_threshold"),
+    ('[[hybrid.rules]]\nname = "n"\nkey = "short"\nrights = ["listen"]\n', "hybrid.rules\\[0\\]"),
+    ('[[hybrid.rules]]\nname = "n"\nkey = "a-long-enough-key-1"\nrights = ["root"]\n', "hybrid.rules\\[0\\]"),
+    ('[[hybrid.rules]]\nname = "n"\nkey = "a-long-enough-key-1"\n', "needs name, key and rights"),
+    ('[hybrid]\nclock_skew = "2h"\n', "hybrid.clock_skew"),
+    ('[hybrid]\nnonsense = 1\n', "hybrid.nonsense"),
+    ("".join(f'[[hybrid.rules]]\nname = "n{i}"\nkey = "a-long-enough-key-1"\nrights = ["send"]\n' for i in range(13)),
+     "at most 12"),
+])
+def test_bad_hybrid_config_is_refused_naming_the_key(tmp_path, bad, key):
+    f = tmp_path / "relay.toml"
+    f.write_text(bad)
+    with pytest.raises(ConfigError, match=key):
+        load_serve(f)

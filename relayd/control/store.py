@@ -62,11 +62,13 @@ import time
 from typing import Any
 
 from relayd.control.ca import CERT_FILE, CertificateAuthority
+from relayd.control.sas import MAX_RULES as MAX_SAS_RULES
+from relayd.control.sas import SasRule
 from relayd.errors import AuthError, ConfigError, DataDirError, RevokedError, StorageError
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 #: Spent or expired join tokens are kept this long (so that a late attempt
 #: gets "expired"/"already used" rather than "unknown"), then purged.
@@ -106,7 +108,29 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX certificates_agent ON certificates(agent_id);
     INSERT INTO meta(key, value) VALUES ('revision', 0);
     """,
+    # 2: hybrid connections and their shared access rules (scope '' = the node)
+    """
+    CREATE TABLE hc_connections (
+        path_key   TEXT PRIMARY KEY,
+        path       TEXT NOT NULL,
+        options    TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE hc_rules (
+        scope         TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        primary_key   TEXT NOT NULL,
+        secondary_key TEXT NOT NULL,
+        rights        TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        PRIMARY KEY (scope, name)
+    );
+    """,
 ]
+
+#: The options of a hybrid connection kept in hc_connections.options (JSON).
+_HC_OPTIONS = ("requires_client_auth", "websocket", "http", "response_timeout", "control_threshold",
+               "max_listeners")
 
 _TOKEN_SQL = "SELECT secret_sha256, endpoints, expires_at, used_at FROM join_tokens WHERE id = ?"
 
@@ -560,6 +584,94 @@ class Store:
                 "UPDATE agents SET connected_since = NULL, address = NULL"
                 " WHERE connected_since IS NOT NULL OR address IS NOT NULL"
             )
+
+
+    # -- hybrid connections (relayd.control.hybrid) -------------------------
+
+    def hc_create(self, hc, *, now: float | None = None) -> None:
+        """Record a hybrid connection (its options; its rules with
+        hc_rule_add); ConfigError if the path is taken."""
+        options = {k: getattr(hc, k) for k in _HC_OPTIONS}
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM hc_connections WHERE path_key = ?", (hc.key,)).fetchone():
+                raise ConfigError(f"hybrid connection {hc.path!r} already exists")
+            db.execute("INSERT INTO hc_connections(path_key, path, options, created_at) VALUES (?, ?, ?, ?)",
+                       (hc.key, hc.path, json.dumps(options), time.time() if now is None else now))
+            for rule in hc.rules:
+                self._insert_rule(db, hc.key, rule, now)
+            self._bump(db)
+
+    def hc_delete(self, path: str) -> bool:
+        """Remove a hybrid connection and its rules; False if there was none."""
+        key = path.strip("/").lower()
+        with self._write() as db:
+            gone = db.execute("DELETE FROM hc_connections WHERE path_key = ?", (key,)).rowcount
+            db.execute("DELETE FROM hc_rules WHERE scope = ?", (key,))
+            if gone:
+                self._bump(db)
+        return bool(gone)
+
+    def hc_catalog(self):
+        """Every hybrid connection and rule of the data directory, as a
+        relayd.control.hybrid.Catalog."""
+        from relayd.control.hybrid import Catalog, HybridConnection
+
+        rules: dict[str, list] = {}
+        for scope, name, primary, secondary, rights in self._read(
+                "SELECT scope, name, primary_key, secondary_key, rights FROM hc_rules ORDER BY created_at, name"):
+            rules.setdefault(scope, []).append(SasRule(name, primary, secondary, frozenset(json.loads(rights))))
+        connections = [HybridConnection(path, rules=tuple(rules.get(key, ())), **json.loads(options))
+                       for key, path, options in self._read(
+                           "SELECT path_key, path, options FROM hc_connections ORDER BY path_key")]
+        return Catalog.of(connections, rules.get("", ()))
+
+    def hc_rule_add(self, scope: str, rule, *, now: float | None = None) -> None:
+        """Add a shared access rule to a hybrid connection (``scope`` its
+        path) or to the node (``scope`` ""); at most MAX_RULES per scope."""
+        key = self._hc_scope(scope)
+        with self._write() as db:
+            if key and not db.execute("SELECT 1 FROM hc_connections WHERE path_key = ?", (key,)).fetchone():
+                raise ConfigError(f"no hybrid connection {scope!r}")
+            if db.execute("SELECT 1 FROM hc_rules WHERE scope = ? AND name = ?", (key, rule.name)).fetchone():
+                raise ConfigError(f"a rule {rule.name!r} exists already there")
+            (n,) = db.execute("SELECT COUNT(*) FROM hc_rules WHERE scope = ?", (key,)).fetchone()
+            if n >= MAX_SAS_RULES:
+                raise ConfigError(f"at most {MAX_SAS_RULES} shared access rules per scope")
+            self._insert_rule(db, key, rule, now)
+            self._bump(db)
+
+    def hc_rule_rotate(self, scope: str, name: str, new_key: str) -> SasRule:
+        """The rule's primary key becomes its secondary (tokens signed with
+        it stay good) and ``new_key`` its primary; the rule as it is now."""
+        key = self._hc_scope(scope)
+        with self._write() as db:
+            row = db.execute("SELECT primary_key, rights FROM hc_rules WHERE scope = ? AND name = ?",
+                             (key, name)).fetchone()
+            if row is None:
+                raise ConfigError(f"no rule {name!r} there")
+            rule = SasRule(name, new_key, row[0], frozenset(json.loads(row[1])))
+            db.execute("UPDATE hc_rules SET primary_key = ?, secondary_key = ? WHERE scope = ? AND name = ?",
+                       (new_key, row[0], key, name))
+            self._bump(db)
+        return rule
+
+    def hc_rule_remove(self, scope: str, name: str) -> bool:
+        key = self._hc_scope(scope)
+        with self._write() as db:
+            gone = db.execute("DELETE FROM hc_rules WHERE scope = ? AND name = ?", (key, name)).rowcount
+            if gone:
+                self._bump(db)
+        return bool(gone)
+
+    @staticmethod
+    def _hc_scope(scope: str) -> str:
+        return scope.strip("/").lower() if scope else ""
+
+    @staticmethod
+    def _insert_rule(db: sqlite3.Connection, scope: str, rule, now: float | None) -> None:
+        db.execute("INSERT INTO hc_rules(scope, name, primary_key, secondary_key, rights, created_at)"
+                   " VALUES (?, ?, ?, ?, ?, ?)", (scope, rule.name, rule.primary_key, rule.secondary_key,
+                                                  json.dumps(sorted(rule.rights)), time.time() if now is None else now))
 
 
 # -- the relay's data directory ---------------------------------------------------
