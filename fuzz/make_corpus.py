@@ -413,6 +413,40 @@ def http1_seeds() -> dict:
     }
 
 
+def hcwire_seeds() -> dict:
+    TARGET, MESSAGE, TOKEN = 0, 1, 2
+    from relayd.control import sas
+
+    good = sas.make_token("http://relay.example/orders", "root", "a-key-for-the-fuzzer-0123", 1_700_000_600)
+    return {
+        "listen": (TARGET, [(b"orders?sb-hc-action=listen&sb-hc-id=abc", 0)]),
+        "connect-suffix-query": (TARGET, [(b"orders/a/b?x=1&y=%20z&sb-hc-action=connect&sb-hc-token=T%20x", 0)]),
+        "accept": (TARGET, [(b"orders?sb-hc-action=accept&sb-hc-id=1&sb-hc-rendezvous=k", 0)]),
+        "reject": (TARGET, [(b"o?sb-hc-action=accept&sb-hc-statusCode=418&sb-hc-statusDescription=No%20way", 0)]),
+        "undefined-kept": (TARGET, [(b"o?sb-hc-undefined&SB-HC-ACTION=listen", 0)]),
+        "encoded-path": (TARGET, [(b"a%2Fb/%2e%2e/c?", 0)]),
+        "empty": (TARGET, [(b"", 0)]),
+        "renew": (MESSAGE, [(b'{"renewToken": {"token": "SharedAccessSignature sr=a&sig=b&se=1&skn=c"}}', 0)]),
+        "response": (MESSAGE, [(b'{"response": {"requestId": "r1", "statusCode": 201, "statusDescription": '
+                                b'"Created", "responseHeaders": {"a": "b"}, "body": true}}', 0)]),
+        "response-string-status": (MESSAGE, [(b'{"response": {"requestId": "r", "statusCode": "200"}}', 0)]),
+        "response-bad-headers": (MESSAGE, [(b'{"response": {"requestId": "r", "statusCode": 200, '
+                                            b'"responseHeaders": {"a": 1}}}', 0)]),
+        "unknown": (MESSAGE, [(b'{"future": {}}', 0)]),
+        "two-keys": (MESSAGE, [(b'{"a": {}, "b": {}}', 0)]),
+        "not-json": (MESSAGE, [(b"{nope", 0)]),
+        "array": (MESSAGE, [(b"[1, 2]", 0)]),
+        "token-good": (TOKEN, [(good.encode(), 0)]),
+        "token-bad-sig": (TOKEN, [(good.replace("sig=", "sig=x").encode(), 0)]),
+        "token-other-resource": (TOKEN, [(sas.make_token("http://relay.example/other", "root",
+                                                          "a-key-for-the-fuzzer-0123", 1_700_000_600).encode(), 0)]),
+        "token-expired": (TOKEN, [(sas.make_token("http://relay.example/orders", "root", "a-key-for-the-fuzzer-0123",
+                                                   1_600_000_000).encode(), 0)]),
+        "token-malformed": (TOKEN, [(b"SharedAccessSignature sr=&&&", 0)]),
+        "token-no-scheme": (TOKEN, [(b"Bearer x", 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -421,6 +455,7 @@ HARNESSES = {
     "http_response": http_response_seeds,
     "preamble": preamble_seeds,
     "http1": http1_seeds,
+    "hcwire": hcwire_seeds,
 }
 
 

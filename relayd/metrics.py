@@ -67,3 +67,27 @@ HTTP_RESPONSES = Counter("relayd_http_error_responses_total", "Error responses t
                          ["status"])
 HTTP_RETRIES = Counter("relayd_http_retries_total",
                        "Requests sent again on a fresh stream because a kept-alive service connection closed under them")
+
+# Hybrid connections: the names mirror Azure Relay's metrics (docs/hybrid.md);
+# labels carry the hybrid connection's path and status codes, never a token,
+# an id or payload.
+HC_LISTENER_REQUESTS = Counter("relayd_hc_listener_connections_requests_total", "Listen attempts", ["entity"])
+HC_LISTENER_SUCCESS = Counter("relayd_hc_listener_connections_success_total", "Listen handshakes accepted",
+                              ["entity"])
+HC_LISTENER_ERRORS = Counter("relayd_hc_listener_connections_errors_total", "Listen attempts refused",
+                             ["entity", "code"])
+HC_LISTENER_DISCONNECTS = Counter("relayd_hc_listener_disconnects_total", "Control channels ended",
+                                  ["entity", "code"])
+HC_ACTIVE_LISTENERS = Gauge("relayd_hc_active_listeners", "Open control channels", ["entity"])
+HC_SENDER_REQUESTS = Counter("relayd_hc_sender_connections_requests_total", "Sender attempts", ["entity", "mode"])
+HC_SENDER_SUCCESS = Counter("relayd_hc_sender_connections_success_total",
+                            "Sender connections joined to a listener", ["entity", "mode"])
+HC_SENDER_ERRORS = Counter("relayd_hc_sender_connections_errors_total",
+                           "Sender attempts refused or failed (4xx: the client's or listener's, 5xx: the relay's)",
+                           ["entity", "mode", "code"])
+HC_ACTIVE_CONNECTIONS = Gauge("relayd_hc_active_connections", "Open sender-listener connections", ["entity"])
+HC_BYTES = Counter("relayd_hc_bytes_transferred_total", "Payload bytes relayed", ["entity", "direction"])
+HC_ACCEPT_SECONDS = Histogram("relayd_hc_accept_seconds", "From a sender's connect to the listener's accept",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+HC_REFUSALS = Counter("relayd_hc_refusals_total", "Hybrid-connection handshakes refused, by kind",
+                      ["kind", "code"])

@@ -230,9 +230,13 @@ class Reply:
 
 
 def response(status: int, body: bytes = b"", content_type: bytes = b"text/plain; charset=utf-8",
-             close: bool = True, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
-    """A whole response relayd writes itself (errors, small local answers)."""
-    out = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode())]
+             close: bool = True, headers: list[tuple[bytes, bytes]] | None = None, reason: bytes = b"") -> bytes:
+    """A whole response relayd writes itself (errors, small local answers);
+    ``reason``: a reason phrase of its own (CR, LF and other control
+    characters are dropped from it)."""
+    if reason:
+        reason = bytes(c for c in reason[:300] if c == 9 or 32 <= c != 127)
+    out = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, "Unknown").encode())]
     if status >= 200 and status not in (204, 304):
         out.append(b"Content-Type: " + content_type)
         out.append(b"Content-Length: %d" % len(body))

@@ -59,6 +59,9 @@ class AgentPort:
         self._wss = wss_address  # () -> the relay's WebSocket address, or None
         self.control_handlers: dict = {}  # control message type -> handler (on_control)
         self._revision = -1
+        #: Coroutine functions called when the store's revision changes
+        #: (another process changed the data directory: `relayd admin ...`).
+        self.on_revision: list = []
         self._status_writes: set[asyncio.Task] = set()
         self._store_closed = False
 
@@ -215,6 +218,8 @@ class AgentPort:
                     log.warning("agent revoked: cutting its link", extra={"agent": sess.agent_id})
                     self._unregister(sess)
                     sess.conn.abort()
+                for changed in self.on_revision:
+                    await changed()
             except Exception:
                 log.exception("revocation check failed")
 

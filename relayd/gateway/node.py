@@ -37,6 +37,8 @@ from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.gateway.streams import StreamSeam
 from relayd.gateway.tcp import TcpEndpoints
 from relayd.net import admission, tls
+from relayd.control.hybrid import Catalog
+from relayd.gateway.hybrid import HybridGateway
 from relayd.net.http_ingress import HttpConnection, Route, RouteTable, parse_route
 from relayd.net.preamble import ServerPreamble
 from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
@@ -67,6 +69,7 @@ class RelayNode:
         self._tasks: list[asyncio.Task] = []
         self.routes: RouteTable | None = None  # the HTTPS front door's
         self._agent_route: Route | None = None
+        self.hybrid: HybridGateway | None = None  # with the HTTPS port
         self.stopped = asyncio.Event()
 
     @property
@@ -200,7 +203,10 @@ class RelayNode:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
         self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble, self.cfg.websocket))
+        self.hybrid = HybridGateway(Catalog.merged(self.cfg.hybrid, self.store.hc_catalog()), self._names(),
+                                    self.cfg.hybrid_clock_skew)
         routes = self.routes = RouteTable(self._http_routes(self.cfg))
+        self.agent_port.on_revision.append(self.hybrid_catalog_changed)
         opener = functools.partial(self.seam.open, kind=KIND_HTTP)
         timeout, limits = self.cfg.gateway_timeout, self.cfg.http_limits
         return admission.TlsListener(
@@ -209,7 +215,25 @@ class RelayNode:
                                      ticket=ticket, limits=limits))
 
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
-        return [self._agent_route] + [parse_route(name, r) for name, r in cfg.http.items()]
+        return [self._agent_route] + self.hybrid.routes() + [parse_route(name, r) for name, r in cfg.http.items()]
+
+    def _names(self) -> list[str]:
+        """The relay's own host names: its certificate's, where its hybrid
+        connections and services are (loopback names too when it listens
+        there)."""
+        names = []
+        for n in (self.cfg.hostname, (self.cfg.advertised_https or ("", 0))[0], self.cfg.https[0]):
+            if n and n not in ("0.0.0.0", "::") and n not in names:
+                names.append(n.lower())
+        if not names or any(n in ("127.0.0.1", "::1", "localhost") for n in names):
+            names += [n for n in ("localhost", "127.0.0.1", "[::1]") if n not in names]
+        return names
+
+    async def hybrid_catalog_changed(self) -> None:
+        """The data directory's hybrid connections changed (`relayd admin
+        hc`), or the config's did (reload)."""
+        if self.hybrid is not None:
+            self.hybrid.set_catalog(Catalog.merged(self.cfg.hybrid, await self.db("hc_catalog")))
 
     async def reload(self, cfg: ServeConfig) -> None:
         """SIGHUP: take a new configuration's endpoints, routes and
@@ -252,6 +276,11 @@ class RelayNode:
                 cfg.http = old.http
         self.registry.set_endpoints(cfg.endpoints)
         self.agent_port.endpoints = cfg.endpoints
+        if cfg.hybrid != old.hybrid or cfg.hybrid_clock_skew != old.hybrid_clock_skew:
+            self.cfg = cfg
+            if self.hybrid is not None:
+                self.hybrid.clock_skew = cfg.hybrid_clock_skew
+            await self.hybrid_catalog_changed()
         if self.certs is not None and cfg.certs != old.certs:
             self.certs.pairs = [(str(c), str(k)) for c, k in cfg.certs]
         self.cfg = cfg
@@ -281,6 +310,8 @@ class RelayNode:
         for t in self._tasks:
             t.cancel()
         self.seam.close()
+        if self.hybrid is not None:
+            self.hybrid.stop()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:
