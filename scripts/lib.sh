@@ -29,6 +29,18 @@ need_debs() {
     return 0
 }
 
+# setup_npm DIR: the npm packages of DIR's package-lock.json, exactly (npm
+# ci), unless they are installed from that very lock file already.
+setup_npm() {
+    local dir="$ROOT/$1" stamp sum
+    stamp="$dir/node_modules/.relayd-lock.sha256"
+    sum="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && return 0
+    log "installing the npm packages of $1"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    echo "$sum" > "$stamp"
+}
+
 pick_python() {
     local c
     for c in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do

@@ -2,7 +2,10 @@
 # Quickstart 2: set up and run the whole test suite.
 #
 #  1. Debian packages the tests need (Go and hashicorp/yamux for the interop
-#     tests, tinyproxy for the forward-proxy tests), a .venv with relayd built from source and the test tools.
+#     tests, tinyproxy for the forward-proxy tests, Node.js for Microsoft's
+#     hybrid-connection clients), a .venv with relayd built from source and
+#     the test tools, and the npm clients at the versions of
+#     tests/interop/hyco/package-lock.json.
 #  2. The suite against the compiled build.
 #  3. The suite against the pure-Python twins (RELAYD_NO_EXTENSIONS=1).
 #  4. The core tests against a debug build (bounds checks, C asserts, -O0),
@@ -12,8 +15,10 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
-need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl
+need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl nodejs
+command -v npm >/dev/null || need_debs npm
 setup_venv test
+setup_npm tests/interop/hyco
 
 run_pytest() {
     local label="$1"; shift
