@@ -407,25 +407,14 @@ class Framing:
 
     def take_body(self) -> bytes:
         """The body of the request in flight as it has come (de-chunked), for
-        a local service that answers it itself (``answered``)."""
+        one of the relay's own services (its response comes through
+        ``receive_service`` as a service's would)."""
         req = self.active
         out = b"".join(req.body)
         self.queued_bytes -= req.body_bytes
         req.body = []
         req.body_bytes = 0
         return out
-
-    def answered(self, close: cython.bint) -> list:
-        """The relay answered the request in flight itself (a local service;
-        the adapter wrote the response, ``close`` if it said Connection:
-        close): the exchange ends as one whose response had no body."""
-        events = self.events = []
-        req = self.active
-        if close or not req.complete or not req.keep_alive:
-            self.resp_close = True
-        self._service_move(SI_HEAD_EMPTY)
-        self._response_done()
-        return events
 
     def take_held(self) -> bytes:
         """The client's bytes after an upgrade request (for a local service

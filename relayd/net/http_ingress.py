@@ -47,12 +47,12 @@ class Route:
     """Where requests for ``host`` (``*``: any host) under ``prefix`` go: an
     HTTP endpoint's agents, or one of the relay's own services:
 
-    * ``respond``: a request/response service on the kept-alive connection.
-      ``await respond(head, body)`` gets the request head (a
-      relayd.core.http1.RequestHead) and its whole body (de-chunked, at most
-      ``max_queued_body`` bytes, else 413) and returns a
-      relayd.core.http1.Reply; the next request on the connection is routed
-      on its own, as ever.
+    * ``serve``: a service that answers on the kept-alive connection (the
+      next request is routed on its own, as ever). ``serve(head, exchange)``
+      gets the request head (a relayd.core.http1.RequestHead) and a
+      LocalExchange, and returns a LocalService, which gets the body as it
+      comes (de-chunked) and writes its response through the exchange as it
+      goes. ``buffered(fn)`` makes one of ``await fn(head, body) -> Reply``.
     * ``local``: a service that takes the connection over (an upgrade):
       ``local(head, transport, rest)`` gets the head, the transport and the
       bytes after the head.
@@ -62,7 +62,7 @@ class Route:
     host: str
     prefix: str = "/"
     local: object = None
-    respond: object = None
+    serve: object = None
 
 
 def parse_route(name: str, text: str) -> Route:
@@ -148,6 +148,7 @@ class HttpConnection:
         self.write_paused = False
         self.deferred = 0  # credit held back while the client's transport is full
         self.reading_paused = False
+        self.local = None  # the LocalExchange of a streaming local service in flight
         self.last_host = self.last_path = self.last_route = None  # the last routing decision
         self.last_gen = -1
         # One deadline at a time (waiting for a response, or idle between
@@ -171,14 +172,9 @@ class HttpConnection:
             self.error(400, "bad request")
             return
         self._run(events)
-        fr = self.framing
-        if fr.queued_bytes > self.max_queued_body:
-            active = fr.active
-            if active is not None and active.route is not None and active.route.respond is not None \
-                    and not active.complete:
-                # A local service takes the body whole: pausing would wait forever.
-                self.error(413, "request body too large for this service")
-                return
+        if self.local is not None:
+            self._local_body()
+        if self.framing.queued_bytes > self.max_queued_body:
             self._pause_reading()
 
     def eof(self) -> None:
@@ -201,13 +197,14 @@ class HttpConnection:
             elif code == EV_START:
                 self._start(value)
             elif code == EV_DONE:
+                self.local = None
                 self.deadline = self.loop_time() + self.idle_timeout
                 self.deadline_kind = _IDLE
             elif code == EV_COMPLETE:
                 route = value.route
                 if route is not None:
-                    if route.respond is not None:
-                        self._respond(value)
+                    if route.serve is not None:
+                        self._local_body()
                     elif route.local is not None:
                         self._hand_over(value)
             elif code == EV_DROP:
@@ -246,9 +243,8 @@ class HttpConnection:
             return
         self.deadline = self.loop_time() + self.gateway_timeout
         self.deadline_kind = _GATEWAY
-        if route.respond is not None:
-            if req.complete:
-                self._respond(req)
+        if route.serve is not None:
+            self._serve(req)
             return
         if route.local is not None:
             if req.complete:
@@ -325,32 +321,42 @@ class HttpConnection:
             self.pending.append(data[n:])
             self._pause_reading()
 
-    def _respond(self, req) -> None:
-        """A local service answers ``req`` (see Route.respond); the answer
-        comes in _responded. The task is the connection's ``opening``: it is
-        cancelled with the connection."""
-        head = http1.RequestHead(req.method, req.url, req.version, req.headers)
-        task = asyncio.ensure_future(req.route.respond(head, self.framing.take_body()))
-        self.opening = task
-        task.add_done_callback(lambda t: self._responded(req, t))
-
-    def _responded(self, req, task) -> None:
-        if self.opening is task:
-            self.opening = None
-        if self.closed or task.cancelled() or self.framing.active is not req:
-            return
-        exc = task.exception()
-        if exc is not None:
+    def _serve(self, req) -> None:
+        """A streaming local service takes ``req`` (see Route.serve)."""
+        ex = self.local = LocalExchange(self, req)
+        try:
+            ex.service = req.route.serve(http1.RequestHead(req.method, req.url, req.version, req.headers), ex)
+        except Exception as exc:  # a bug: the error of this exchange only
             caught("http_local", exc, client=self.client, endpoint=req.route.endpoint)
+            self.local = None
             self.error(500, "the relay's service failed")
             return
-        reply = task.result()
-        close = not req.keep_alive
-        data = http1.response(reply.status, reply.body, reply.content_type, close=close, headers=list(reply.headers))
-        if req.head_only and reply.body:
-            data = data[:len(data) - len(reply.body)]
-        self.transport.write(data)
-        self._run(self.framing.answered(close))
+        self._local_body()
+
+    def _local_body(self) -> None:
+        """The request body that came, to the local service, then its end."""
+        ex = self.local
+        fr = self.framing
+        if ex is None or ex.service is None or fr.active is not ex.req or self.closed:
+            return
+        try:
+            piece = fr.take_body()
+            if piece:
+                ex.service.body(piece)
+            if ex.req.complete and not ex.ended and self.local is ex:
+                ex.ended = True
+                ex.service.end()
+        except Exception as exc:  # a bug: the error of this exchange only
+            caught("http_local", exc, client=self.client, endpoint=ex.req.route.endpoint)
+            ex.fail()
+
+    def _local_lost(self) -> None:
+        ex, self.local = self.local, None
+        if ex is not None and ex.service is not None:
+            try:
+                ex.service.lost()
+            except Exception as exc:
+                caught("http_local", exc, client=self.client)
 
     def _hand_over(self, req) -> None:
         """The connection goes to one of the relay's own services, with the
@@ -430,6 +436,7 @@ class HttpConnection:
         self.closed = True
         self.deadline = 0.0
         self._cancel_opening()
+        self._local_lost()
         _Sweep.discard(self)
         st = self.stream
         if st is not None and not (self.framing.resp_started and st.at_eof):
@@ -452,6 +459,7 @@ class HttpConnection:
         self.closed = True
         self.deadline = 0.0
         self._cancel_opening()
+        self._local_lost()
         self.framing.close()
         self.transport.close()
 
@@ -508,6 +516,126 @@ class HttpConnection:
                 and self.framing.queued_bytes <= self.max_queued_body):
             self.reading_paused = False
             self.transport.resume_reading()
+
+
+class LocalService:
+    """What a streaming local service (Route.serve) does with its request;
+    the defaults do nothing."""
+
+    def body(self, piece: bytes) -> None:
+        """A piece of the request body (de-chunked), as it came."""
+
+    def end(self) -> None:
+        """The request body is complete (at once for a request without one)."""
+
+    def lost(self) -> None:
+        """The client is gone or the exchange was cut (504, an error)."""
+
+
+class LocalExchange:
+    """A streaming local service's side of one request: it writes the
+    response (HTTP/1.1 bytes, framed by Content-Length or chunked; the
+    front door reads them as it reads an agent's service, so keep-alive,
+    HEAD and the client's Connection: close hold), and may hold back the
+    request body."""
+
+    __slots__ = ("conn", "req", "service", "ended")
+
+    def __init__(self, conn: HttpConnection, req) -> None:
+        self.conn = conn
+        self.req = req
+        self.service = None
+        self.ended = False
+
+    @property
+    def live(self) -> bool:
+        """The client still waits for this response."""
+        return not self.conn.closed and self.conn.framing.active is self.req
+
+    @property
+    def client(self) -> tuple[str, int]:
+        peer = self.conn.transport.get_extra_info("peername")
+        return (peer[0], peer[1]) if peer else ("?", 0)
+
+    def respond(self, data: bytes) -> None:
+        if self.live and data:
+            self.conn._run(self.conn.framing.receive_service(data))
+
+    def fail(self) -> None:
+        """The service broke: 502 before its response began, a reset after."""
+        if self.live:
+            self.conn._run(self.conn.framing.service_closed(True))
+
+    def set_deadline(self, seconds: float) -> None:
+        """The answer may take this long (instead of gateway_timeout)."""
+        if self.live:
+            self.conn.deadline = self.conn.loop_time() + seconds
+
+    def pause_body(self) -> None:
+        self.conn._pause_reading()
+
+    def resume_body(self) -> None:
+        self.conn._resume_reading()
+
+    @property
+    def writable(self) -> bool:
+        """The client's transport takes more without buffering."""
+        return not self.conn.write_paused
+
+
+def buffered(fn, max_body: int = http1.LIMITS.max_queued_body):
+    """A Route.serve for a service that takes the whole body and answers
+    once: ``await fn(head, body)`` returns a relayd.core.http1.Reply. A body
+    over ``max_body`` gets 413; a service that raises, 500 (counted, logged
+    by code location only)."""
+
+    def serve(head, ex):
+        return _Buffered(fn, head, ex, max_body)
+
+    return serve
+
+
+class _Buffered(LocalService):
+    def __init__(self, fn, head, ex: LocalExchange, max_body: int) -> None:
+        self.fn, self.head, self.ex, self.max_body = fn, head, ex, max_body
+        self.parts: list | None = []
+        self.size = 0
+        self.task = None
+
+    def body(self, piece: bytes) -> None:
+        if self.parts is None:
+            return
+        self.size += len(piece)
+        if self.size > self.max_body:
+            self.parts = None
+            self._reply(http1.Reply(413, b"request body too large for this service\n"))
+        else:
+            self.parts.append(piece)
+
+    def end(self) -> None:
+        if self.parts is not None:
+            self.task = asyncio.ensure_future(self.fn(self.head, b"".join(self.parts)))
+            self.task.add_done_callback(self._done)
+
+    def lost(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def _done(self, task) -> None:
+        if task.cancelled() or not self.ex.live:
+            return
+        exc = task.exception()
+        if exc is not None:
+            caught("http_local", exc, client=self.ex.conn.client)
+            self._reply(http1.Reply(500, b"the relay's service failed\n"))
+            return
+        self._reply(task.result())
+
+    def _reply(self, r) -> None:
+        data = http1.response(r.status, r.body, r.content_type, close=False, headers=list(r.headers))
+        if self.head.method == b"HEAD" and r.body:
+            data = data[:len(data) - len(r.body)]
+        self.ex.respond(data)
 
 
 class _Sweep:

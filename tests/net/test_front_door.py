@@ -178,7 +178,8 @@ def serve(responder, body, gateway_timeout=60.0):
             streams.append(Stream(endpoint))
             ready(streams[-1], None)
 
-        routes = [hi.Route("", "*", "/.relayd/echo", respond=responder), hi.parse_route("web", "app.example")]
+        routes = [hi.Route("", "*", "/.relayd/echo", serve=hi.buffered(responder)),
+                  hi.parse_route("web", "app.example")]
         conn = hi.HttpConnection(None, t, routes, open_stream, gateway_timeout)
         try:
             await body(conn, t, streams)
@@ -222,8 +223,11 @@ def test_a_local_service_that_fails_answers_500_and_leaves_no_secret_in_the_log(
 
     async def body(conn, t, streams):
         conn.feed(b"GET /.relayd/echo HTTP/1.1\r\nHost: relay.example\r\n\r\n")
-        await until(lambda: t.closed)
+        await until(lambda: responses(t.out))
         assert responses(t.out) == [b"HTTP/1.1 500 Internal Server Error"]
+        conn.feed(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")  # the connection lives on
+        conn.stream_data(OK)
+        assert bytes(t.out).endswith(b"hi") and not t.closed
 
     serve(r, body)
     assert value("relayd_internal_errors_total", where="http_local") == before + 1

@@ -93,7 +93,6 @@ cdef class Framing:
     cpdef bytes request_bytes(self, bint fresh)
     cpdef bytes take_held(self)
     cpdef bytes take_body(self)
-    cpdef list answered(self, bint close)
     @cython.locals(state=int)
     cpdef list receive_service(self, bytes data)
     @cython.locals(status=int, what=int, active=Request, plain=bint, end=Py_ssize_t)
