@@ -89,5 +89,8 @@ HC_ACTIVE_CONNECTIONS = Gauge("relayd_hc_active_connections", "Open sender-liste
 HC_BYTES = Counter("relayd_hc_bytes_transferred_total", "Payload bytes relayed", ["entity", "direction"])
 HC_ACCEPT_SECONDS = Histogram("relayd_hc_accept_seconds", "From a sender's connect to the listener's accept",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+HC_RESPONSE_SECONDS = Histogram("relayd_hc_http_response_seconds",
+                                "From an HTTP-mode request's dispatch to its response head",
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 HC_REFUSALS = Counter("relayd_hc_refusals_total", "Hybrid-connection handshakes refused, by kind",
                       ["kind", "code"])

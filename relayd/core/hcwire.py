@@ -51,6 +51,15 @@ def parse_target(target: bytes) -> Target | None:
     if not text.startswith(HC_PREFIX):
         return None
     path, _, query = text[len(HC_PREFIX):].partition("?")
+    params, app = split_query(query)
+    return Target(unquote(path).strip("/"), params, app)
+
+
+def split_query(query: str) -> tuple[dict, str]:
+    """A query -> (the relay's parameters: lower-case names, decoded values;
+    the application's pairs as they came). A pair is the relay's when its
+    name starts with ``sb-hc-`` and it has an ``=`` (``?sb-hc-undefined``
+    stays the application's, as Azure keeps it)."""
     params: dict = {}
     app = []
     for pair in query.split("&") if query else ():
@@ -59,7 +68,7 @@ def parse_target(target: bytes) -> Target | None:
             params.setdefault(name.lower(), unquote(value))
         elif pair:
             app.append(pair)
-    return Target(unquote(path).strip("/"), params, "&".join(app))
+    return params, "&".join(app)
 
 
 def address(host: str, path: str, suffix: str, app_query: str, params: list[tuple[str, str]]) -> str:

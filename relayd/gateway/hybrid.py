@@ -30,6 +30,9 @@ import logging
 import secrets
 import time
 import uuid
+from urllib.parse import unquote
+
+import orjson
 
 from relayd import metrics
 from relayd.control import sas
@@ -39,7 +42,7 @@ from relayd.core import wsframe as ws
 from relayd.core.wshandshake import Refuse, server_handshake
 from relayd.log import RateLimitedLog
 from relayd.net import abort_with_reset, peer_name
-from relayd.net.http_ingress import Route
+from relayd.net.http_ingress import LocalExchange, LocalService, Route
 from relayd.net.wspeer import WsPeer, WsSplice
 
 log = logging.getLogger("relayd.hybrid")
@@ -75,12 +78,28 @@ class Listener:
         self.expiry = expiry
         self.since = time.time()
         self.address = peer_name(peer.transport) if peer.transport is not None else "?"
+        self.awaiting = None  # the HTTP request whose response body comes next
+        self.text: list = []  # a text message's parts so far
 
     def ws_message(self, peer: WsPeer, ev) -> None:
-        if type(ev) is not ws.TextMessage:
-            return  # a stray binary message (hyco-https after a HEAD): ignored
+        # Parts as they come (assemble=False), so that a response body
+        # streams to its sender as the listener writes it.
+        if ev.opcode != ws.OP_TEXT:
+            # The body of the response just announced, or a stray binary
+            # message (hyco-https sends one after a HEAD): ignored.
+            req = self.awaiting
+            if ev.fin:
+                self.awaiting = None
+            if req is not None:
+                req.response_body(ev.data, ev.fin)
+            return
+        self.text.append(ev.data)
+        if not ev.fin:
+            return
+        text, self.text = b"".join(self.text), []
+        self.awaiting = None
         try:
-            msg = hcwire.parse_listener_message(ev.data)
+            msg = hcwire.parse_listener_message(text.decode("utf-8"))
         except hcwire.HcProtocolError as exc:
             metrics.BAD_INPUT.labels("hybrid", "bad_control_message").inc()
             _LOG.info("listener sent a bad control message: %s", exc, extra={"entity": self.hc.path})
@@ -95,6 +114,13 @@ class Listener:
                 self.gw._listener_gone(self, 1008)
                 return
             self.expiry = tok.expiry
+        elif type(msg) is hcwire.Response:
+            req = self.gw.http.get(msg.request_id)
+            if req is None or req.listener is not self or req.rendezvous is not None:
+                return  # answered, timed out, or not this listener's: ignored
+            req.response_head(msg)
+            if msg.body:
+                self.awaiting = req
 
     def ws_writable(self, peer: WsPeer, writable: bool) -> None:
         pass
@@ -135,6 +161,208 @@ class Pending:
         self.timer = None
 
 
+# -- HTTP mode -----------------------------------------------------------------------------------
+
+# Request headers that are the relay's or the connection's, not the listener's.
+_NOT_FOR_LISTENER = {b"connection", b"content-length", b"host", b"te", b"trailer", b"transfer-encoding",
+                     b"upgrade", b"close", b"keep-alive", b"proxy-connection", b"servicebusauthorization",
+                     b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
+# Response headers the relay writes itself.
+_NOT_FROM_LISTENER = {"connection", "content-length", "transfer-encoding", "keep-alive", "te", "trailer",
+                      "upgrade", "proxy-connection", "via"}
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class HttpRequest(LocalService):
+    """One HTTP-mode request: from a sender's HTTPS request (the front
+    door's local service) to a listener and its response back, streamed
+    both ways (spec section 6)."""
+
+    def __init__(self, gw: "HybridGateway", hc: HybridConnection, head: http1.RequestHead, ex: LocalExchange,
+                 listener: Listener, target: str, auth_header: bytes | None) -> None:
+        self.gw = gw
+        self.hc = hc
+        self.head = head
+        self.ex = ex
+        self.listener = listener
+        self.id = str(uuid.uuid4())
+        self.key = secrets.token_urlsafe(24)
+        self.target = target
+        self.auth_header = auth_header
+        self.parts: list = []  # body held for the control channel, or until the rendezvous opens
+        self.size = 0
+        self.ended = False
+        self.deferred = False  # the request goes over a rendezvous
+        self.rendezvous: WsPeer | None = None
+        self.rv_sent = False  # the request message went on the rendezvous
+        self.body_started = False  # a body message began on the rendezvous
+        self.started = time.monotonic()
+        self.answered = False  # the response head went to the sender
+        self.chunked = head.version != b"1.0"
+        length = head.get(b"content-length")
+        self.has_body = head.get(b"transfer-encoding") is not None or (length is not None and length != b"0")
+        if length is not None and length.isdigit() and int(length) > hc.control_threshold:
+            self._defer()
+        ex.set_deadline(hc.response_timeout)
+
+    # -- the sender's side (LocalService) --
+
+    def body(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.rv_sent:
+            self._rv_body(piece, False)
+            return
+        self.parts.append(piece)
+        if not self.deferred and self.size > self.hc.control_threshold:
+            self._defer()
+        elif self.deferred and self.size > 4 * self.hc.control_threshold:
+            self.ex.pause_body()  # until the listener opens the rendezvous
+
+    def end(self) -> None:
+        self.ended = True
+        if self.rv_sent:
+            self._rv_body(b"", True)
+        elif not self.deferred:
+            # Small enough for the control channel: the request, then its
+            # body as the very next message.
+            self.listener.peer.send_text(self._message(True))
+            if self.size:
+                self.listener.peer.send_binary(b"".join(self.parts))
+            self.parts = []
+
+    def lost(self) -> None:
+        self.gw._http_done(self)
+        if self.rendezvous is not None:
+            self.rendezvous.close(ws.CLOSE_GOING_AWAY, "the sender went away")
+
+    # -- the request message --
+
+    def _message(self, full: bool) -> str:
+        if not full:
+            return orjson.dumps({"request": {"address": self._address(), "id": self.id}}).decode()
+        headers: dict = {}
+        for name, value in self.head.headers:
+            low = name.lower()
+            if low in _NOT_FOR_LISTENER or (self.auth_header is not None and low == self.auth_header):
+                continue
+            n = name.decode("latin-1")
+            v = value.decode("latin-1")
+            headers[n] = headers[n] + ", " + v if n in headers else v
+        peer = self.ex.client
+        return orjson.dumps({"request": {
+            "address": self._address(), "id": self.id, "requestTarget": self.target,
+            "method": self.head.method.decode("latin-1"), "remoteEndpoint": {"address": peer[0], "port": peer[1]},
+            "requestHeaders": headers, "body": self.has_body and (self.size > 0 or not self.ended)}}).decode()
+
+    def _address(self) -> str:
+        host = self.head.get(b"host").decode("latin-1")
+        return hcwire.address(host, self.hc.path, "", "", [("sb-hc-action", "request"), ("sb-hc-id", self.id),
+                                                           (hcwire.RENDEZVOUS, self.key)])
+
+    def _defer(self) -> None:
+        """Too large for the control channel: the listener is asked to
+        open a rendezvous, where the request and its body go."""
+        if not self.deferred:
+            self.deferred = True
+            self.listener.peer.send_text(self._message(False))
+
+    # -- the rendezvous --
+
+    def rendezvous_open(self, peer: WsPeer) -> None:
+        """The listener opened this request's rendezvous: the request goes
+        there if it has not gone on the control channel; the response comes
+        there either way."""
+        self.rendezvous = peer
+        self.text = []
+        if self.deferred:
+            self.rv_sent = True
+            peer.send_text(self._message(True))
+            if self.has_body:
+                parts, self.parts = self.parts, []
+                for piece in parts:
+                    self._rv_body(piece, False)
+                if self.ended:
+                    self._rv_body(b"", True)
+            self.ex.resume_body()
+
+    def _rv_body(self, piece: bytes, fin: bool) -> None:
+        if not self.has_body:
+            return
+        self.rendezvous.send_part(ws.OP_BINARY, piece, fin, not self.body_started)
+        self.body_started = not fin
+
+    def ws_message(self, peer: WsPeer, ev) -> None:
+        if type(ev) is ws.DataFrame and ev.opcode == ws.OP_TEXT:
+            self.text.append(ev.data)
+            if ev.fin:
+                try:
+                    msg = hcwire.parse_listener_message(b"".join(self.text).decode("utf-8"))
+                except (hcwire.HcProtocolError, UnicodeDecodeError):
+                    msg = None
+                self.text = []
+                if type(msg) is hcwire.Response and msg.request_id == self.id:
+                    self.response_head(msg)  # (without a body, that ends it)
+        elif type(ev) is ws.DataFrame and self.answered:
+            self.response_body(ev.data, ev.fin)
+
+    def ws_writable(self, peer: WsPeer, writable: bool) -> None:
+        if writable:
+            self.ex.resume_body()
+        else:
+            self.ex.pause_body()
+
+    def ws_closed(self, peer: WsPeer, code: int, reason: str) -> None:
+        self.rendezvous = None
+        if self.gw.http.get(self.id) is self:
+            self.gw._http_done(self)
+            self.ex.fail()  # 502, or a reset once the response began
+
+    # -- the response --
+
+    def response_head(self, msg) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        metrics.HC_SENDER_SUCCESS.labels(self.hc.path, "http").inc()
+        metrics.HC_RESPONSE_SECONDS.observe(time.monotonic() - self.started)
+        reason = "".join(c for c in msg.description if c.isprintable())[:200] or http1.REASONS.get(msg.status, "")
+        lines = [f"HTTP/1.1 {msg.status} {reason}".encode("latin-1", "replace")]
+        for name, value in msg.headers.items():
+            if name.lower() in _NOT_FROM_LISTENER or not name or not set(name) <= _TOKEN_CHARS \
+                    or any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+                continue
+            lines.append(f"{name}: {value}".encode("latin-1", "replace"))
+        lines.append(b"Via: 1.1 " + self.head.get(b"host").split(b":")[0])
+        if not msg.body:
+            lines.append(b"Content-Length: 0")
+        elif self.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        else:
+            lines.append(b"Connection: close")  # an HTTP/1.0 sender: the body ends with the connection
+        self.ex.respond(b"\r\n".join(lines) + b"\r\n\r\n")
+        if not msg.body:
+            self.gw._http_done(self)
+            self._close_rendezvous()
+
+    def response_body(self, data: bytes, fin: bool) -> None:
+        if not self.answered:
+            return
+        if data and self.head.method != b"HEAD":
+            self.ex.respond(b"%x\r\n" % len(data) + data + b"\r\n" if self.chunked else data)
+        if fin:
+            self.gw._http_done(self)
+            if self.chunked:
+                self.ex.respond(b"0\r\n\r\n")
+            else:
+                self.ex.finish()
+            self._close_rendezvous()
+
+    def _close_rendezvous(self) -> None:
+        rv, self.rendezvous = self.rendezvous, None
+        if rv is not None:
+            rv.close(ws.CLOSE_NORMAL, "")
+
+
 class HybridGateway:
     """The hybrid connections of one node."""
 
@@ -147,12 +375,21 @@ class HybridGateway:
         self.accept_timeout = accept_timeout
         self.listeners: dict[str, list[Listener]] = {}  # entity key -> its listeners
         self.pending: dict[str, Pending] = {}  # rendezvous key -> waiting sender
+        self.http: dict[str, HttpRequest] = {}  # request id -> HTTP-mode request in flight
+        self.http_keys: dict[str, HttpRequest] = {}  # rendezvous key -> the same
         self._turn = itertools.count()
         self._pinger = None
 
     def routes(self) -> list[Route]:
-        """The front door's local routes: ``/$hc`` on each of the node's names."""
-        return [Route("hybrid", host, "/$hc", local=self.upgrade) for host in sorted(self.namespaces)]
+        """The front door's local routes on each of the node's names: ``/$hc``
+        (WebSockets), and ``/PATH`` of each hybrid connection that takes
+        HTTP-mode requests."""
+        out = []
+        for host in sorted(self.namespaces):
+            out.append(Route("hybrid", host, "/$hc", local=self.upgrade))
+            out += [Route("hybrid", host, "/" + hc.path, serve=self.http_request)
+                    for hc in self.catalog.connections.values() if hc.http]
+        return out
 
     def set_catalog(self, catalog: Catalog) -> None:
         """A new catalog (reload, ``relayd admin hc``): listeners of hybrid
@@ -191,8 +428,11 @@ class HybridGateway:
                 self._connect(head, target, transport, rest)
             elif action == hcwire.ACCEPT:
                 self._accept(head, target, transport, rest)
+            elif action == hcwire.REQUEST:
+                self._request_rendezvous(head, target, transport, rest)
             else:
-                raise HcRefusal(400, "Bad Request: sb-hc-action must be listen, connect or accept", "bad_action")
+                raise HcRefusal(400, "Bad Request: sb-hc-action must be listen, connect, accept or request",
+                                "bad_action")
         except HcRefusal as exc:
             self._refuse(transport, exc)
 
@@ -244,7 +484,7 @@ class HybridGateway:
             raise
         transport.write(res.response)
         lid = target.params.get("sb-hc-id") or str(uuid.uuid4())
-        peer = WsPeer(None, self.ws_config, True, "hybrid")
+        peer = WsPeer(None, self.ws_config, False, "hybrid")
         lst = Listener(self, hc, peer, lid, tok.expiry)
         peer.handler = lst
         transport.set_protocol(peer)
@@ -259,6 +499,9 @@ class HybridGateway:
             peer.data_received(rest)
 
     def _listener_gone(self, lst: Listener, code: int) -> None:
+        for req in [r for r in self.http.values() if r.listener is lst and r.rendezvous is None]:
+            self._http_done(req)
+            req.ex.fail()  # its answer cannot come any more: 502
         ls = self.listeners.get(lst.hc.key)
         if ls is None or lst not in ls:
             return
@@ -399,3 +642,75 @@ class HybridGateway:
         for peer, early in ((listener, rest), (sender, p.early)):
             if early:
                 peer.data_received(early)
+
+    # -- HTTP mode -------------------------------------------------------------------------------
+
+    def http_request(self, head: http1.RequestHead, ex: LocalExchange) -> LocalService:
+        """The front door's local service for ``/PATH/...`` of a hybrid
+        connection: a sender's HTTP request, to a listener."""
+        path, _, query = head.target.decode("latin-1").partition("?")
+        found = self.catalog.find(unquote(path))
+        hc = found[0] if found is not None else None
+        mode_refusal = None
+        if hc is None or not hc.http:
+            mode_refusal = (404, f"Endpoint does not exist: {unquote(path)[:100]}", "no_entity")
+        else:
+            metrics.HC_SENDER_REQUESTS.labels(hc.path, "http").inc()
+        params, app = hcwire.split_query(query)
+        auth_header = None
+        try:
+            if mode_refusal is not None:
+                raise HcRefusal(*mode_refusal)
+            if hc.requires_client_auth:
+                tok = params.get("sb-hc-token")
+                if tok is None:
+                    for auth_header in (b"servicebusauthorization", b"authorization"):
+                        value = head.get(auth_header)
+                        if value is not None:
+                            tok = value.decode("latin-1")
+                            break
+                    else:
+                        auth_header = None
+                try:
+                    self.authorize(tok, hc, "send")
+                except sas.SasError as exc:
+                    raise HcRefusal(exc.status, str(exc), "unauthorized") from None
+            live = self.listeners.get(hc.key)
+            if not live:
+                raise HcRefusal(502, f"No listener is connected to {hc.path}", "no_listener")
+        except HcRefusal as exc:
+            if hc is not None:
+                metrics.HC_SENDER_ERRORS.labels(hc.path, "http", str(exc.status)).inc()
+            metrics.HC_REFUSALS.labels(exc.kind, str(exc.status)).inc()
+            reason = f"{exc.reason}. TrackingId:{uuid.uuid4()}"
+            ex.respond(http1.response(exc.status, (reason + "\n").encode(), close=False, reason=reason.encode()))
+            return LocalService()
+        lst = live[next(self._turn) % len(live)]
+        target = path + ("?" + app if app else "")
+        req = HttpRequest(self, hc, head, ex, lst, target, auth_header)
+        self.http[req.id] = req
+        self.http_keys[req.key] = req
+        return req
+
+    def _http_done(self, req: HttpRequest) -> None:
+        if self.http.get(req.id) is req:
+            del self.http[req.id]
+            self.http_keys.pop(req.key, None)
+            if self.listeners.get(req.hc.key) and req.listener.awaiting is req:
+                req.listener.awaiting = None
+
+    def _request_rendezvous(self, head, target, transport, rest) -> None:
+        """A listener opens the rendezvous of an HTTP-mode request."""
+        req = self.http_keys.get(target.params.get(hcwire.RENDEZVOUS, ""))
+        if req is None or req.rendezvous is not None:
+            raise HcRefusal(403, "Forbidden: the rendezvous address is invalid or has expired", "bad_rendezvous")
+        res = server_handshake(head.method, head.target, head.headers)
+        if isinstance(res, Refuse):
+            raise HcRefusal(res.status, res.reason, "bad_upgrade")
+        transport.write(res.response)
+        peer = WsPeer(req, self.ws_config, False, "hybrid")
+        transport.set_protocol(peer)
+        peer.connection_made(transport)
+        req.rendezvous_open(peer)
+        if rest:
+            peer.data_received(rest)

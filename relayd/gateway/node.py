@@ -234,6 +234,7 @@ class RelayNode:
         hc`), or the config's did (reload)."""
         if self.hybrid is not None:
             self.hybrid.set_catalog(Catalog.merged(self.cfg.hybrid, await self.db("hc_catalog")))
+            self.routes.replace(self._http_routes(self.cfg))  # HTTP mode: a route per hybrid connection
 
     async def reload(self, cfg: ServeConfig) -> None:
         """SIGHUP: take a new configuration's endpoints, routes and

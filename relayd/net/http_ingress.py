@@ -566,6 +566,12 @@ class LocalExchange:
         if self.live:
             self.conn._run(self.conn.framing.service_closed(True))
 
+    def finish(self) -> None:
+        """The end of a response delimited by its end (no Content-Length,
+        not chunked: for an HTTP/1.0 client); the connection closes."""
+        if self.live:
+            self.conn._run(self.conn.framing.service_closed(False))
+
     def set_deadline(self, seconds: float) -> None:
         """The answer may take this long (instead of gateway_timeout)."""
         if self.live:

@@ -5,6 +5,7 @@ channel, gets `accept` messages and joins senders through rendezvous
 addresses; every refusal is the HTTP status Azure gives."""
 
 import asyncio
+import hashlib
 import json
 import ssl
 import time
@@ -298,5 +299,125 @@ def test_hostile_clients_end_only_their_own_connection(tmp_path):
                 await bystander.send(b"after")
                 assert await bystander.recv() == b"after"
             task.cancel()
+
+    with_relay(tmp_path, body)
+
+
+# -- HTTP mode -------------------------------------------------------------------------------------
+
+
+async def http_listener(hc, path="orders", stream_chunks=None, rendezvous_response=False, seen=None):
+    """A listener that answers each HTTP-mode request with its method, target
+    and body length (as the recipe for the protocol's HTTP mode goes)."""
+    async with hc.listen(path, tok=token(ROOT, path)) as ch:
+        async for msg in ch:
+            req = json.loads(msg)["request"]
+            if seen is not None:
+                seen.append(req)
+            if "method" not in req:  # deferred: the request comes on a rendezvous
+                async with connect(req["address"], ssl=hc.ctx, compression=None, max_size=None) as rv:
+                    full = json.loads(await rv.recv())["request"]
+                    if seen is not None:
+                        seen.append(full)
+                    body = await rv.recv() if full["body"] else b""
+                    await answer(rv, full, body, stream_chunks)
+                continue
+            body = await ch.recv() if req["body"] else b""
+            if rendezvous_response:
+                async with connect(req["address"], ssl=hc.ctx, compression=None) as rv:
+                    await answer(rv, req, body, stream_chunks)
+            else:
+                await answer(ch, req, body, stream_chunks)
+
+
+async def answer(ws, req, body, stream_chunks=None):
+    text = f"{req['method']} {req['requestTarget']} {len(body)} {hashlib.sha256(body).hexdigest()}".encode()
+    await ws.send(json.dumps({"response": {"requestId": req["id"], "statusCode": 201, "statusDescription": "Made",
+                                           "responseHeaders": {"content-type": "text/plain", "x-bad": "a\r\nb",
+                                                               "Content-Length": "999"},
+                                           "body": True}}))
+    if stream_chunks:
+        async def parts():
+            for c in stream_chunks:
+                yield c
+        await ws.send(parts())
+    else:
+        await ws.send(text)
+
+
+def https_request(hc, method, path, body=b"", headers=None, version="HTTP/1.1"):
+    """One request over TLS with http.client; (status, reason, headers, body)."""
+    import http.client
+
+    conn = http.client.HTTPSConnection("localhost", hc.port, context=hc.ctx, timeout=20)
+    if version == "HTTP/1.0":
+        conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, r.reason, dict(r.getheaders()), data
+
+
+def test_http_mode_small_and_large_bodies_both_ways(tmp_path):
+    import hashlib as _h
+
+    async def body(hc):
+        seen = []
+        task = asyncio.ensure_future(http_listener(hc, seen=seen))
+        await until(lambda: value("relayd_hc_active_listeners", entity="orders") == 1)
+        tok = token(SEND, "orders")
+        loop = asyncio.get_running_loop()
+        for size in (0, 1024, 200_000):
+            payload = bytes(range(256)) * (size // 256)
+            status, reason, headers, data = await loop.run_in_executor(None, lambda: https_request(
+                hc, "POST", "/orders/items/7?x=1&sb-hc-id=hidden", payload,
+                {"ServiceBusAuthorization": tok, "X-App": "1"}))
+            assert (status, reason) == (201, "Made")
+            assert data == f"POST /orders/items/7?x=1 {len(payload)} {_h.sha256(payload).hexdigest()}".encode()
+            assert headers["Via"] == "1.1 localhost" and "x-bad" not in headers
+        req = next(r for r in seen if r.get("method") == "POST" and r["body"])
+        assert req["requestHeaders"]["X-App"] == "1" and "ServiceBusAuthorization" not in req["requestHeaders"]
+        assert any("method" not in r for r in seen)  # the 200 KB one went over a rendezvous
+        # HEAD and an unauthorized request on the same kind of connection.
+        status, _, headers, data = await loop.run_in_executor(None, lambda: https_request(
+            hc, "HEAD", "/orders", headers={"ServiceBusAuthorization": tok}))
+        assert status == 201 and data == b""
+        status, reason, _, _ = await loop.run_in_executor(None, lambda: https_request(hc, "GET", "/orders"))
+        assert status == 401 and reason.startswith("MissingToken")
+        task.cancel()
+
+    with_relay(tmp_path, body)
+
+
+def test_http_mode_streams_a_response_as_the_listener_writes_it(tmp_path):
+    async def body(hc):
+        chunks = [b"data: %d\n\n" % i for i in range(20)] + [b""]
+        task = asyncio.ensure_future(http_listener(hc, "open/door", stream_chunks=chunks, rendezvous_response=True))
+        await until(lambda: value("relayd_hc_active_listeners", entity="open/door") == 1)
+        r, w = await asyncio.open_connection("127.0.0.1", hc.port, ssl=hc.ctx, server_hostname="localhost")
+        w.write(b"GET /open/door/events HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % hc.port)
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 201 Made") and b"Transfer-Encoding: chunked" in head
+        got = b""
+        while not got.endswith(b"0\r\n\r\n"):
+            got += await asyncio.wait_for(r.read(65536), 10)
+        assert got.count(b"data: ") == 20
+        w.close()
+        task.cancel()
+
+    with_relay(tmp_path, body)
+
+
+def test_http_mode_without_a_listener_is_502_and_a_lost_listener_fails_its_request(tmp_path):
+    async def body(hc):
+        loop = asyncio.get_running_loop()
+        status, reason, _, _ = await loop.run_in_executor(None, lambda: https_request(hc, "GET", "/open/door"))
+        assert status == 502 and "No listener" in reason
+        async with hc.listen("open/door", tok=token(ROOT, "open/door")) as ch:
+            fut = loop.run_in_executor(None, lambda: https_request(hc, "GET", "/open/door/x"))
+            json.loads(await ch.recv())
+        status, _, _, _ = await fut  # the listener left without answering
+        assert status == 502
 
     with_relay(tmp_path, body)

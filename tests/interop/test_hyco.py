@@ -38,6 +38,7 @@ CATALOG = Catalog.of([HybridConnection("hyco", rules=(LISTEN,))], [ROOT])
 
 def port_443_free() -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the relay binds it
         try:
             s.bind(("127.0.0.1", 443))
             return True
