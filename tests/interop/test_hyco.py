@@ -166,3 +166,102 @@ def test_hyco_ws_sender_refused(tmp_path, rule, key, status):
         assert await sender.wait() == 3
 
     with_node(tmp_path, body)
+
+
+# -- hyco-https: the HTTP mode ----------------------------------------------------------------------
+
+def https_listener(relay, node_peer_cls=None):
+    env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(relay.ca_path))
+    return subprocess.Popen([NODE, os.path.join(HERE, "https_listener.js"), "localhost", "hyco", LISTEN.name,
+                             LISTEN.primary_key], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def curl(relay, *args) -> subprocess.CompletedProcess:
+    tok = sas.make_token("http://localhost/hyco", ROOT.name, ROOT.primary_key, int(time.time()) + 600)
+    return subprocess.run(["curl", "-sS", "--cacert", str(relay.ca_path), "-H", f"ServiceBusAuthorization: {tok}",
+                           *args], capture_output=True, timeout=60)
+
+
+NODE_SENDER = r"""
+const https = require('https');
+const [port, path, size, tok] = process.argv.slice(1);  // (node -e: no script name)
+const body = Buffer.alloc(Number(size), 'n');
+const req = https.request({hostname: 'localhost', port: Number(port), path, method: 'PUT',
+                           headers: {ServiceBusAuthorization: tok, 'Content-Length': body.length}}, (res) => {
+  let got = Buffer.alloc(0);
+  res.on('data', (d) => { got = Buffer.concat([got, d]); });
+  res.on('end', () => { console.log(res.statusCode + ' ' + res.headers['via'] + ' ' + got.toString()); });
+});
+req.on('error', (e) => { console.log('error ' + e.message); });
+req.end(body);
+"""
+
+
+def test_hyco_https_listener_with_curl_and_nodes_https(tmp_path):
+    async def body(relay, node):
+        proc = https_listener(relay)
+        try:
+            loop = asyncio.get_running_loop()
+            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 20)
+            assert line.strip() == "listening"
+
+            def run_curl(*args):
+                return loop.run_in_executor(None, lambda: curl(relay, *args))
+
+            for size in (0, 1024, 1 << 20):
+                payload = tmp_path / f"up{size}"
+                payload.write_bytes(os.urandom(size))
+                res = await run_curl("--data-binary", f"@{payload}", "https://localhost/hyco/a/b?q=1&sb-hc-id=x")
+                want = f"POST /hyco/a/b?q=1 {size} {hashlib.sha256(payload.read_bytes()).hexdigest()}"
+                assert res.stdout.decode() == want, res.stderr
+            # A chunked upload, HEAD, a large download, a status and its description.
+            chunked = await run_curl("-H", "Transfer-Encoding: chunked", "--data-binary", "@" + str(tmp_path / "up1024"),
+                                     "https://localhost/hyco/chunked")
+            assert chunked.stdout.decode().startswith("POST /hyco/chunked 1024 ")
+            head = await run_curl("-I", "https://localhost/hyco/x")
+            assert head.stdout.startswith(b"HTTP/1.1 200") and b"via: 1.1 localhost" in head.stdout.lower()
+            big = await run_curl("https://localhost/hyco/big/1048576")
+            assert big.stdout == b"x" * (1 << 20)
+            made = await run_curl("-i", "https://localhost/hyco/created")
+            assert made.stdout.startswith(b"HTTP/1.1 201 Created") and b"x-echo-len: 0" in made.stdout.lower()
+            # Node's own https module as the sender, 1 MiB up.
+            tok = sas.make_token("http://localhost/hyco", ROOT.name, ROOT.primary_key, int(time.time()) + 600)
+            env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(relay.ca_path))
+            out = await loop.run_in_executor(None, lambda: subprocess.run(
+                [NODE, "-e", NODE_SENDER, "443", "/hyco/node", str(1 << 20), tok], cwd=HERE, env=env,
+                capture_output=True, text=True, timeout=60))
+            want = hashlib.sha256(b"n" * (1 << 20)).hexdigest()
+            assert out.stdout.strip() == f"200 1.1 localhost PUT /hyco/node {1 << 20} {want}", out.stderr
+            # Refused as Azure refuses: no token, a wrong key.
+            res = await loop.run_in_executor(None, lambda: subprocess.run(
+                ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(relay.ca_path),
+                 "https://localhost/hyco/x"], capture_output=True, text=True, timeout=30))
+            assert res.stdout == "401"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    with_node(tmp_path, body)
+
+
+def test_the_jest_tests_that_ship_inside_hyco_https(tmp_path):
+    """Microsoft's own tests of hyco-https (tests/*.test.js in the package),
+    run unchanged against the node: they need the hybrid connection `a2`."""
+    copy = tmp_path / "hyco-https"
+    shutil.copytree(os.path.join(HERE, "node_modules", "hyco-https"), copy)  # jest skips node_modules
+    os.symlink(os.path.join(HERE, "node_modules"), copy / "node_modules")
+    jest = os.path.join(HERE, "node_modules", ".bin", "jest")
+
+    async def body(relay, node):
+        relay.store.hc_create(HybridConnection("a2"))
+        await relay.hybrid_catalog_changed()
+        env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(relay.ca_path), SB_HC_NAMESPACE="localhost",
+                   SB_HC_PATH="a2", SB_HC_KEYRULE=ROOT.name, SB_HC_KEY=ROOT.primary_key)
+        loop = asyncio.get_running_loop()
+        res = await loop.run_in_executor(None, lambda: subprocess.run(
+            [jest, "--rootDir", ".", "--ci"], cwd=copy, env=env, capture_output=True, text=True, timeout=300))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "Tests:" in res.stderr and "failed" not in res.stderr.split("Tests:")[1].split("\n")[0]
+
+    with_node(tmp_path, body)
