@@ -74,17 +74,32 @@ HTTP_RETRIES = Counter("relayd_http_retries_total",
 HC_LISTENER_REQUESTS = Counter("relayd_hc_listener_connections_requests_total", "Listen attempts", ["entity"])
 HC_LISTENER_SUCCESS = Counter("relayd_hc_listener_connections_success_total", "Listen handshakes accepted",
                               ["entity"])
-HC_LISTENER_ERRORS = Counter("relayd_hc_listener_connections_errors_total", "Listen attempts refused",
-                             ["entity", "code"])
+HC_LISTENER_CLIENT_ERRORS = Counter("relayd_hc_listener_connections_client_error_total",
+                                    "Listen attempts refused for the client's fault (4xx)", ["entity", "code"])
+HC_LISTENER_SERVER_ERRORS = Counter("relayd_hc_listener_connections_server_error_total",
+                                    "Listen attempts failed for the relay's fault (5xx)", ["entity", "code"])
 HC_LISTENER_DISCONNECTS = Counter("relayd_hc_listener_disconnects_total", "Control channels ended",
                                   ["entity", "code"])
 HC_ACTIVE_LISTENERS = Gauge("relayd_hc_active_listeners", "Open control channels", ["entity"])
 HC_SENDER_REQUESTS = Counter("relayd_hc_sender_connections_requests_total", "Sender attempts", ["entity", "mode"])
 HC_SENDER_SUCCESS = Counter("relayd_hc_sender_connections_success_total",
                             "Sender connections joined to a listener", ["entity", "mode"])
-HC_SENDER_ERRORS = Counter("relayd_hc_sender_connections_errors_total",
-                           "Sender attempts refused or failed (4xx: the client's or listener's, 5xx: the relay's)",
-                           ["entity", "mode", "code"])
+HC_SENDER_CLIENT_ERRORS = Counter("relayd_hc_sender_connections_client_error_total",
+                                  "Sender attempts refused (4xx: the sender's fault, or the listener's refusal)",
+                                  ["entity", "mode", "code"])
+HC_SENDER_SERVER_ERRORS = Counter("relayd_hc_sender_connections_server_error_total",
+                                  "Sender attempts failed (5xx: no listener, timeouts, the relay's fault)",
+                                  ["entity", "mode", "code"])
+HC_SENDER_DISCONNECTS = Counter("relayd_hc_sender_disconnects_total", "Sender WebSocket connections ended",
+                                ["entity", "code"])
+
+
+def hc_listener_error(entity: str, status: int) -> None:
+    (HC_LISTENER_SERVER_ERRORS if status >= 500 else HC_LISTENER_CLIENT_ERRORS).labels(entity, str(status)).inc()
+
+
+def hc_sender_error(entity: str, mode: str, status: int) -> None:
+    (HC_SENDER_SERVER_ERRORS if status >= 500 else HC_SENDER_CLIENT_ERRORS).labels(entity, mode, str(status)).inc()
 HC_ACTIVE_CONNECTIONS = Gauge("relayd_hc_active_connections", "Open sender-listener connections", ["entity"])
 HC_BYTES = Counter("relayd_hc_bytes_transferred_total", "Payload bytes relayed", ["entity", "direction"])
 HC_ACCEPT_SECONDS = Histogram("relayd_hc_accept_seconds", "From a sender's connect to the listener's accept",

@@ -59,6 +59,17 @@ _NOT_FORWARDED = {b"servicebusauthorization", b"authorization", b"connection", b
                   b"sec-websocket-extensions", b"content-length", b"transfer-encoding", b"te", b"keep-alive"}
 
 
+def _guid(listener_id: str) -> str:
+    """The GUID part of a listener id (``GUID_G12`` -> ``guid``)."""
+    return listener_id.split("_", 1)[0].lower()
+
+
+def _ids(value: bytes | None) -> set | None:
+    if value is None:
+        return None
+    return {_guid(v.strip().decode("latin-1")) for v in value.split(b",") if v.strip()}
+
+
 class HcRefusal(Exception):
     def __init__(self, status: int, reason: str, kind: str) -> None:
         super().__init__(reason)
@@ -480,7 +491,7 @@ class HybridGateway:
             if isinstance(res, Refuse):
                 raise HcRefusal(res.status, res.reason, "bad_upgrade")
         except HcRefusal as exc:
-            metrics.HC_LISTENER_ERRORS.labels(hc.path, str(exc.status)).inc()
+            metrics.hc_listener_error(hc.path, exc.status)
             raise
         transport.write(res.response)
         lid = target.params.get("sb-hc-id") or str(uuid.uuid4())
@@ -545,13 +556,13 @@ class HybridGateway:
             live = self.listeners.get(hc.key)
             if not live:
                 raise HcRefusal(404, f"Endpoint does not exist: no listener is connected to {hc.path}", "no_listener")
+            lst = self._pick(live, head)
             res = server_handshake(head.method, head.target, head.headers)
             if isinstance(res, Refuse):
                 raise HcRefusal(res.status, res.reason, "bad_upgrade")
         except HcRefusal as exc:
-            metrics.HC_SENDER_ERRORS.labels(hc.path, "ws", str(exc.status)).inc()
+            metrics.hc_sender_error(hc.path, "ws", exc.status)
             raise
-        lst = live[next(self._turn) % len(live)]
         key = secrets.token_urlsafe(24)
         sid = target.params.get("sb-hc-id") or str(uuid.uuid4())
         p = Pending(self, key, hc, head, transport, rest)
@@ -568,6 +579,20 @@ class HybridGateway:
                 headers[n] = headers[n] + ", " + value.decode("latin-1") if n in headers else value.decode("latin-1")
         lst.peer.send_text(hcwire.accept_message(addr, sid, headers, transport.get_extra_info("peername")[:2]))
 
+    def _pick(self, live: list, head: http1.RequestHead) -> Listener:
+        """The next listener in turn, among those the sender's
+        ``Microsoft-Relay-AllowedListeners`` / ``-DisallowedListeners``
+        (listener ids, the GUID part of their ``sb-hc-id``) leave."""
+        allowed = _ids(head.get(b"microsoft-relay-allowedlisteners"))
+        denied = _ids(head.get(b"microsoft-relay-disallowedlisteners"))
+        if allowed is not None or denied is not None:
+            live = [lst for lst in live if (allowed is None or _guid(lst.id) in allowed)
+                    and (denied is None or _guid(lst.id) not in denied)]
+            if not live:
+                raise HcRefusal(404, "None of the connected listeners meet the AllowedListeners/"
+                                     "DisallowedListeners criteria", "no_listener")
+        return live[next(self._turn) % len(live)]
+
     def _expire(self, p: Pending) -> None:
         if self.pending.get(p.key) is p:
             self._answer(p, 504, "The listener did not accept the connection in time")
@@ -581,7 +606,7 @@ class HybridGateway:
     def _answer(self, p: Pending, status: int, reason: str) -> None:
         """Answer a waiting sender with an error status."""
         self._drop_pending(p)
-        metrics.HC_SENDER_ERRORS.labels(p.hc.path, "ws", str(status)).inc()
+        metrics.hc_sender_error(p.hc.path, "ws", status)
         text = f"{reason}. TrackingId:{uuid.uuid4()}"
         p.transport.write(http1.response(status, (text + "\n").encode(), reason=text.encode()))
         p.transport.close()
@@ -602,7 +627,7 @@ class HybridGateway:
             desc = "".join(c for c in desc if c.isprintable())[:200] or "Rejected"
             transport.write(http1.response(410, b"", reason=b"Gone"))
             transport.close()
-            metrics.HC_SENDER_ERRORS.labels(p.hc.path, "ws", str(code)).inc()
+            metrics.hc_sender_error(p.hc.path, "ws", code)
             p.transport.write(http1.response(code, (desc + "\n").encode("utf-8", "replace"),
                                              reason=desc.encode("latin-1", "replace")))
             p.transport.close()
@@ -630,8 +655,9 @@ class HybridGateway:
         metrics.HC_SENDER_SUCCESS.labels(hc.path, "ws").inc()
         metrics.HC_ACTIVE_CONNECTIONS.labels(hc.path).inc()
 
-        def ended(from_listener: int, from_sender: int) -> None:
+        def ended(from_listener: int, from_sender: int, code: int) -> None:
             metrics.HC_ACTIVE_CONNECTIONS.labels(hc.path).dec()
+            metrics.HC_SENDER_DISCONNECTS.labels(hc.path, str(code)).inc()
             metrics.HC_BYTES.labels(hc.path, "to_sender").inc(from_listener)
             metrics.HC_BYTES.labels(hc.path, "to_listener").inc(from_sender)
 
@@ -678,14 +704,14 @@ class HybridGateway:
             live = self.listeners.get(hc.key)
             if not live:
                 raise HcRefusal(502, f"No listener is connected to {hc.path}", "no_listener")
+            lst = self._pick(live, head)
         except HcRefusal as exc:
             if hc is not None:
-                metrics.HC_SENDER_ERRORS.labels(hc.path, "http", str(exc.status)).inc()
+                metrics.hc_sender_error(hc.path, "http", exc.status)
             metrics.HC_REFUSALS.labels(exc.kind, str(exc.status)).inc()
             reason = f"{exc.reason}. TrackingId:{uuid.uuid4()}"
             ex.respond(http1.response(exc.status, (reason + "\n").encode(), close=False, reason=reason.encode()))
             return LocalService()
-        lst = live[next(self._turn) % len(live)]
         target = path + ("?" + app if app else "")
         req = HttpRequest(self, hc, head, ex, lst, target, auth_header)
         self.http[req.id] = req

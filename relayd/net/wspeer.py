@@ -153,7 +153,7 @@ class WsSplice:
     """Two WebSocket peers joined: each part of each message goes to the
     other side as it came; a close from one side goes to the other with its
     code and reason; a side that vanishes gives the other 1001. ``on_end``
-    is called once, with the bytes relayed each way."""
+    is called once, with the bytes relayed each way and the closing code."""
 
     def __init__(self, a: WsPeer, b: WsPeer, on_end=None) -> None:
         self.a, self.b = a, b
@@ -191,4 +191,4 @@ class WsSplice:
         if not self.ended:
             self.ended = True
             if self.on_end is not None:
-                self.on_end(self.bytes[self.a], self.bytes[self.b])
+                self.on_end(self.bytes[self.a], self.bytes[self.b], code)

@@ -421,3 +421,28 @@ def test_http_mode_without_a_listener_is_502_and_a_lost_listener_fails_its_reque
         assert status == 502
 
     with_relay(tmp_path, body)
+
+
+def test_allowed_and_disallowed_listeners(tmp_path):
+    async def body(hc):
+        a_id, b_id = "0f2c6a5e-1111-4a63-9a51-0d6c2f1e8b22", "7f3c2a9e-2222-4a63-9a51-0d6c2f1e8b22"
+        async with hc.listen(**{"sb-hc-id": a_id + "_G3"}) as a, hc.listen(**{"sb-hc-id": b_id}) as b:
+            got = {"a": 0, "b": 0}
+
+            async def count(name, ch):
+                async for _ in ch:
+                    got[name] += 1
+
+            tasks = [asyncio.ensure_future(count("a", a)), asyncio.ensure_future(count("b", b))]
+            hc.relay.hybrid.accept_timeout = 0.2
+            for headers in ({"Microsoft-Relay-AllowedListeners": b_id.upper()},
+                            {"Microsoft-Relay-DisallowedListeners": f"{a_id}, x"}):
+                for _ in range(3):
+                    assert (await hc.refused(lambda: hc.send(headers=headers)))[0] == 504  # nobody accepts
+            assert got == {"a": 0, "b": 6}
+            s, r = await hc.refused(lambda: hc.send(headers={"Microsoft-Relay-AllowedListeners": "nobody"}))
+            assert s == 404 and "AllowedListeners/DisallowedListeners" in r
+            for t in tasks:
+                t.cancel()
+
+    with_relay(tmp_path, body)
