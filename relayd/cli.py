@@ -282,13 +282,24 @@ def _admin_hc(args: argparse.Namespace, d: Path, store) -> int:
         print(f"deleted hybrid connection {args.path}: a running relay closes its listeners")
     elif cmd == "list":
         cat = store.hc_catalog()
+        try:  # what the running relay wrote about its listeners
+            live = orjson.loads((d / "hybrid-listeners.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            live = {}
         print("node rules: " + (", ".join(f"{r.name} ({','.join(sorted(r.rights))})" for r in cat.rules) or "-"))
-        print(f"{'PATH':<32} {'CLIENT AUTH':<11} {'WEBSOCKET':<9} {'HTTP':<5} {'TIMEOUT':>8} {'THRESHOLD':>9}  RULES")
+        print(f"{'PATH':<32} {'CLIENT AUTH':<11} {'WEBSOCKET':<9} {'HTTP':<5} {'TIMEOUT':>8} {'THRESHOLD':>9} "
+              f"{'LISTENERS':>9}  RULES")
         for hc in cat.connections.values():
             rules = ", ".join(f"{r.name} ({','.join(sorted(r.rights))})" for r in hc.rules) or "-"
             print(f"{hc.path:<32} {'yes' if hc.requires_client_auth else 'no':<11} "
                   f"{'yes' if hc.websocket else 'no':<9} {'yes' if hc.http else 'no':<5} "
-                  f"{hc.response_timeout:>7g}s {hc.control_threshold:>9}  {rules}")
+                  f"{hc.response_timeout:>7g}s {hc.control_threshold:>9} {len(live.get(hc.path, [])):>9}  {rules}")
+        for path in sorted(set(live) - {hc.path for hc in cat.connections.values()}):
+            print(f"{path:<32} (from the relay's config) {'':>37} {len(live[path]):>9}")
+        for path, listeners in sorted(live.items()):
+            for lst in listeners:
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lst["since"]))
+                print(f"  listener of {path}: {lst['id']} since {since} from {lst['address']}")
     elif cmd == "rule":
         scope = check_path(args.path) if args.path else ""
         if args.rule == "add":

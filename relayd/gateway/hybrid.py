@@ -390,6 +390,8 @@ class HybridGateway:
         self.http_keys: dict[str, HttpRequest] = {}  # rendezvous key -> the same
         self._turn = itertools.count()
         self._pinger = None
+        #: Called (no arguments) when a listener comes or goes.
+        self.on_listeners = None
 
     def routes(self) -> list[Route]:
         """The front door's local routes on each of the node's names: ``/$hc``
@@ -412,6 +414,11 @@ class HybridGateway:
                     lst.peer.close(ws.CLOSE_GOING_AWAY, "the hybrid connection was deleted")
                     self._listener_gone(lst, 1001)
 
+    def listener_table(self) -> dict:
+        """{path: [{"id", "since", "address"}]} of the listeners now."""
+        return {ls[0].hc.path: [{"id": lst.id[:64], "since": lst.since, "address": lst.address} for lst in ls]
+                for ls in self.listeners.values() if ls}
+
     def authorize(self, token: str | None, hc: HybridConnection, right: str) -> sas.Token:
         return sas.check(token, self.catalog.rules_for(hc), self.namespaces, hc.path, right, time.time(),
                          self.clock_skew)
@@ -424,6 +431,7 @@ class HybridGateway:
         for ls in list(self.listeners.values()):
             for lst in list(ls):
                 lst.peer.close(ws.CLOSE_GOING_AWAY, "the relay is stopping")
+        self.listeners.clear()
 
     # -- the front door's local route ------------------------------------------------------
 
@@ -504,6 +512,8 @@ class HybridGateway:
         self.listeners.setdefault(hc.key, []).append(lst)
         metrics.HC_LISTENER_SUCCESS.labels(hc.path).inc()
         metrics.HC_ACTIVE_LISTENERS.labels(hc.path).inc()
+        if self.on_listeners is not None:
+            self.on_listeners()
         log.info("listener connected", extra={"entity": hc.path, "listener": lid[:64], "address": lst.address})
         self._start_pinger()
         if rest:
@@ -521,6 +531,8 @@ class HybridGateway:
             del self.listeners[lst.hc.key]
         metrics.HC_ACTIVE_LISTENERS.labels(lst.hc.path).dec()
         metrics.HC_LISTENER_DISCONNECTS.labels(lst.hc.path, str(code)).inc()
+        if self.on_listeners is not None:
+            self.on_listeners()
         log.info("listener disconnected", extra={"entity": lst.hc.path, "listener": lst.id[:64], "code": code,
                                                  "seconds": round(time.time() - lst.since, 1)})
 

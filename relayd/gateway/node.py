@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import ssl
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from relayd.net.preamble import ServerPreamble
 from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
 
 log = logging.getLogger("relayd.relay")
+#: The hybrid connections' listeners now, in the data directory (`relayd admin hc list`).
+LISTENERS_FILE = "hybrid-listeners.json"
 
 
 class RelayNode:
@@ -70,6 +73,7 @@ class RelayNode:
         self.routes: RouteTable | None = None  # the HTTPS front door's
         self._agent_route: Route | None = None
         self.hybrid: HybridGateway | None = None  # with the HTTPS port
+        self._listeners_timer = None
         self.stopped = asyncio.Event()
 
     @property
@@ -207,6 +211,8 @@ class RelayNode:
                                     self.cfg.hybrid_clock_skew)
         routes = self.routes = RouteTable(self._http_routes(self.cfg))
         self.agent_port.on_revision.append(self.hybrid_catalog_changed)
+        self.hybrid.on_listeners = self._listeners_changed
+        self._write_listeners()
         opener = functools.partial(self.seam.open, kind=KIND_HTTP)
         timeout, limits = self.cfg.gateway_timeout, self.cfg.http_limits
         return admission.TlsListener(
@@ -228,6 +234,22 @@ class RelayNode:
         if not names or any(n in ("127.0.0.1", "::1", "localhost") for n in names):
             names += [n for n in ("localhost", "127.0.0.1", "[::1]") if n not in names]
         return names
+
+    def _listeners_changed(self) -> None:
+        """A listener came or went: hybrid-listeners.json (what `relayd admin
+        hc list` shows) is rewritten a moment later, once for a burst."""
+        if self._listeners_timer is None:
+            self._listeners_timer = asyncio.get_running_loop().call_later(0.2, self._write_listeners)
+
+    def _write_listeners(self) -> None:
+        self._listeners_timer = None
+        path = self.data / LISTENERS_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(orjson.dumps(self.hybrid.listener_table()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc.strerror)
 
     async def hybrid_catalog_changed(self) -> None:
         """The data directory's hybrid connections changed (`relayd admin
@@ -313,6 +335,7 @@ class RelayNode:
         self.seam.close()
         if self.hybrid is not None:
             self.hybrid.stop()
+            self._write_listeners()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:

@@ -446,3 +446,26 @@ def test_allowed_and_disallowed_listeners(tmp_path):
                 t.cancel()
 
     with_relay(tmp_path, body)
+
+
+def test_admin_hc_list_shows_the_listeners(tmp_path):
+    import subprocess
+
+    from tests.tunnel.processes import RELAYD
+
+    async def body(hc):
+        hc.relay.store.hc_create(HybridConnection("stored"))
+        await hc.relay.hybrid_catalog_changed()
+        async with hc.listen(**{"sb-hc-id": "abc-123"}), hc.listen("stored", tok=token(ROOT, "stored")):
+            path = hc.relay.data / "hybrid-listeners.json"
+            await until(lambda: path.exists() and b"abc-123" in path.read_bytes() and b"stored" in path.read_bytes())
+            out = subprocess.run(RELAYD + ["admin", "hc", "list", "--data", str(hc.relay.data)], capture_output=True,
+                                 text=True, timeout=60).stdout
+            row = next(line for line in out.splitlines() if line.startswith("stored "))
+            assert row.split()[6] == "1"
+            row = next(line for line in out.splitlines() if line.startswith("orders "))
+            assert "(from the relay's config)" in row and row.split()[-1] == "1"
+            assert "listener of orders: abc-123 since " in out and "from 127.0.0.1:" in out
+        await until(lambda: b"abc-123" not in (hc.relay.data / "hybrid-listeners.json").read_bytes())
+
+    with_relay(tmp_path, body)
