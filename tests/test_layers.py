@@ -16,6 +16,7 @@ FORBIDDEN = {
     "control": {"relayd.gateway", "relayd.net", "relayd.agent", "relayd.cli"},
     "gateway": {"relayd.agent", "relayd.cli"},
     "agent": {"relayd.gateway", "relayd.cli"},
+    "client": {"relayd.gateway", "relayd.cli", "relayd.agent"},
 }
 
 

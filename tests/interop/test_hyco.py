@@ -265,3 +265,79 @@ def test_the_jest_tests_that_ship_inside_hyco_https(tmp_path):
         assert "Tests:" in res.stderr and "failed" not in res.stderr.split("Tests:")[1].split("\n")[0]
 
     with_node(tmp_path, body)
+
+
+# -- relayd's Python client with Microsoft's clients ----------------------------------------------
+
+def client_cs(rule=ROOT, path="hyco"):
+    from relayd.client import hybrid
+
+    return hybrid.parse_connection_string(f"Endpoint=sb://localhost/;SharedAccessKeyName={rule.name};"
+                                          f"SharedAccessKey={rule.primary_key};EntityPath={path}")
+
+
+def test_relayd_client_with_hyco_ws_in_both_roles(tmp_path):
+    from relayd.client import hybrid
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async def body(relay, node):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        # relayd's listener, hyco-ws's sender.
+        listener = hybrid.Listener(client_cs(LISTEN), on_accept=echo, ssl=ctx)
+        task = asyncio.ensure_future(listener.run())
+        await asyncio.wait_for(listener.online.wait(), 10)
+        sender = node("send", "localhost", "hyco", ROOT.name, ROOT.primary_key, "20", "5000", "proto.a")
+        assert await sender.line() == "ok " + expected(20, 5000)
+        assert await sender.wait() == 0
+        await listener.close()
+        await asyncio.wait_for(task, 10)
+        # hyco-ws's listener, relayd's sender.
+        hyco = node("listen", "localhost", "hyco", LISTEN.name, LISTEN.primary_key)
+        assert await hyco.line() == "listening"
+        async with await hybrid.connect(client_cs(), ssl=ctx, subprotocols=["proto.b"]) as ws:
+            assert ws.subprotocol == "proto.b"
+            await ws.send(b"z" * 70_000)
+            assert await ws.recv() == b"z" * 70_000
+        assert await hyco.line() == "accepted proto.b"
+
+    with_node(tmp_path, body)
+
+
+def test_relayd_client_http_mode_with_hyco_https_and_nodes_https(tmp_path):
+    from relayd.client import hybrid
+
+    async def answer(req):
+        return hybrid.Response(200, {"content-type": "text/plain"}, b"%s %s %d" % (
+            req.method.encode(), req.target.encode(), len(req.body)))
+
+    async def body(relay, node):
+        ctx = ssl.create_default_context(cafile=str(relay.ca_path))
+        loop = asyncio.get_running_loop()
+        # hyco-https's listener, relayd's HTTP sender.
+        proc = https_listener(relay)
+        try:
+            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 20)
+            assert line.strip() == "listening"
+            data = b"q" * 100_000
+            status, headers, got = await hybrid.request(client_cs(), "POST", "/up", data, ssl=ctx)
+            assert status == 200 and got.decode() == f"POST /hyco/up 100000 {hashlib.sha256(data).hexdigest()}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        # relayd's listener, Node's https as the sender.
+        listener = hybrid.Listener(client_cs(LISTEN), on_request=answer, ssl=ctx)
+        task = asyncio.ensure_future(listener.run())
+        await asyncio.wait_for(listener.online.wait(), 10)
+        tok = sas.make_token("http://localhost/hyco", ROOT.name, ROOT.primary_key, int(time.time()) + 600)
+        env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(relay.ca_path))
+        out = await loop.run_in_executor(None, lambda: subprocess.run(
+            [NODE, "-e", NODE_SENDER, "443", "/hyco/node", "5000", tok], cwd=HERE, env=env,
+            capture_output=True, text=True, timeout=60))
+        assert out.stdout.strip() == "200 1.1 localhost PUT /hyco/node 5000", out.stderr
+        await listener.close()
+        await asyncio.wait_for(task, 10)
+
+    with_node(tmp_path, body)
