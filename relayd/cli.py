@@ -193,6 +193,51 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run(run_agent())
 
 
+# -- hc forward ----------------------------------------------------------------------
+
+
+def cmd_hc(args: argparse.Namespace) -> int:
+    """``relayd hc forward``: TCP over a hybrid connection (relayd.client.forward)."""
+    from relayd import log as rlog
+    from relayd.client import forward, hybrid
+    from relayd.config import parse_hostport
+    from relayd.net import run
+
+    rlog.setup("info")
+    cs = hybrid.parse_connection_string(args.connection_string or os.environ.get("RELAYD_HC_CONNECTION", ""))
+    kw = {"ssl": ssl.create_default_context(cafile=args.ca) if args.ca else None, "proxy": args.proxy}
+    path = args.path or cs.entity_path
+    if not path:
+        raise ConfigError("name the hybrid connection: --path, or EntityPath in the connection string")
+    if bool(args.R) == bool(args.L):
+        raise ConfigError("give one of -R HOST:PORT (the listener side) or -L [HOST:]PORT (the sender side)")
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        _signals_to(stop)
+        if args.R:
+            host, port = parse_hostport(args.R, "-R", need_host=True)
+            listener = forward.remote_listener(cs, host, port, path=path, **kw)
+            task = asyncio.ensure_future(listener.run())
+            await asyncio.wait({task, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+            await listener.close()
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        else:
+            host, port = parse_hostport(args.L if ":" in args.L else ":" + args.L, "-L")
+            server = await forward.local_port(cs, host or "127.0.0.1", port, path=path, **kw)
+            bound = server.sockets[0].getsockname()
+            print(f"forwarding {bound[0]}:{bound[1]} to hybrid connection {path}", flush=True)
+            await stop.wait()
+            server.close()
+        return 0
+
+    try:
+        return run(main())
+    except hybrid.HandshakeRefused as exc:
+        return _fail(f"the relay refused the listener: {exc}", 1)
+
+
 # -- admin ---------------------------------------------------------------------------
 
 
@@ -440,6 +485,18 @@ def build_parser() -> argparse.ArgumentParser:
     for each in (c, hl, hd, cs):
         each.add_argument("--data", required=True)
     ad.set_defaults(func=cmd_admin)
+
+    hcp = sub.add_parser("hc", help="hybrid connections as a client")
+    hcs = hcp.add_subparsers(dest="hc", required=True)
+    fw = hcs.add_parser("forward", help="TCP over a hybrid connection (as azure-relay-bridge)")
+    fw.add_argument("--connection-string", help="Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=..."
+                    " (default: $RELAYD_HC_CONNECTION)")
+    fw.add_argument("--path", help="the hybrid connection (default: the connection string's EntityPath)")
+    fw.add_argument("-R", metavar="HOST:PORT", help="listener side: senders' connections go to HOST:PORT")
+    fw.add_argument("-L", metavar="[HOST:]PORT", help="sender side: connections to this local port cross")
+    fw.add_argument("--ca", help="CA certificate (PEM) to trust for the relay (default: the system's)")
+    fw.add_argument("--proxy", help="http:// forward proxy (default: $HTTPS_PROXY)")
+    fw.set_defaults(func=cmd_hc)
 
     d = sub.add_parser("demo", help="relay + enrolled agent + sample services on loopback, traffic through the tunnel")
     d.add_argument("--once", action="store_true", help="exit after the traffic instead of waiting for Ctrl-C")
