@@ -54,9 +54,9 @@ if NODE is None or not os.path.isdir(os.path.join(HERE, "node_modules", "hyco-ws
 class NodePeer:
     """A hyco-ws process (ws_peer.js), stopped by its PID."""
 
-    def __init__(self, relay, *args):
-        env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(relay.ca_path))
-        self.proc = subprocess.Popen([NODE, os.path.join(HERE, "ws_peer.js"), *args], cwd=HERE, env=env,
+    def __init__(self, relay, *args, env=None, node_args=()):
+        env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(relay.ca_path), **(env or {}))
+        self.proc = subprocess.Popen([NODE, *node_args, os.path.join(HERE, "ws_peer.js"), *args], cwd=HERE, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = []
 
@@ -99,7 +99,7 @@ def with_node(tmp_path, body):
                                   hybrid=CATALOG)
         peers = []
         try:
-            await body(relay, lambda *a: peers.append(NodePeer(relay, *a)) or peers[-1])
+            await body(relay, lambda *a, **kw: peers.append(NodePeer(relay, *a, **kw)) or peers[-1])
         finally:
             for p in peers:
                 p.stop()
@@ -339,5 +339,32 @@ def test_relayd_client_http_mode_with_hyco_https_and_nodes_https(tmp_path):
         assert out.stdout.strip() == "200 1.1 localhost PUT /hyco/node 5000", out.stderr
         await listener.close()
         await asyncio.wait_for(task, 10)
+
+    with_node(tmp_path, body)
+
+
+def test_hyco_ws_sender_with_an_expired_token_is_refused(tmp_path):
+    async def body(relay, node):
+        listener = node("listen", "localhost", "hyco", LISTEN.name, LISTEN.primary_key)
+        assert await listener.line() == "listening"
+        sender = node("send", "localhost", "hyco", ROOT.name, ROOT.primary_key, "1", "10",
+                      env={"HYCO_TOKEN_TTL": "-1000"})
+        assert await sender.line() == "refused 401"
+
+    with_node(tmp_path, body)
+
+
+def test_hyco_ws_listener_renews_its_token(tmp_path):
+    """hyco-ws renews hourly with renewToken; its hourly timer runs every
+    second here (fast_renewal.js, preloaded), and the relay takes each new
+    token: the listener's expiry moves on and its channel stays up."""
+
+    async def body(relay, node):
+        listener = node("listen", "localhost", "hyco", LISTEN.name, LISTEN.primary_key,
+                        node_args=("--require", os.path.join(HERE, "fast_renewal.js")))
+        assert await listener.line() == "listening"
+        first = relay.hybrid.listeners["hyco"][0].expiry
+        await until(lambda: relay.hybrid.listeners["hyco"][0].expiry >= first + 2, timeout=15)
+        assert len(relay.hybrid.listeners["hyco"]) == 1
 
     with_node(tmp_path, body)

@@ -28,7 +28,8 @@ if (mode === 'listen') {
   server.on('error', (err) => console.log('error ' + (err && err.message)));
 } else if (mode === 'send') {
   const uri = WebSocket.createRelaySendUri(ns, path);
-  const token = WebSocket.createRelayToken(uri, rule, key);
+  // HYCO_TOKEN_TTL: the token's lifetime in seconds (negative: expired)
+  const token = WebSocket.createRelayToken(uri, rule, key, Number(process.env.HYCO_TOKEN_TTL || 3600));
   const ws = new WebSocket(uri, subprotocol ? [subprotocol] : null,
                            { headers: { ServiceBusAuthorization: token }, perMessageDeflate: false });
   const hash = crypto.createHash('sha256');
