@@ -59,6 +59,23 @@ _NOT_FORWARDED = {b"servicebusauthorization", b"authorization", b"connection", b
                   b"sec-websocket-extensions", b"content-length", b"transfer-encoding", b"te", b"keep-alive"}
 
 
+def _gather(owner, ev) -> bytes | None:
+    """A text message's parts into ``owner.text``: the whole message at its
+    last part; None before that. Beyond MAX_CONTROL_MESSAGE the rest is
+    dropped as it comes and the message ends up as b"" (refused by the
+    parser, counted)."""
+    if owner.text is not None:
+        owner.text.append(ev.data)
+        owner.text_size += len(ev.data)
+        if owner.text_size > hcwire.MAX_CONTROL_MESSAGE:
+            owner.text = None
+    if not ev.fin:
+        return None
+    text = b"".join(owner.text) if owner.text is not None else b""
+    owner.text, owner.text_size = [], 0
+    return text
+
+
 def _guid(listener_id: str) -> str:
     """The GUID part of a listener id (``GUID_G12`` -> ``guid``)."""
     return listener_id.split("_", 1)[0].lower()
@@ -90,7 +107,8 @@ class Listener:
         self.since = time.time()
         self.address = peer_name(peer.transport) if peer.transport is not None else "?"
         self.awaiting = None  # the HTTP request whose response body comes next
-        self.text: list = []  # a text message's parts so far
+        self.text: list | None = []  # a text message's parts so far (None: too large, dropped)
+        self.text_size = 0
 
     def ws_message(self, peer: WsPeer, ev) -> None:
         # Parts as they come (assemble=False), so that a response body
@@ -104,10 +122,9 @@ class Listener:
             if req is not None:
                 req.response_body(ev.data, ev.fin)
             return
-        self.text.append(ev.data)
-        if not ev.fin:
+        text = _gather(self, ev)
+        if text is None:
             return
-        text, self.text = b"".join(self.text), []
         self.awaiting = None
         try:
             msg = hcwire.parse_listener_message(text.decode("utf-8"))
@@ -285,6 +302,7 @@ class HttpRequest(LocalService):
         there either way."""
         self.rendezvous = peer
         self.text = []
+        self.text_size = 0
         if self.deferred:
             self.rv_sent = True
             peer.send_text(self._message(True))
@@ -304,13 +322,12 @@ class HttpRequest(LocalService):
 
     def ws_message(self, peer: WsPeer, ev) -> None:
         if type(ev) is ws.DataFrame and ev.opcode == ws.OP_TEXT:
-            self.text.append(ev.data)
-            if ev.fin:
+            text = _gather(self, ev)
+            if text is not None:
                 try:
-                    msg = hcwire.parse_listener_message(b"".join(self.text).decode("utf-8"))
+                    msg = hcwire.parse_listener_message(text.decode("utf-8"))
                 except (hcwire.HcProtocolError, UnicodeDecodeError):
                     msg = None
-                self.text = []
                 if type(msg) is hcwire.Response and msg.request_id == self.id:
                     self.response_head(msg)  # (without a body, that ends it)
         elif type(ev) is ws.DataFrame and self.answered:
@@ -382,7 +399,10 @@ class HybridGateway:
         self.catalog = catalog
         self.namespaces = {n.lower() for n in namespaces}
         self.clock_skew = clock_skew
-        self.ws_config = ws_config or ws.WsConfig()
+        # Messages are relayed part by part as they come (never assembled
+        # here), so their size is not bounded, only a frame's; control
+        # messages are bounded where they are gathered (MAX_CONTROL_MESSAGE).
+        self.ws_config = ws_config or ws.WsConfig(max_message=(1 << 62) - 1, max_frame=16 * 1024 * 1024)
         self.accept_timeout = accept_timeout
         self.listeners: dict[str, list[Listener]] = {}  # entity key -> its listeners
         self.pending: dict[str, Pending] = {}  # rendezvous key -> waiting sender

@@ -469,3 +469,19 @@ def test_admin_hc_list_shows_the_listeners(tmp_path):
         await until(lambda: b"abc-123" not in (hc.relay.data / "hybrid-listeners.json").read_bytes())
 
     with_relay(tmp_path, body)
+
+
+def test_http_mode_streams_bodies_larger_than_any_websocket_message_limit(tmp_path):
+    """A 20 MiB response, written by the listener as one fragmented message,
+    reaches the sender whole: the relay passes it part by part."""
+
+    async def body(hc):
+        chunks = [bytes([i]) * (1 << 20) for i in range(20)] + [b""]
+        task = asyncio.ensure_future(http_listener(hc, "open/door", stream_chunks=chunks, rendezvous_response=True))
+        await until(lambda: value("relayd_hc_active_listeners", entity="open/door") == 1)
+        loop = asyncio.get_running_loop()
+        status, _, _, data = await loop.run_in_executor(None, lambda: https_request(hc, "GET", "/open/door/big"))
+        assert status == 201 and data == b"".join(chunks)
+        task.cancel()
+
+    with_relay(tmp_path, body)
