@@ -55,6 +55,8 @@ log = logging.getLogger("relayd.client.hybrid")
 #: Seconds a token made here lives (hyco's and .NET's: an hour); it is
 #: renewed at half that.
 TOKEN_TTL = 3600
+#: The largest frame sent (a message above it goes in several).
+FRAME = 1024 * 1024
 _BACKOFF = (0, 1, 2, 5, 10, 30)  # seconds before each reconnect, as Microsoft's clients wait
 
 
@@ -124,11 +126,15 @@ class WebSocket:
             await self._flush()
 
     async def send(self, message) -> None:
-        if isinstance(message, str):
-            self.conn.send_text(message)
-        else:
-            self.conn.send_binary(bytes(message))
-        await self._flush()
+        """One message; over FRAME bytes it goes in frames of FRAME (relays
+        bound a frame's size, not a message's)."""
+        text = isinstance(message, str)
+        data = message.encode() if text else bytes(message)
+        if len(data) <= FRAME:
+            (self.conn.send_text if text else self.conn.send_binary)(data)
+            await self._flush()
+            return
+        await self.send_parts((data[i:i + FRAME] for i in range(0, len(data), FRAME)), text)
 
     async def send_parts(self, parts, text: bool = False) -> None:
         """One message in several frames (an iterable of bytes)."""
