@@ -198,6 +198,8 @@ _NOT_FOR_LISTENER = {b"connection", b"content-length", b"host", b"te", b"trailer
 # Response headers the relay writes itself.
 _NOT_FROM_LISTENER = {"connection", "content-length", "transfer-encoding", "keep-alive", "te", "trailer",
                       "upgrade", "proxy-connection", "via"}
+#: Request metadata (the request message) above this goes over a rendezvous (Azure: 32 KiB).
+_CONTROL_HEADERS = 32 * 1024
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -229,8 +231,9 @@ class HttpRequest(LocalService):
         self.chunked = head.version != b"1.0"
         length = head.get(b"content-length")
         self.has_body = head.get(b"transfer-encoding") is not None or (length is not None and length != b"0")
-        if length is not None and length.isdigit() and int(length) > hc.control_threshold:
-            self._defer()
+        if (length is not None and length.isdigit() and int(length) > hc.control_threshold) \
+                or len(self._message(True)) > _CONTROL_HEADERS:
+            self._defer()  # a large body, or large headers: over a rendezvous
         ex.set_deadline(hc.response_timeout)
 
     # -- the sender's side (LocalService) --
@@ -451,7 +454,7 @@ class HybridGateway:
         for ls in list(self.listeners.values()):
             for lst in list(ls):
                 lst.peer.close(ws.CLOSE_GOING_AWAY, "the relay is stopping")
-        self.listeners.clear()
+                self._listener_gone(lst, 1001)
 
     # -- the front door's local route ------------------------------------------------------
 

@@ -13,6 +13,7 @@ from relayd.client import hybrid
 from relayd.control import sas
 from relayd.control.hybrid import Catalog, HybridConnection
 from relayd.net import run
+from tests.tunnel.test_proxy import tinyproxy  # noqa: F401  (the fixture)
 from tests.tunnel.util import start_relay
 from tests.waiting import until
 
@@ -122,3 +123,50 @@ def test_a_listener_reconnects_when_the_relay_comes_back(tmp_path):
             await relay.stop()
 
     run(main())
+
+
+def test_listener_and_sender_through_a_forward_proxy(tmp_path, tinyproxy):
+    """Both ends behind a real tinyproxy (CONNECT with credentials): the
+    proxy's log shows the tunnels to the relay."""
+    proxy_port, proxy_log = tinyproxy
+    proxy = f"http://relay:s3cret@127.0.0.1:{proxy_port}"
+
+    async def body(relay, ctx):
+        cs = cs_for(relay)
+        listener = hybrid.Listener(cs, on_accept=echo, on_request=answer, ssl=ctx, proxy=proxy)
+        task = asyncio.ensure_future(listener.run())
+        await asyncio.wait_for(listener.online.wait(), 10)
+        async with await hybrid.connect(cs, ssl=ctx, proxy=proxy) as ws:
+            await ws.send(b"via the proxy")
+            assert await ws.recv() == b"via the proxy"
+        await listener.close()
+        await asyncio.wait_for(task, 10)
+        assert proxy_log.read_text().count(f"localhost:{relay.https_port}") >= 3  # control, sender, rendezvous
+
+    with_relay(tmp_path, body)
+
+
+def test_a_key_rotation_keeps_listeners_whose_token_is_still_good(tmp_path):
+    async def body(relay, ctx):
+        relay.store.hc_create(HybridConnection("rotating"))
+        relay.store.hc_rule_add("rotating", sas.SasRule("r", "the-first-key-0123456", rights=frozenset({"listen",
+                                                                                                         "send"})))
+        await relay.hybrid_catalog_changed()
+        old = hybrid.parse_connection_string(f"Endpoint=sb://localhost:{relay.https_port}/;SharedAccessKeyName=r;"
+                                             "SharedAccessKey=the-first-key-0123456;EntityPath=rotating")
+        listener = hybrid.Listener(old, on_accept=echo, ssl=ctx)
+        task = asyncio.ensure_future(listener.run())
+        await asyncio.wait_for(listener.online.wait(), 10)
+        relay.store.hc_rule_rotate("rotating", "r", "the-second-key-654321")
+        await relay.hybrid_catalog_changed()
+        # The listener stays; a sender with the old key (now the secondary) and one with the new key get through.
+        new = hybrid.parse_connection_string(str(old).replace("the-first-key-0123456", "the-second-key-654321"))
+        for cs in (old, new):
+            async with await hybrid.connect(cs, ssl=ctx) as ws:
+                await ws.send(b"k")
+                assert await ws.recv() == b"k"
+        assert listener.connects == 1
+        await listener.close()
+        await asyncio.wait_for(task, 10)
+
+    with_relay(tmp_path, body)

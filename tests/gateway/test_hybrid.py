@@ -485,3 +485,21 @@ def test_http_mode_streams_bodies_larger_than_any_websocket_message_limit(tmp_pa
         task.cancel()
 
     with_relay(tmp_path, body)
+
+
+def test_http_mode_large_headers_go_over_a_rendezvous(tmp_path):
+    async def body(hc):
+        seen = []
+        task = asyncio.ensure_future(http_listener(hc, "open/door", seen=seen))
+        await until(lambda: value("relayd_hc_active_listeners", entity="open/door") == 1)
+        loop = asyncio.get_running_loop()
+        big = {f"X-Big-{i}": "v" * 900 for i in range(40)}  # about 36 KB of headers (a 64 KiB max_head), a small body
+        status, _, _, data = await loop.run_in_executor(None, lambda: https_request(hc, "POST", "/open/door/h",
+                                                                                     b"tiny", big))
+        assert status == 201 and data.startswith(b"POST /open/door/h 4 ")
+        assert "method" not in seen[0] and seen[1]["requestHeaders"]["X-Big-39"] == "v" * 900
+        task.cancel()
+
+    from relayd.core.http1 import HttpLimits
+
+    with_relay(tmp_path, body, http_limits=HttpLimits(max_head=64 * 1024))
