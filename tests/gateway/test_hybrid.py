@@ -30,6 +30,12 @@ CATALOG = Catalog.of([HybridConnection("orders", rules=(LISTEN, SEND)),
                       HybridConnection("nows", websocket=False, max_listeners=1)], [ROOT])
 
 
+def listeners(hc, path: str) -> int:
+    """Listeners the relay holds for ``path`` now (its own state: gauges are
+    the process's, shared with other tests' relays)."""
+    return len(hc.relay.hybrid.listeners.get(path, []))
+
+
 def bad_input_at(where: str) -> float:
     """relayd_bad_input_total of one place, every kind together."""
     from prometheus_client import REGISTRY
@@ -113,11 +119,13 @@ async def accept_and_echo(listener, rejects=None, subprotocol=None, seen=None):
 def test_a_sender_reaches_a_listener_through_a_rendezvous_and_data_flows_both_ways(tmp_path):
     async def body(hc):
         before = value("relayd_hc_sender_connections_success_total", entity="orders", mode="ws")
+        connections = value("relayd_hc_active_connections", entity="orders")
         async with hc.listen() as listener:
             listener.hc_ctx = hc.ctx
             seen = []
             task = asyncio.ensure_future(accept_and_echo(listener, subprotocol="proto.a", seen=seen))
-            await until(lambda: value("relayd_hc_active_listeners", entity="orders") == 1)
+            await until(lambda: listeners(hc, "orders") == 1)
+            active = value("relayd_hc_active_listeners", entity="orders")
             async with hc.send(path="orders/sub/path", query="x=1&y=%20z", subprotocols=["proto.a", "proto.b"],
                                headers={"X-App-Header": "v"}) as sender:
                 assert sender.subprotocol == "proto.a"
@@ -135,8 +143,9 @@ def test_a_sender_reaches_a_listener_through_a_rendezvous_and_data_flows_both_wa
             assert accept["remoteEndpoint"]["address"] == "127.0.0.1"
             task.cancel()
         assert value("relayd_hc_sender_connections_success_total", entity="orders", mode="ws") == before + 1
-        await until(lambda: value("relayd_hc_active_listeners", entity="orders") == 0)
-        await until(lambda: value("relayd_hc_active_connections", entity="orders") == 0)
+        await until(lambda: listeners(hc, "orders") == 0)
+        assert value("relayd_hc_active_listeners", entity="orders") == active - 1
+        await until(lambda: value("relayd_hc_active_connections", entity="orders") == connections)
 
     with_relay(tmp_path, body)
 
@@ -365,7 +374,7 @@ def test_http_mode_small_and_large_bodies_both_ways(tmp_path):
     async def body(hc):
         seen = []
         task = asyncio.ensure_future(http_listener(hc, seen=seen))
-        await until(lambda: value("relayd_hc_active_listeners", entity="orders") == 1)
+        await until(lambda: listeners(hc, "orders") == 1)
         tok = token(SEND, "orders")
         loop = asyncio.get_running_loop()
         for size in (0, 1024, 200_000):
@@ -394,7 +403,7 @@ def test_http_mode_streams_a_response_as_the_listener_writes_it(tmp_path):
     async def body(hc):
         chunks = [b"data: %d\n\n" % i for i in range(20)] + [b""]
         task = asyncio.ensure_future(http_listener(hc, "open/door", stream_chunks=chunks, rendezvous_response=True))
-        await until(lambda: value("relayd_hc_active_listeners", entity="open/door") == 1)
+        await until(lambda: listeners(hc, "open/door") == 1)
         r, w = await asyncio.open_connection("127.0.0.1", hc.port, ssl=hc.ctx, server_hostname="localhost")
         w.write(b"GET /open/door/events HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % hc.port)
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
@@ -478,7 +487,7 @@ def test_http_mode_streams_bodies_larger_than_any_websocket_message_limit(tmp_pa
     async def body(hc):
         chunks = [bytes([i]) * (1 << 20) for i in range(20)] + [b""]
         task = asyncio.ensure_future(http_listener(hc, "open/door", stream_chunks=chunks, rendezvous_response=True))
-        await until(lambda: value("relayd_hc_active_listeners", entity="open/door") == 1)
+        await until(lambda: listeners(hc, "open/door") == 1)
         loop = asyncio.get_running_loop()
         status, _, _, data = await loop.run_in_executor(None, lambda: https_request(hc, "GET", "/open/door/big"))
         assert status == 201 and data == b"".join(chunks)
@@ -491,7 +500,7 @@ def test_http_mode_large_headers_go_over_a_rendezvous(tmp_path):
     async def body(hc):
         seen = []
         task = asyncio.ensure_future(http_listener(hc, "open/door", seen=seen))
-        await until(lambda: value("relayd_hc_active_listeners", entity="open/door") == 1)
+        await until(lambda: listeners(hc, "open/door") == 1)
         loop = asyncio.get_running_loop()
         big = {f"X-Big-{i}": "v" * 900 for i in range(40)}  # about 36 KB of headers (a 64 KiB max_head), a small body
         status, _, _, data = await loop.run_in_executor(None, lambda: https_request(hc, "POST", "/open/door/h",
