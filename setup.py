@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - only without build isolation
     sys.exit("relayd: building the compiled core needs Cython 3 (pip install cython)")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HOT_MODULES = ["relayd.core._yamux", "relayd.core._wsframe", "relayd.core._h1proxy"]
+HOT_MODULES = ["relayd.core._yamux", "relayd.core._wsframe", "relayd.core._h1proxy", "relayd.core._flowfilter"]
 DEBUG = os.environ.get("RELAYD_DEBUG_BUILD", "") not in ("", "0")
 
 

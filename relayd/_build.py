@@ -17,6 +17,7 @@ HOT_MODULES = {
     "yamux": "relayd.core._yamux",
     "wsframe": "relayd.core._wsframe",
     "h1proxy": "relayd.core._h1proxy",
+    "flowfilter": "relayd.core._flowfilter",
 }
 
 

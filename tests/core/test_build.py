@@ -50,7 +50,7 @@ def test_facade_selects_compiled_by_default():
 
     assert yamux.COMPILED
     assert _build.report() == {"relayd.core._yamux": "compiled", "relayd.core._wsframe": "compiled",
-                               "relayd.core._h1proxy": "compiled"}
+                               "relayd.core._h1proxy": "compiled", "relayd.core._flowfilter": "compiled"}
 
 
 @pytest.mark.parametrize("name", ["FrameParser", "Connection"])
