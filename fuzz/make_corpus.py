@@ -447,6 +447,53 @@ def hcwire_seeds() -> dict:
     }
 
 
+def jws_seeds() -> dict:
+    RAW, AFTER_GOOD = 0, 1
+    import base64
+    import json
+
+    from fuzz.fuzz_jws import GOOD, KEY
+    from relayd.control import jws
+
+    h, p, sig = GOOD.split(".")
+
+    def b64(obj) -> str:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def forged(header=None, payload=None, **hdr) -> bytes:
+        head = b64(header or {"alg": "EdDSA", "typ": jws.CLAIMS, "kid": jws.key_id(KEY.public_key()), **hdr})
+        body = b64(payload if payload is not None else {"sub": "CN=a", "iat": 1, "nbf": 0, "exp": 2})
+        return f"{head}.{body}.{b64(KEY.sign(f'{head}.{body}'.encode()))}".encode()
+
+    deep: object = 1
+    for _ in range(10):
+        deep = [deep]
+    return {
+        "extra-header-key": (RAW, [(forged(jku="http://x"), 0)]),
+        "wrong-typ": (RAW, [(forged(typ=jws.ENTITLEMENTS), 0)]),
+        "unknown-kid": (RAW, [(forged(kid="AAAAAAAAAAAAAAAA"), 0)]),
+        "duplicate-keys": (RAW, [(forged(payload=b'{"a": 1, "a": 2}'), 0)]),
+        "too-deep": (RAW, [(forged(payload={"d": deep}), 0)]),
+        "float-time": (RAW, [(forged(payload={"exp": 2.5}), 0)]),
+        "bool-time": (RAW, [(forged(payload={"iat": True}), 0)]),
+        "nan": (RAW, [(forged(payload=b'{"a": NaN}'), 0)]),
+        "array-payload": (RAW, [(forged(payload=[1, 2]), 0)]),
+        "changed-payload": (RAW, [(f"{h}.{b64({'sub': 'CN=b'})}.{sig}".encode(), 0)]),
+        "good": (RAW, [(GOOD.encode(), 0)]),
+        "good-then-junk": (AFTER_GOOD, [(b".x", 0)]),
+        "good-then-nothing": (AFTER_GOOD, [(b"", 0)]),
+        "padding": (RAW, [(f"{h}.{p}.{sig}==".encode(), 0)]),
+        "two-parts": (RAW, [(f"{h}.{p}".encode(), 0)]),
+        "alg-none": (RAW, [(b"eyJhbGciOiJub25lIiwidHlwIjoicmVsYXlkLWNsYWltcytqd3QiLCJraWQiOiJ4In0." + p.encode()
+                            + b".", 0)]),
+        "plus-slash": (RAW, [(f"{h}.{p}+/.{sig}".encode(), 0)]),
+        "empty": (RAW, [(b"", 0)]),
+        "dots": (RAW, [(b"..", 0)]),
+        "garbage": (RAW, [(b"\xff\x00not a token", 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -456,6 +503,7 @@ HARNESSES = {
     "preamble": preamble_seeds,
     "http1": http1_seeds,
     "hcwire": hcwire_seeds,
+    "jws": jws_seeds,
 }
 
 
