@@ -84,10 +84,10 @@ http {{
     return conf
 
 
-def wrk(url: str, seconds: int, conns: int, close: bool = False) -> tuple[float, float]:
+def wrk(url: str, seconds: int, conns: int, close: bool = False, headers=()) -> tuple[float, float]:
     """requests/s and p99 (us); ``close``: a new connection (and TLS
-    handshake) for every request."""
-    extra = ["-H", "Connection: close"] if close else []
+    handshake) for every request; ``headers``: "Name: value" strings."""
+    extra = (["-H", "Connection: close"] if close else []) + [a for h in headers for a in ("-H", h)]
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -96,11 +96,15 @@ def wrk(url: str, seconds: int, conns: int, close: bool = False) -> tuple[float,
     return rps, p99
 
 
-def download(url: str) -> float:
+def download(url: str, headers=(), size: int = 0) -> float:
+    """Gbit/s of one download; RuntimeError when fewer than ``size`` bytes came."""
     t0 = time.perf_counter()
-    r = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{size_download}", url],
-                       capture_output=True, text=True, timeout=120)
-    return int(r.stdout) * 8 / (time.perf_counter() - t0) / 1e9
+    r = subprocess.run(["curl", "-sk", *[a for h in headers for a in ("-H", h)], "-o", "/dev/null",
+                        "-w", "%{size_download}", url], capture_output=True, text=True, timeout=300)
+    got = int(r.stdout or 0)
+    if got < size:
+        raise RuntimeError(f"{url}: downloaded {got} of {size} bytes")
+    return got * 8 / (time.perf_counter() - t0) / 1e9
 
 
 WS_ECHO = """

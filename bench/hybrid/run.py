@@ -142,8 +142,8 @@ path = "hyco"
                 raise RuntimeError((tmp / "agent.log").read_text()[-2000:])
             time.sleep(0.2)
         ws_paths = {
-            "hybrid connection, relayd Python listener": (f"wss://localhost/$hc/py?sb-hc-action=connect", token("py")),
-            "hybrid connection, hyco-ws listener": (f"wss://localhost/$hc/hyco?sb-hc-action=connect", token("hyco")),
+            "hybrid connection, relayd Python listener": ("wss://localhost/$hc/py?sb-hc-action=connect", token("py")),
+            "hybrid connection, hyco-ws listener": ("wss://localhost/$hc/hyco?sb-hc-action=connect", token("hyco")),
             "relayd WebSocket endpoint (relay + agent)": ("wss://127.0.0.1/ws", "-"),
             "echo server directly": (f"ws://127.0.0.1:{wsb}/ws", "-"),
         }
@@ -161,10 +161,10 @@ path = "hyco"
         }
         http_rows = {}
         for name, (url, big, tok) in http_paths.items():
-            hdr = ["-H", f"ServiceBusAuthorization: {tok}"] if tok else []
+            hdr = [f"ServiceBusAuthorization: {tok}"] if tok else []
             base = url.split("/", 3)
-            rps, p99 = wrk_with(url, args.seconds, args.conns, hdr)
-            gbit = download_with(f"{base[0]}//{base[2]}{big}", hdr, ca)
+            rps, p99 = _hb.wrk(url, args.seconds, args.conns, headers=hdr)
+            gbit = _hb.download(f"{base[0]}//{base[2]}{big}", hdr, 64 << 20)
             http_rows[name] = (rps, p99, gbit)
         print(f"\nWebSocket: 64-byte echoes one at a time for {args.seconds} s (p50, p99), then sender connects "
               f"(handshake and close) one at a time for {args.seconds} s; Python websockets client\n")
@@ -191,26 +191,6 @@ path = "hyco"
     finally:
         procs.stop()
         subprocess.run(["rm", "-rf", str(tmp)])
-
-
-def wrk_with(url: str, seconds: int, conns: int, hdr: list) -> tuple[float, float]:
-    import re
-
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *hdr, url],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    return rps, float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
-
-
-def download_with(url: str, hdr: list, ca: str) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(["curl", "-sk", *hdr, "-o", "/dev/null", "-w", "%{size_download}", url],
-                       capture_output=True, text=True, timeout=300)
-    size = int(r.stdout or 0)
-    if size < (64 << 20):
-        raise RuntimeError(f"{url}: downloaded {size} bytes")
-    return size * 8 / (time.perf_counter() - t0) / 1e9
 
 
 if __name__ == "__main__":

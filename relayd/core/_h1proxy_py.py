@@ -706,10 +706,12 @@ class Framing:
                 raise _Refuse(502, "the service switched protocols unasked", "bad_response_head")
             what = SI_HEAD_SWITCH
         elif active.upgrade:
-            self.resp_close = True  # upgrade refused: nothing more to frame here
+            # Upgrade refused: this response ends the connection, so nothing
+            # more is framed after it (and it needs no second Connection: close).
+            self.resp_close = True
             out.append(b"Connection: close")
-        if status == 101:
-            pass
+        if what == SI_HEAD_SWITCH:
+            pass  # raw both ways from here: no body framing
         elif status == 204 or status == 304 or active.head_only:
             self.resp_left = 0
             what = SI_HEAD_EMPTY
@@ -725,11 +727,10 @@ class Framing:
                 raise _Refuse(502, "the service sent a bad Content-Length", "bad_response_head")
             self.resp_left = int(length)
             what = SI_HEAD_LENGTH if self.resp_left else SI_HEAD_EMPTY
-        else:
+        elif not self.resp_close:
             # Delimited by the close: the client must see it too.
             self.resp_close = True
-            if not active.upgrade:
-                out.append(b"Connection: close")
+            out.append(b"Connection: close")
         if not active.keep_alive and not self.resp_close and status != 101:
             # The client asked to close after this response (Connection:
             # close, or HTTP/1.0 without keep-alive): say so, then do it.

@@ -11,7 +11,7 @@ a listener ``renewToken`` and ``response`` (section 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import orjson
 
@@ -73,8 +73,6 @@ def split_query(query: str) -> tuple[dict, str]:
 
 def address(host: str, path: str, suffix: str, app_query: str, params: list[tuple[str, str]]) -> str:
     """A rendezvous address: ``wss://host/$hc/path[/suffix]?[app&]sb-hc-...``."""
-    from urllib.parse import quote
-
     full = path + ("/" + suffix if suffix else "")
     query = "&".join([app_query] * bool(app_query) + [f"{k}={quote(v, safe='')}" for k, v in params])
     return f"wss://{host}{HC_PREFIX}{quote(full, safe='/')}?{query}"

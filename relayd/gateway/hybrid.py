@@ -37,7 +37,7 @@ import orjson
 from relayd import metrics
 from relayd.control import sas
 from relayd.control.hybrid import Catalog, HybridConnection
-from relayd.core import hcwire, http1
+from relayd.core import h1proxy, hcwire, http1
 from relayd.core import wsframe as ws
 from relayd.core.wshandshake import Refuse, server_handshake
 from relayd.log import RateLimitedLog
@@ -54,9 +54,31 @@ ACCEPT_TIMEOUT = 30.0
 PING_INTERVAL = 30.0
 #: Bytes a waiting sender may send before its answer (it should send none).
 _MAX_EARLY = 64 * 1024
-# Headers of a sender's handshake that are the relay's, not the listener's.
-_NOT_FORWARDED = {b"servicebusauthorization", b"authorization", b"connection", b"upgrade", b"host",
-                  b"sec-websocket-extensions", b"content-length", b"transfer-encoding", b"te", b"keep-alive"}
+# A sender's header fields that are the relay's or the connection's, not the
+# listener's (hop-by-hop fields, the relay's token, its forwarding fields).
+_NOT_FOR_LISTENER = h1proxy.HOP_BY_HOP | {b"host", b"content-length", b"close", b"servicebusauthorization",
+                                          b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
+# ... and of a WebSocket sender's handshake (no extension is ever negotiated).
+_NOT_FOR_LISTENER_WS = _NOT_FOR_LISTENER | {b"authorization", b"sec-websocket-extensions"}
+
+
+def _listener_headers(head: http1.RequestHead, drop) -> dict:
+    """A sender's header fields for a listener (``connectHeaders``,
+    ``requestHeaders``): those not in ``drop``, repeated ones joined with
+    ", " (RFC 9110 5.3)."""
+    out: dict = {}
+    for name, value in head.headers:
+        if name.lower() not in drop:
+            n, v = name.decode("latin-1"), value.decode("latin-1")
+            out[n] = out[n] + ", " + v if n in out else v
+    return out
+
+
+def _refusal(status: int, reason: str, close: bool = True) -> bytes:
+    """An HTTP refusal as Azure words it: the reason phrase and the body
+    end with a tracking id."""
+    text = f"{reason}. TrackingId:{uuid.uuid4()}"
+    return http1.response(status, (text + "\n").encode(), close=close, reason=text.encode())
 
 
 def _gather(owner, ev) -> bytes | None:
@@ -191,10 +213,6 @@ class Pending:
 
 # -- HTTP mode -----------------------------------------------------------------------------------
 
-# Request headers that are the relay's or the connection's, not the listener's.
-_NOT_FOR_LISTENER = {b"connection", b"content-length", b"host", b"te", b"trailer", b"transfer-encoding",
-                     b"upgrade", b"close", b"keep-alive", b"proxy-connection", b"servicebusauthorization",
-                     b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
 # Response headers the relay writes itself.
 _NOT_FROM_LISTENER = {"connection", "content-length", "transfer-encoding", "keep-alive", "te", "trailer",
                       "upgrade", "proxy-connection", "via"}
@@ -218,7 +236,8 @@ class HttpRequest(LocalService):
         self.id = str(uuid.uuid4())
         self.key = secrets.token_urlsafe(24)
         self.target = target
-        self.auth_header = auth_header
+        # The header that carried the token is the relay's, not the listener's.
+        self.drop = _NOT_FOR_LISTENER | {auth_header} if auth_header is not None else _NOT_FOR_LISTENER
         self.parts: list = []  # body held for the control channel, or until the rendezvous opens
         self.size = 0
         self.ended = False
@@ -271,14 +290,7 @@ class HttpRequest(LocalService):
     def _message(self, full: bool) -> str:
         if not full:
             return orjson.dumps({"request": {"address": self._address(), "id": self.id}}).decode()
-        headers: dict = {}
-        for name, value in self.head.headers:
-            low = name.lower()
-            if low in _NOT_FOR_LISTENER or (self.auth_header is not None and low == self.auth_header):
-                continue
-            n = name.decode("latin-1")
-            v = value.decode("latin-1")
-            headers[n] = headers[n] + ", " + v if n in headers else v
+        headers = _listener_headers(self.head, self.drop)
         peer = self.ex.client
         return orjson.dumps({"request": {
             "address": self._address(), "id": self.id, "requestTarget": self.target,
@@ -480,8 +492,7 @@ class HybridGateway:
 
     def _refuse(self, transport, exc: HcRefusal) -> None:
         metrics.HC_REFUSALS.labels(exc.kind, str(exc.status)).inc()
-        reason = f"{exc.reason}. TrackingId:{uuid.uuid4()}"
-        transport.write(http1.response(exc.status, (reason + "\n").encode(), reason=reason.encode()))
+        transport.write(_refusal(exc.status, exc.reason))
         transport.close()
 
     def _entity(self, target: hcwire.Target) -> tuple[HybridConnection, str]:
@@ -607,11 +618,7 @@ class HybridGateway:
         host = head.get(b"host").decode("latin-1")
         addr = hcwire.address(host, hc.path, suffix, target.app_query,
                               [("sb-hc-action", "accept"), ("sb-hc-id", sid), (hcwire.RENDEZVOUS, key)])
-        headers = {}
-        for name, value in head.headers:
-            if name.lower() not in _NOT_FORWARDED:
-                n = name.decode("latin-1")
-                headers[n] = headers[n] + ", " + value.decode("latin-1") if n in headers else value.decode("latin-1")
+        headers = _listener_headers(head, _NOT_FOR_LISTENER_WS)
         lst.peer.send_text(hcwire.accept_message(addr, sid, headers, transport.get_extra_info("peername")[:2]))
 
     def _pick(self, live: list, head: http1.RequestHead) -> Listener:
@@ -642,8 +649,7 @@ class HybridGateway:
         """Answer a waiting sender with an error status."""
         self._drop_pending(p)
         metrics.hc_sender_error(p.hc.path, "ws", status)
-        text = f"{reason}. TrackingId:{uuid.uuid4()}"
-        p.transport.write(http1.response(status, (text + "\n").encode(), reason=text.encode()))
+        p.transport.write(_refusal(status, reason))
         p.transport.close()
 
     # -- rendezvous ------------------------------------------------------------------------------
@@ -744,8 +750,7 @@ class HybridGateway:
             if hc is not None:
                 metrics.hc_sender_error(hc.path, "http", exc.status)
             metrics.HC_REFUSALS.labels(exc.kind, str(exc.status)).inc()
-            reason = f"{exc.reason}. TrackingId:{uuid.uuid4()}"
-            ex.respond(http1.response(exc.status, (reason + "\n").encode(), close=False, reason=reason.encode()))
+            ex.respond(_refusal(exc.status, exc.reason, close=False))
             return LocalService()
         target = path + ("?" + app if app else "")
         req = HttpRequest(self, hc, head, ex, lst, target, auth_header)

@@ -9,7 +9,9 @@ from tests.adversarial.stack import Bystander, Stack
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    st = Stack(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    # A module may add to the relay's config (its STACK_CONFIG, TOML).
+    st = Stack(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]),
+               config=getattr(request.module, "STACK_CONFIG", ""))
     st.bystander = Bystander(st)
     yield st
     try:

@@ -175,7 +175,8 @@ class Stack:
     """relayd serve + relayd agent (processes) with echo, blob, sink and
     HTTP services; ``https`` routes web=app.example to the HTTP service."""
 
-    def __init__(self, tmp: Path, *, admission: str = "", agent: bool = True, extra_tcp=("noagent",)) -> None:
+    def __init__(self, tmp: Path, *, admission: str = "", config: str = "", agent: bool = True,
+                 extra_tcp=("noagent",)) -> None:
         self.tmp = tmp
         self.services = {"echo": serve(EchoHandler), "blob": serve(BlobHandler), "sink": serve(SinkHandler),
                          "cut": serve(CutHandler), "web": serve(HttpService)}
@@ -186,7 +187,7 @@ class Stack:
         self.ports = {k: free_port() for k in ("agents", "https", "metrics", *TCP, *extra_tcp)}
         self.data = tmp / "relay"
         conf = tmp / "relay.toml"
-        conf.write_text('[mux]\nping_interval = "1s"\nping_timeout = "3s"\n' + admission)
+        conf.write_text('[mux]\nping_interval = "1s"\nping_timeout = "3s"\n' + admission + config)
         args = ["serve", "--config", str(conf), "--data", str(self.data),
                 "--agents", f"127.0.0.1:{self.ports['agents']}", "--https", f"127.0.0.1:{self.ports['https']}",
                 "--hostname", "app.example", "--http", "web=app.example",

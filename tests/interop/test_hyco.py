@@ -17,7 +17,6 @@ import subprocess
 import time
 
 import pytest
-import websockets
 from websockets.asyncio.client import connect
 
 from relayd.control import sas
@@ -46,9 +45,12 @@ def port_443_free() -> bool:
             return False
 
 
-if NODE is None or not os.path.isdir(os.path.join(HERE, "node_modules", "hyco-ws")):
-    pytest.skip("node and the npm clients are installed by the test command (scripts/test.sh)",
-                allow_module_level=True)
+def need_npm_clients() -> None:
+    """The test command (scripts/test.sh) installs node and the pinned npm
+    clients: their absence is a broken setup, not a reason to skip."""
+    if NODE is None or not os.path.isdir(os.path.join(HERE, "node_modules", "hyco-ws")):
+        pytest.fail("node or the npm clients are missing: run the test command (scripts/test.sh), which installs "
+                    "them from tests/interop/hyco/package-lock.json")
 
 
 class NodePeer:
@@ -91,8 +93,9 @@ def expected(count: int, size: int) -> str:
 
 
 def with_node(tmp_path, body):
+    need_npm_clients()
     if not port_443_free():
-        pytest.skip("127.0.0.1:443 is in use")
+        pytest.fail("127.0.0.1:443 is in use: Microsoft's clients hard-code port 443, so these tests need it free")
 
     async def main():
         relay = await start_relay(tmp_path, endpoints=(), https=("127.0.0.1", 443), hostname="localhost",
