@@ -190,11 +190,16 @@ class ServeConfig:
     hybrid: Catalog = field(default_factory=Catalog)
     #: [hybrid] clock_skew: seconds a SAS token may be past its expiry
     hybrid_clock_skew: float = CLOCK_SKEW
+    #: [zerotrust]: the controller and this relay's gateway (relayd.control.zerotrust.ZtConfig)
+    zerotrust: object = None
     log_level: str = "info"
 
     @property
     def endpoints(self) -> set[str]:
-        return set(self.tcp) | set(self.http)
+        """Endpoint names agents may serve: the TCP and HTTP endpoints, and
+        ``site:<id>`` when this relay is a zero-trust site's gateway."""
+        site = {f"site:{self.zerotrust.site}"} if self.zerotrust is not None and self.zerotrust.site else set()
+        return set(self.tcp) | set(self.http) | site
 
     @property
     def advertised_https(self) -> tuple[str, int] | None:
@@ -288,9 +293,16 @@ class AgentConfig:
     websocket: WsConfig = AGENT_LINK
     #: TCP splices ([splice])
     splice: SpliceConfig = SPLICE
+    #: The zero-trust site this agent reaches services of, and the networks
+    #: it may dial for that site's users (its second line: the gateway's
+    #: filter decides first).
+    site: str | None = None
+    site_networks: list = field(default_factory=list)
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
+        if self.site is not None and not self.site_networks:
+            raise ConfigError("config key 'agent.site_networks': a site agent needs the networks it may reach")
         for name, b in self.backend_tls.items():
             key = f"agent.endpoints.{name}"
             if name not in self.endpoints:
@@ -319,7 +331,8 @@ class AgentConfig:
 
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
                "http", "gateway_timeout", "drain"}
-_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain"}
+_AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain", "site",
+               "site_networks"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout", "window_idle"}
 
 
@@ -373,7 +386,8 @@ def _mux(table) -> MuxConfig:
 
 
 def _common(doc: dict, cfg) -> None:
-    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "splice", "hybrid", "log"},
+    top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "splice", "hybrid", "zerotrust",
+                       "log"},
                  "<top>") if doc else {}
     if "splice" in top:
         cfg.splice = _limits(top["splice"], SpliceConfig, "splice", set())
@@ -464,6 +478,8 @@ def load_serve(path: Path | None) -> ServeConfig:
         cfg.http_limits = _limits(doc["http"], HttpLimits, "http", {"head_timeout", "idle_timeout"})
     if "hybrid" in doc:
         cfg.hybrid, cfg.hybrid_clock_skew = _hybrid(doc["hybrid"])
+    if "zerotrust" in doc:
+        cfg.zerotrust = _zerotrust(doc["zerotrust"])
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
     if "data" in s:
         cfg.data = Path(_str(s["data"], "serve.data"))
@@ -523,6 +539,10 @@ def load_agent(path: Path | None) -> AgentConfig:
         cfg.connect_timeout = parse_duration(a["connect_timeout"], "agent.connect_timeout")
     if "drain" in a:
         cfg.drain = parse_duration(a["drain"], "agent.drain")
+    if "site" in a:
+        cfg.site = _check_name(_str(a["site"], "agent.site"), "agent.site")
+    if "site_networks" in a:
+        cfg.site_networks = parse_networks(a["site_networks"], "agent.site_networks")
     eps = a.get("endpoints", {})
     if not isinstance(eps, dict):
         raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")
@@ -550,6 +570,57 @@ def load_agent(path: Path | None) -> AgentConfig:
         else:
             cfg.endpoints[name] = parse_hostport(v, key)
     return cfg
+
+
+def parse_networks(value, key: str) -> list:
+    """A list of CIDRs (``"10.0.0.0/8"``) or a comma-separated string."""
+    import ipaddress
+
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"config key '{key}': expected a list of CIDRs")
+    out = []
+    for n in items:
+        try:
+            out.append(ipaddress.ip_network(str(n).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"config key '{key}': {n!r} is not a CIDR") from None
+    return out
+
+
+def _zerotrust(t):
+    from relayd.control.oidc import Provider
+    from relayd.control.zerotrust import ZtConfig
+
+    t = _known(t, {"site", "claims_ttl", "entitlement_ttl", "device_limit", "revocation_mode", "max_staleness",
+                   "providers"}, "zerotrust")
+    z = ZtConfig()
+    if "site" in t:
+        z.site = _check_name(_str(t["site"], "zerotrust.site"), "zerotrust.site")
+    for k in ("claims_ttl", "entitlement_ttl", "max_staleness"):
+        if k in t:
+            setattr(z, k, parse_duration(t[k], f"zerotrust.{k}"))
+    if "device_limit" in t:
+        if not isinstance(t["device_limit"], int) or t["device_limit"] < 0:
+            raise ConfigError("config key 'zerotrust.device_limit': a number, 0 or more")
+        z.device_limit = t["device_limit"]
+    if "revocation_mode" in t:
+        z.revocation_mode = _str(t["revocation_mode"], "zerotrust.revocation_mode")
+    provs = t.get("providers", {})
+    if not isinstance(provs, dict):
+        raise ConfigError("config key 'zerotrust.providers': expected [zerotrust.providers.NAME] tables")
+    for name, p in provs.items():
+        key = f"zerotrust.providers.{name}"
+        _check_name(name, key)
+        p = _known(p, {"issuer", "client_id", "client_secret", "scopes", "groups_claim", "username_claim", "ca"}, key)
+        for need in ("issuer", "client_id", "client_secret"):
+            if need not in p:
+                raise ConfigError(f"config key '{key}.{need}' is required")
+        z.providers[name] = Provider(name, _str(p["issuer"], key + ".issuer"), _str(p["client_id"], key),
+                                     _str(p["client_secret"], key), **{k: _str(p[k], f"{key}.{k}") for k in
+                                                                      ("scopes", "groups_claim", "username_claim",
+                                                                       "ca") if k in p})
+    return z.validate()
 
 
 def parse_endpoint_flag(text: str, flag: str) -> tuple[str, tuple[str, int]]:

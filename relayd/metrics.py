@@ -109,3 +109,18 @@ HC_RESPONSE_SECONDS = Histogram("relayd_hc_http_response_seconds",
                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 HC_REFUSALS = Counter("relayd_hc_refusals_total", "Hybrid-connection handshakes refused, by kind",
                       ["kind", "code"])
+
+# Zero-trust access (docs/zero-trust.md): labels are reasons, verdicts and
+# sites, never a user, a token or an address.
+ZT_TOKEN_REJECTIONS = Counter("relayd_token_rejections_total", "Zero-trust tokens or certificates refused",
+                              ["reason"])
+ZT_LOGINS = Counter("relayd_zt_logins_total", "Sign-ins", ["provider", "result"])
+ZT_RENEWALS = Counter("relayd_zt_renewals_total", "Session renewals", ["result"])
+ZT_STEPUPS = Counter("relayd_zt_stepups_total", "Step-ups verified by the controller", ["method", "result"])
+ZT_DECISIONS = Counter("relayd_zt_flow_decisions_total", "Flow decisions at the gateway", ["site", "verdict"])
+ZT_SESSIONS = Gauge("relayd_zt_sessions", "Live user sessions at the gateway", ["site"])
+ZT_FLOWS_CUT = Counter("relayd_zt_flows_cut_total", "Live flows cut by a revocation or a re-evaluation",
+                       ["site", "why"])
+ZT_REVOCATIONS = Counter("relayd_zt_revocations_applied_total", "Revocation entries a gateway applied", ["op"])
+ZT_FLOW_OPEN_SECONDS = Histogram("relayd_zt_flow_open_seconds", "From a flow's request to the agent's dial",
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

@@ -20,6 +20,7 @@ connection, so traffic never stops for it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import hmac
 import logging
 import random
@@ -35,7 +36,7 @@ from relayd.config import AgentConfig, format_hostport, parse_hostport
 from relayd.control.ca import cert_info, generate_key_and_csr, pin_of, write_private
 from relayd.control.jointoken import JoinToken
 from relayd.core import wire
-from relayd.core.wire import KIND_CONTROL, StreamHeader, VersionMismatch
+from relayd.core.wire import KIND_CONTROL, KIND_DIAL, StreamHeader, VersionMismatch
 from relayd.core.framing import FramingError
 from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
 from relayd.net import control, tls
@@ -247,8 +248,8 @@ class AgentNode:
                 log.info("already enrolled with this relay; ignoring the join token",
                          extra={"agent": ident["agent_id"]})
         self.identity = ident
-        if not self.cfg.endpoints:
-            raise ConfigError("the agent serves no endpoint: give --endpoint NAME=HOST:PORT")
+        if not self.cfg.endpoints and not self.cfg.site:
+            raise ConfigError("the agent serves no endpoint: give --endpoint NAME=HOST:PORT (or --site)")
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
 
@@ -320,7 +321,7 @@ class AgentNode:
 
     async def _session(self) -> None:
         pre = ClientPreamble(
-            wire.TunnelRequest(tuple(sorted(self.cfg.endpoints))),
+            wire.TunnelRequest(tuple(sorted(self.cfg.endpoints)) + ((f"site:{self.cfg.site}",) if self.cfg.site else ())),
             make_protocol=lambda reply: MuxConnection(True, self.cfg.mux, on_stream=self._on_stream,
                                                       name=self.identity["agent_id"]),
         )
@@ -357,7 +358,13 @@ class AgentNode:
             # header usually arrives with the SYN, so the read does not wait.
             async with asyncio.timeout(self.cfg.connect_timeout):
                 header = StreamHeader.decode(await stream.read_message())
-                if header.kind != KIND_CONTROL:
+                if header.kind == KIND_DIAL:
+                    target = self._site_target(header)
+                    if target is None:
+                        stream.reset()
+                        return
+                    await loop.create_connection(lambda: TcpSplice(stream, limits=self.cfg.splice), *target)
+                elif header.kind != KIND_CONTROL:
                     target = self.cfg.endpoints.get(header.target)
                     if target is None:
                         log.warning("stream for an endpoint this agent does not serve",
@@ -389,6 +396,26 @@ class AgentNode:
             await self._control(stream)
             return
         self.streams_served += 1
+
+    def _site_target(self, header: StreamHeader) -> tuple[str, int] | None:
+        """A zero-trust flow's address, if this agent serves that site and
+        the address is inside the site's networks (the second line behind
+        the gateway's filter)."""
+        host, _, port = header.dest.partition(" ")
+        try:
+            addr = ipaddress.ip_address(host)
+            p = int(port)
+        except ValueError:
+            addr, p = None, 0
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if (self.cfg.site is None or header.target != f"site:{self.cfg.site}" or addr is None
+                or not 0 < p < 65536 or not any(addr.version == n.version and addr in n
+                                                for n in self.cfg.site_networks)):
+            log.warning("dial outside this agent's site networks refused",
+                        extra={"endpoint": header.target[:64], "trace": header.trace[:32]})
+            return None
+        return str(addr), p
 
     async def push(self, type_: str, **fields) -> bool:
         """Send one control message to the relay (over this link's control

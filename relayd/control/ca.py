@@ -36,7 +36,7 @@ import re
 import secrets
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -458,3 +458,74 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
+
+    def sign_user_csr(self, csr_pem: bytes, provider: str, username: str, device_id: str, sid: str,
+                      not_after: float) -> bytes:
+        """A zero-trust user's session certificate (PEM) from the user CA
+        (``../shared/specs/zero-trust.md`` 4.1): subject
+        ``[OU=provider, CN=username, CN=device]`` written by the CA (the
+        CSR's is ignored), P-256 keys only, valid from 60 s ago until
+        ``not_after``, clientAuth only, SAN ``urn:relayd:session:<sid>``."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            valid = csr.is_signature_valid
+            public_key = csr.public_key()
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise AuthError("malformed certificate request") from None
+        if not valid:
+            raise AuthError("certificate request signature is invalid")
+        if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
+            raise AuthError("certificate request key must be ECDSA P-256")
+        now = _now()
+        end = datetime.datetime.fromtimestamp(not_after, datetime.timezone.utc)
+        ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(user_subject(provider, username, device_id))
+            .issuer_name(self._cert.subject)
+            .public_key(public_key)
+            .serial_number(_random_serial())
+            .not_valid_before(now - datetime.timedelta(seconds=60))
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                "urn:relayd:session:" + sid)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def issued(self, cert: x509.Certificate) -> bool:
+        """Whether this CA signed ``cert`` (issuer name and signature)."""
+        try:
+            cert.verify_directly_issued_by(self._cert)
+            return True
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            return False
+
+
+def user_subject(provider: str, username: str, device_id: str) -> x509.Name:
+    """A session certificate's subject as a DER sequence ``[OU, CN, CN]``:
+    printed RFC 4514 style (last first) it reads
+    ``CN=<device>,CN=<username>,OU=<provider>``, Appgate's DN."""
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, provider),
+                      x509.NameAttribute(NameOID.COMMON_NAME, username),
+                      x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+
+
+def subject_triple(cert: x509.Certificate) -> tuple[str, str, str] | None:
+    """(provider, username, device id) of a session certificate, compared
+    as typed values, never by splitting strings; None if its subject is not
+    exactly ``[OU, CN, CN]`` with one value each."""
+    rdns = list(cert.subject.rdns)
+    if len(rdns) != 3 or any(len(r) != 1 for r in rdns):
+        return None
+    attrs = [next(iter(r)) for r in rdns]
+    if [a.oid for a in attrs] != [NameOID.ORGANIZATIONAL_UNIT_NAME, NameOID.COMMON_NAME, NameOID.COMMON_NAME]:
+        return None
+    if not all(isinstance(a.value, str) for a in attrs):
+        return None
+    return attrs[0].value, attrs[1].value, attrs[2].value

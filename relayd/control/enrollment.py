@@ -36,6 +36,11 @@ class Enrollment:
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         if not der:
             raise AuthError("this request needs the agent's client certificate")
+        from cryptography import x509
+
+        if not self.ca.issued(x509.load_der_x509_certificate(der)):
+            # The HTTPS port also verifies user certificates (zero-trust).
+            raise AuthError("the client certificate is not from the agent CA")
         info = cert_info(der)
         agent_id = info.get("agent_id") or info.get("common_name")
         if not agent_id:

@@ -68,7 +68,7 @@ from relayd.errors import AuthError, ConfigError, DataDirError, RevokedError, St
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 #: Spent or expired join tokens are kept this long (so that a late attempt
 #: gets "expired"/"already used" rather than "unknown"), then purged.
@@ -125,6 +125,68 @@ _MIGRATIONS: list[str] = [
         created_at    REAL NOT NULL,
         PRIMARY KEY (scope, name)
     );
+    """,
+    # 3: zero-trust users, devices, sessions, policy and revocations
+    # (relayd.control.ztstore; ../shared/specs/zero-trust.md)
+    """
+    CREATE TABLE zt_users (
+        provider      TEXT NOT NULL,
+        username      TEXT NOT NULL,
+        password_hash TEXT,
+        totp_secret   TEXT,
+        totp_step     INTEGER NOT NULL DEFAULT 0,
+        email         TEXT,
+        attrs         TEXT NOT NULL DEFAULT '{}',
+        created_at    REAL NOT NULL,
+        PRIMARY KEY (provider, username)
+    );
+    CREATE TABLE zt_groups (
+        provider TEXT NOT NULL,
+        username TEXT NOT NULL,
+        grp      TEXT NOT NULL,
+        PRIMARY KEY (provider, username, grp)
+    );
+    CREATE TABLE zt_devices (
+        device_id      TEXT NOT NULL,
+        provider       TEXT NOT NULL,
+        username       TEXT NOT NULL,
+        onboard_sha256 TEXT NOT NULL,
+        hostname       TEXT,
+        first_seen     REAL NOT NULL,
+        last_seen      REAL NOT NULL,
+        PRIMARY KEY (device_id, provider, username)
+    );
+    CREATE TABLE zt_sessions (
+        sid         TEXT PRIMARY KEY,
+        provider    TEXT NOT NULL,
+        username    TEXT NOT NULL,
+        device_id   TEXT NOT NULL,
+        cert_sha256 TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        auth        TEXT NOT NULL,
+        stepup      TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE zt_policy (
+        kind TEXT NOT NULL,
+        id   TEXT NOT NULL,
+        body TEXT NOT NULL,
+        rev  INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE zt_revocations (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        op            TEXT NOT NULL,
+        selector      TEXT NOT NULL,
+        types         TEXT NOT NULL,
+        issued_before REAL NOT NULL,
+        effective_at  REAL NOT NULL,
+        expires_at    REAL NOT NULL,
+        reason        TEXT NOT NULL,
+        actor         TEXT NOT NULL
+    );
+    INSERT INTO meta(key, value) VALUES ('zt_pv', 0);
     """,
 ]
 
@@ -330,12 +392,17 @@ class Store:
     def _write(self) -> Store._Txn:
         return Store._Txn(self)
 
+    #: For the stores of other parts over the same database (relayd.control.ztstore).
+    transaction = _write
+
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:
             try:
                 return self._db.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise self._failed("read", exc) from None
+
+    query = _read
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> None:

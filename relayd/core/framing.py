@@ -23,10 +23,10 @@ class FramingError(ProtocolError):
     """A length-prefixed message that is too large or not a msgpack map."""
 
 
-def encode_message(message: dict) -> bytes:
+def encode_message(message: dict, limit: int = MAX_MESSAGE) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    if len(body) > limit:
+        raise ValueError(f"message of {len(body)} bytes exceeds {limit}")
     return _LEN.pack(len(body)) + body
 
 

@@ -40,6 +40,7 @@ from relayd.gateway.tcp import TcpEndpoints
 from relayd.net import admission, tls
 from relayd.control.hybrid import Catalog
 from relayd.gateway.hybrid import HybridGateway
+from relayd.gateway.zerotrust import ZtGateway
 from relayd.net.http_ingress import HttpConnection, Route, RouteTable, parse_route
 from relayd.net.preamble import ServerPreamble
 from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
@@ -73,6 +74,7 @@ class RelayNode:
         self.routes: RouteTable | None = None  # the HTTPS front door's
         self._agent_route: Route | None = None
         self.hybrid: HybridGateway | None = None  # with the HTTPS port
+        self.zt: ZtGateway | None = None  # the zero-trust controller API and gateway, with the HTTPS port
         self._listeners_timer = None
         self.stopped = asyncio.Event()
 
@@ -190,6 +192,8 @@ class RelayNode:
                 self._servers.append(await metrics.serve_metrics(sock))
             self.metrics_port = metrics_socks[0].getsockname()[1]
         self._tasks += self.agent_port.start()
+        if self.zt is not None:
+            self.zt.start()
         log.info("relay listening", extra={
             "agents": format_hostport((host, self.agents_port)),
             "endpoints": ",".join(f"{n}={format_hostport((h, self.tcp_ports[n]))}" for n, (h, _) in self.cfg.tcp.items()),
@@ -199,9 +203,18 @@ class RelayNode:
         """The HTTPS front door: each request routed on its own, to the
         relay's own services (the agent link, on any host name) or to the
         HTTP endpoints."""
-        # Its own context, so user certificates (SNI) apply there only.
+        # Its own context, so user certificates (SNI) apply there only. Client
+        # certificates of both CAs verify here: agents' (the agent link) and
+        # users' (zero-trust sessions); each service checks that the one
+        # presented comes from its own CA.
+        from relayd.control.zerotrust import Controller, ZtConfig
+        from relayd.control.ztstore import ZtStore
+
+        controller = Controller(self.data, ZtStore(self.store), self.cfg.zerotrust or ZtConfig())
         hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
                                   client_ca=str(self.ca_path))
+        hctx.load_verify_locations(cadata=controller.user_ca.cert_pem.decode())
+        self.zt = ZtGateway(controller, self.seam, (self.cfg.zerotrust or ZtConfig()).site)
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:
@@ -221,7 +234,8 @@ class RelayNode:
                                      ticket=ticket, limits=limits))
 
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
-        return [self._agent_route] + self.hybrid.routes() + [parse_route(name, r) for name, r in cfg.http.items()]
+        return ([self._agent_route] + self.hybrid.routes() + self.zt.routes()
+                + [parse_route(name, r) for name, r in cfg.http.items()])
 
     def _names(self) -> list[str]:
         """The relay's own host names: its certificate's, where its hybrid
@@ -336,6 +350,8 @@ class RelayNode:
         if self.hybrid is not None:
             self.hybrid.stop()
             self._write_listeners()
+        if self.zt is not None:
+            self.zt.stop()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:

@@ -42,16 +42,17 @@ Ready = Callable[..., None]  # ready(stream, reason)
 class Opening:
     """A request held for an agent during the grace period."""
 
-    __slots__ = ("seam", "endpoint", "client", "ready", "kind", "identity", "timer")
+    __slots__ = ("seam", "endpoint", "client", "ready", "kind", "identity", "dest", "timer")
 
     def __init__(self, seam: "StreamSeam", endpoint: str, client: str, ready: Ready, kind: str,
-                 identity: str) -> None:
+                 identity: str, dest: str = "") -> None:
         self.seam = seam
         self.endpoint = endpoint
         self.client = client
         self.ready = ready
         self.kind = kind
         self.identity = identity
+        self.dest = dest
         self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
@@ -91,20 +92,21 @@ class StreamSeam:
         registry.on_added.append(self._agent_added)
 
     def open(self, endpoint: str, client: str, ready: Ready, kind: str = KIND_TCP,
-             identity: str = "") -> Opening | None:
+             identity: str = "", dest: str = "") -> Opening | None:
         """Open a stream of ``kind`` to an agent serving ``endpoint`` for
-        ``client`` (who is ``identity``, if known)."""
+        ``client`` (who is ``identity``, if known; ``dest``: where a dial
+        stream goes)."""
         if self.allow is not None and not self.allow(endpoint, client):
             self._refuse(endpoint, client, "denied", ready)
             return None
         sess = self.registry.pick(endpoint)
         if sess is not None:
-            self._open_on(sess, endpoint, client, ready, kind, identity)
+            self._open_on(sess, endpoint, client, ready, kind, identity, dest)
             return None
         if self.grace <= 0:
             self._refuse(endpoint, client, "no_agent", ready)
             return None
-        op = Opening(self, endpoint, client, ready, kind, identity)
+        op = Opening(self, endpoint, client, ready, kind, identity, dest)
         op.timer = asyncio.get_running_loop().call_later(self.grace, self._give_up, op)
         self._waiting.setdefault(endpoint, []).append(op)
         return op
@@ -138,7 +140,7 @@ class StreamSeam:
         return f"{self._trace_prefix}{self._trace_seq:x}"
 
     def _open_on(self, sess: AgentSession, endpoint: str, client: str, ready: Ready, kind: str,
-                 identity: str) -> None:
+                 identity: str, dest: str = "") -> None:
         try:
             st = sess.conn.open_stream_nowait()
         except RelaydError as exc:
@@ -146,7 +148,7 @@ class StreamSeam:
             self._refuse(endpoint, client, "agent_busy", ready)
             return
         trace = self._trace()
-        st.send_nowait(StreamHeader(kind, endpoint, trace, client, identity).encode())
+        st.send_nowait(StreamHeader(kind, endpoint, trace, client, identity, dest).encode())
         agent = sess.agent_id
         children = self._children.get((endpoint, agent))
         if children is None:
@@ -192,7 +194,7 @@ class StreamSeam:
                 if target is None:
                     self._refuse(endpoint, op.client, "no_agent", op.ready)
                 else:
-                    self._open_on(target, endpoint, op.client, op.ready, op.kind, op.identity)
+                    self._open_on(target, endpoint, op.client, op.ready, op.kind, op.identity, op.dest)
 
     def _give_up(self, op: Opening) -> None:
         if self._forget(op):

@@ -52,7 +52,7 @@ class Route:
       gets the request head (a relayd.core.http1.RequestHead) and a
       LocalExchange, and returns a LocalService, which gets the body as it
       comes (de-chunked) and writes its response through the exchange as it
-      goes. ``buffered(fn)`` makes one of ``await fn(head, body) -> Reply``.
+      goes. ``buffered(fn)`` makes one of ``await fn(head, body, exchange) -> Reply``.
     * ``local``: a service that takes the connection over (an upgrade):
       ``local(head, transport, rest)`` gets the head, the transport and the
       bytes after the head.
@@ -70,8 +70,10 @@ def parse_route(name: str, text: str) -> Route:
     (``app/api/`` and ``app/api`` are the same route)."""
     host, slash, prefix = text.partition("/")
     prefix = prefix.strip("/")
-    if prefix == ".relayd" or prefix.startswith(".relayd/"):
-        raise ConfigError(f"HTTP endpoint {name}: the path /.relayd is the relay's own (its agent link)")
+    for own in (".relayd", "_relayd"):
+        if prefix == own or prefix.startswith(own + "/"):
+            raise ConfigError(f"HTTP endpoint {name}: the path /{own} is the relay's own (its agent link, "
+                              "its zero-trust API)")
     return Route(name, host.lower(), "/" + prefix if prefix else "/")
 
 
@@ -591,7 +593,8 @@ class LocalExchange:
 
 def buffered(fn, max_body: int = http1.LIMITS.max_queued_body):
     """A Route.serve for a service that takes the whole body and answers
-    once: ``await fn(head, body)`` returns a relayd.core.http1.Reply. A body
+    once: ``await fn(head, body, exchange)`` returns a relayd.core.http1.Reply
+    (the exchange tells who asks: its client, its TLS peer). A body
     over ``max_body`` gets 413; a service that raises, 500 (counted, logged
     by code location only)."""
 
@@ -620,7 +623,7 @@ class _Buffered(LocalService):
 
     def end(self) -> None:
         if self.parts is not None:
-            self.task = asyncio.ensure_future(self.fn(self.head, b"".join(self.parts)))
+            self.task = asyncio.ensure_future(self.fn(self.head, b"".join(self.parts), self.ex))
             self.task.add_done_callback(self._done)
 
     def lost(self) -> None:

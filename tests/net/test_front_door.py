@@ -158,7 +158,7 @@ class Responder:
         self.fail = fail
         self.gate = None
 
-    async def __call__(self, head, body):
+    async def __call__(self, head, body, ex):
         self.got.append((head.method, head.target, body))
         if self.gate is not None:
             await self.gate.wait()

@@ -1,0 +1,735 @@
+"""Zero-trust access on the relay's HTTPS port: the controller's API and the
+gateway's user sessions (``../shared/specs/zero-trust.md`` sections 3 to 8).
+
+Controller API (JSON; under the relay's own prefix ``/_relayd/v1``, any
+host name): ``GET providers``, ``POST login``, then over mTLS with the
+session certificate and ``Authorization: Bearer <claims token>``: ``POST
+entitlements``, ``POST session/renew``, ``POST stepup``. The controller
+(relayd.control.zerotrust) runs in a worker thread.
+
+Gateway session: ``wss://<relay>/_relayd/v1/session`` over mTLS with the
+session certificate. The WebSocket carries a yamux session (the agent
+link's stack). The client's first stream is the control stream: ``hello``
+(claims token, this site's entitlement token, device claims, cached
+reasons) answered by ``welcome``, then ``claims`` / ``entitlements`` /
+``device`` / ``reason`` updates from the client and ``interaction`` /
+``interaction_done`` / ``renew`` / ``closed`` from the gateway. Every
+other stream is one flow: ``{proto, host, port}`` answered by ``ok``,
+``denied`` or ``stepup_required``; an allowed flow is spliced to a new
+stream toward an agent of the site, opened through the one stream seam
+(``dial``, the address the filter admitted).
+
+The session's rules are compiled from its tokens, the live device report,
+the gateway's system claims, the reasons given and the clock into a
+relayd.core.flowfilter RuleSet, swapped whole; every recompile matches the
+live flows again and cuts those no longer allowed. Every decision writes an
+audit record (logger ``relayd.audit``): who, from which device, where, the
+rule, the verdict; never a token, a credential or payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from urllib.parse import parse_qs
+
+import orjson
+
+from relayd import metrics
+from relayd.control import jws
+from relayd.control import policy as pol
+from relayd.control.zerotrust import Controller, Refused, device_claims, reject, token_facts
+from relayd.core import flowfilter as ff
+from relayd.core import http1
+from relayd.core.wire import KIND_DIAL
+from relayd.core.wshandshake import Refuse, server_handshake
+from relayd.errors import RelaydError
+from relayd.log import RateLimitedLog, caught
+from relayd.net.http_ingress import Route, buffered
+from relayd.net.mux import MuxConnection, MuxStream
+from relayd.net.wslink import WsProtocol
+
+log = logging.getLogger("relayd.zerotrust")
+audit_log = logging.getLogger("relayd.audit")
+_LOG = RateLimitedLog(log)
+
+PREFIX = "/_relayd/v1"
+SESSION_PATH = PREFIX + "/session"
+#: Seconds an interaction stays open; at most one re-send per condition in this many seconds.
+INTERACTION_TTL = 300.0
+INTERACTION_RESEND = 30.0
+#: Address ranges no flow reaches unless a rule names them explicitly
+#: (metadata services, loopback, link-local): a /0 or /8 allow does not.
+_GUARDED = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10", "0.0.0.0/8")]
+_PROTOS = {"tcp": ff.TCP}
+_DNS_MIN, _DNS_MAX = 30.0, 300.0
+
+
+def _json(status: int, doc) -> http1.Reply:
+    return http1.Reply(status, orjson.dumps(doc), b"application/json")
+
+
+def _error(status: int, code: str, message: str) -> http1.Reply:
+    return _json(status, {"error": code, "message": message})
+
+
+def _peer_der(ex) -> bytes | None:
+    sslobj = ex.conn.transport.get_extra_info("ssl_object")
+    return sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+
+
+def _bearer(head) -> str | None:
+    v = head.header(b"authorization") if hasattr(head, "header") else None
+    if v is None:
+        for name, value in head.headers:
+            if name.lower() == b"authorization":
+                v = value
+                break
+    if v is None or not v[:7].lower() == b"bearer ":
+        return None
+    return v[7:].strip().decode("latin-1")
+
+
+class ZtGateway:
+    """The controller API and the gateway sessions of one relay."""
+
+    def __init__(self, controller: Controller, seam, site: str | None, admin_check=None) -> None:
+        self.ctl = controller
+        self.seam = seam
+        self.site = site
+        self.sessions: dict[str, "UserSession"] = {}  # sid -> live session here
+        self.admin_check = admin_check  # (head) -> bool, for the admin API
+        self.dns: dict[str, tuple[float, list]] = {}
+        controller.listeners.append(self._revocations)
+        self._gauge = metrics.ZT_SESSIONS.labels(site or "-")
+        self._poll_task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.admin = None  # relayd.gateway.ztadmin.AdminApi, set by the node
+
+    def routes(self) -> list[Route]:
+        return [Route("", "*", PREFIX, serve=buffered(self._api, 1 << 20)),
+                Route("", "*", SESSION_PATH, local=self._upgrade)]
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._poll_task = self.loop.create_task(self._poll())
+
+    def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        for s in list(self.sessions.values()):
+            s.close(1001, "going_away", "the relay is stopping")
+
+    async def _poll(self) -> None:
+        """Revocations other processes append (`relayd admin revoke`):
+        four times a second, so a kill reaches live flows within a second."""
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await asyncio.to_thread(self.ctl.poll)
+            except RelaydError as exc:
+                _LOG.warning("revocation poll failed: %s", exc)
+            except Exception as exc:  # keep polling whatever one round did
+                caught("zt_poll", exc)
+
+    def fresh(self) -> bool:
+        """Whether new sessions and flows may start (strict mode: the
+        revocation view is recent enough)."""
+        if self.ctl.cfg.revocation_mode != "strict":
+            return True
+        return time.monotonic() - self.ctl.view.fresh_at <= self.ctl.cfg.max_staleness
+
+    # -- the controller's API ---------------------------------------------------
+
+    async def _api(self, head, body: bytes, ex) -> http1.Reply:
+        path = head.path.split(b"?", 1)[0].decode("latin-1")
+        sub = path[len(PREFIX):]
+        try:
+            if sub.startswith("/admin/") or sub == "/openapi.json":
+                if self.admin is None:
+                    return _error(404, "not_found", "no admin API on this relay")
+                return await self.admin.handle(head, sub, body)
+            if sub == "/providers" and head.method == b"GET":
+                return _json(200, await asyncio.to_thread(self.ctl.providers))
+            if head.method != b"POST":
+                return _error(405 if sub in ("/login", "/entitlements", "/session/renew", "/stepup") else 404,
+                              "not_found", "no such API")
+            try:
+                doc = orjson.loads(body) if body else {}
+            except orjson.JSONDecodeError:
+                metrics.BAD_INPUT.labels("zt_api", "json").inc()
+                return _error(400, "bad_request", "the body is not JSON")
+            if not isinstance(doc, dict):
+                return _error(400, "bad_request", "the body is not a JSON object")
+            client = ex.client[0]
+            if sub == "/login":
+                return _json(200, await asyncio.to_thread(self.ctl.login, doc, client))
+            der = _peer_der(ex)
+            token = _bearer(head)
+            if token is None:
+                raise reject("no_token", "Authorization: Bearer <claims token> is required")
+            if sub == "/entitlements":
+                return _json(200, await asyncio.to_thread(self.ctl.entitlements, token, der))
+            if sub == "/session/renew":
+                return _json(200, await asyncio.to_thread(self.ctl.renew, token, der, doc))
+            if sub == "/stepup":
+                return _json(200, await asyncio.to_thread(self.ctl.stepup, token, der, doc))
+            return _error(404, "not_found", "no such API")
+        except Refused as exc:
+            _LOG.info("zero-trust request refused", extra={"api": sub[:32], "reason": exc.reason,
+                                                           "client": ex.client[0]})
+            return _error(exc.status, exc.reason, str(exc))
+        except RelaydError as exc:
+            _LOG.info("zero-trust request refused", extra={"api": sub[:32], "reason": type(exc).__name__})
+            return _error(getattr(exc, "status", 400), getattr(exc, "code", "bad_request"), str(exc))
+
+    # -- sessions ---------------------------------------------------------------
+
+    def _upgrade(self, head, transport, rest: bytes) -> None:
+        res = server_handshake(head.method, head.target, head.headers)
+        if isinstance(res, Refuse):
+            metrics.BAD_INPUT.labels("zt_session", "bad_upgrade").inc()
+            transport.write(http1.response(res.status, (res.reason + "\n").encode(), headers=list(res.headers)))
+            transport.close()
+            return
+        sslobj = transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der or self.site is None:
+            metrics.ZT_TOKEN_REJECTIONS.labels("no_certificate" if self.site else "no_site").inc()
+            why = b"a session certificate is required\n" if self.site else b"this relay is no site's gateway\n"
+            transport.write(http1.response(401 if self.site else 404, why))
+            transport.close()
+            return
+        transport.write(res.response)
+        sess = UserSession(self, der, transport.get_extra_info("peername"))
+        proto = WsProtocol(sess.mux, client=False)
+        sess.ws = proto
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if rest:
+            proto.data_received(rest)
+
+    def _revocations(self, entries: list[dict]) -> None:
+        """New revocation entries, heard from any thread (the controller
+        runs in worker threads): applied on the loop, in order."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._apply, entries)
+
+    def _apply(self, entries: list[dict]) -> None:
+        now = time.time()
+        for e in entries:
+            metrics.ZT_REVOCATIONS.labels(e["op"]).inc()
+            for s in list(self.sessions.values()):
+                s.revocation(e, now)
+
+    async def resolve(self, name: str) -> list[str]:
+        """A host name's addresses (cached 30 s to 5 min); IPv4-mapped
+        IPv6 becomes IPv4."""
+        name = name.lower().rstrip(".")
+        hit = self.dns.get(name)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(name, None, proto=6)
+        except OSError:
+            infos = []
+        addrs = []
+        for info in infos:
+            a = ipaddress.ip_address(info[4][0].split("%")[0])
+            if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+                a = a.ipv4_mapped
+            if str(a) not in addrs:
+                addrs.append(str(a))
+        self.dns[name] = (now + (_DNS_MIN if not addrs else 60.0), addrs)
+        return addrs
+
+
+class UserSession:
+    """One client's session at this gateway."""
+
+    def __init__(self, gw: ZtGateway, cert_der: bytes, peer) -> None:
+        self.gw = gw
+        self.loop = asyncio.get_running_loop()
+        self.cert_der = cert_der
+        self.peer = peer[0] if peer else "?"
+        self.mux = MuxConnection(False, on_stream=self._on_stream, name="zt-session")
+        self.mux.closed_future.add_done_callback(lambda _f: self._ended())
+        self.ws: WsProtocol | None = None
+        self.control: MuxStream | None = None
+        self.claims: dict | None = None
+        self.ents: dict | None = None
+        self.sid: str | None = None
+        self.device: dict = {}
+        self.device_at = 0.0
+        self.reasons: dict = {}  # suffix -> (at, text)
+        self.connect_time = int(time.time())
+        self.rules = ff.RuleSet([], 0)
+        self.states: dict = {}
+        self.generation = 0
+        self.flows: dict = {}  # key -> (client stream, agent stream, ref, (ip, port))
+        self.interactions: dict = {}  # id -> {condition, entitlement, expires, sent}
+        self.timer: asyncio.TimerHandle | None = None
+        self.renew_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self._flow_seq = 0
+
+    # -- life -------------------------------------------------------------------
+
+    def _ended(self) -> None:
+        self.closed = True
+        if self.sid is not None and self.gw.sessions.get(self.sid) is self:
+            del self.gw.sessions[self.sid]
+            self.gw._gauge.dec()
+        for t in (self.timer, self.renew_timer):
+            if t is not None:
+                t.cancel()
+        for key in list(self.flows):
+            self._cut(key, None)
+
+    def close(self, code: int, reason: str, message: str) -> None:
+        """Tell the client why (on the control stream), then close the
+        WebSocket with ``code`` (4401: tokens refused; 4403: revoked)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.control is not None:
+            self._send({"type": "closed", "code": code, "reason": reason, "message": message})
+        for key in list(self.flows):
+            self._cut(key, "revoked" if code == 4403 else None)
+        self.mux._flush_now()
+        if self.ws is not None:
+            self.ws.conn.fail(code, reason[:100])
+            self.ws.end()
+        self.mux.abort()
+
+    def _send(self, msg: dict) -> None:
+        if self.control is not None:
+            try:
+                self.control.send_nowait(_frame(msg))
+            except RelaydError:
+                pass
+
+    # -- streams ----------------------------------------------------------------------
+
+    async def _on_stream(self, st: MuxStream) -> None:
+        if self.control is None:
+            self.control = st
+            await self._control_loop(st)
+            return
+        if self.claims is None:
+            st.reset()
+            return
+        try:
+            async with asyncio.timeout(10):
+                req = await st.read_message(4096)
+        except (RelaydError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            metrics.BAD_INPUT.labels("zt_flow", "request").inc()
+            st.reset()
+            return
+        await self._flow(st, req)
+
+    async def _control_loop(self, st: MuxStream) -> None:
+        try:
+            async with asyncio.timeout(10):
+                hello = await st.read_message(jws.MAX_SIZE[jws.ENTITLEMENTS] + 64 * 1024)
+            self._hello(hello)
+        except Refused as exc:
+            self.close(4401, exc.reason, str(exc))
+            return
+        except (RelaydError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as exc:
+            metrics.BAD_INPUT.labels("zt_session", "hello").inc()
+            _LOG.info("session refused: bad hello", extra={"peer": self.peer, "error": type(exc).__name__})
+            self.close(4400, "bad_hello", "the first message must be hello")
+            return
+        try:
+            while not self.closed:
+                msg = await st.read_message(jws.MAX_SIZE[jws.ENTITLEMENTS] + 64 * 1024)
+                try:
+                    self._update(msg)
+                except Refused as exc:
+                    if exc.reason in ("revoked",):
+                        self.close(4403, exc.reason, str(exc))
+                        return
+                    self._send({"type": "error", "reason": exc.reason, "message": str(exc)})
+        except (RelaydError, asyncio.IncompleteReadError, ConnectionError):
+            if not self.closed:
+                self.close(4400, "bad_message", "malformed control message")
+
+    # -- tokens -----------------------------------------------------------------------
+
+    def _verify(self, claims_tok, ents_tok) -> tuple[dict, dict]:
+        c = self.gw.ctl.check_token(claims_tok, jws.CLAIMS, self.cert_der)
+        e = self.gw.ctl.check_token(ents_tok, jws.ENTITLEMENTS, self.cert_der, site=self.gw.site)
+        if (e["sub"], e["sid"], e["cnf"]) != (c["sub"], c["sid"], c["cnf"]):
+            raise reject("session_mismatch", "the claims and entitlement tokens belong to different sessions")
+        return c, e
+
+    def _hello(self, m: dict) -> None:
+        if m.get("type") != "hello":
+            raise reject("bad_hello", "the first message must be hello", 400)
+        if not self.gw.fresh():
+            raise reject("stale_revocations", "the gateway cannot check revocations now: try again")
+        c, e = self._verify(m.get("claims"), m.get("entitlements"))
+        if c["sid"] in self.gw.sessions:
+            self.gw.sessions[c["sid"]].close(4409, "replaced", "a newer connection of this session took over")
+        self.claims, self.ents, self.sid = c, e, c["sid"]
+        self.device = device_claims(m.get("device", {}))
+        for r in m.get("reasons", []) if isinstance(m.get("reasons"), list) else []:
+            self._reason(r, reply=False)
+        self.gw.sessions[self.sid] = self
+        self.gw._gauge.inc()
+        self._recompile()
+        renew_at = int(min(c["exp"], e["exp"]) - (min(c["exp"], e["exp"]) - max(c["iat"], e["iat"])) / 4)
+        self._send({"type": "welcome", "renew_at": renew_at, "pv": e["pv"], "rules": self.rules.count,
+                    "site": self.gw.site})
+        self._arm_expiry()
+        log.info("user session", extra={"sid": self.sid, "user": c["user"]["username"], "site": self.gw.site,
+                                        "peer": self.peer})
+
+    def _update(self, m: dict) -> None:
+        t = m.get("type")
+        if t in ("claims", "entitlements", "tokens"):
+            claims = m.get("claims") if t != "entitlements" else None
+            ents = m.get("entitlements") if t != "claims" else None
+            c = self.gw.ctl.check_token(claims, jws.CLAIMS, self.cert_der) if claims is not None else self.claims
+            e = (self.gw.ctl.check_token(ents, jws.ENTITLEMENTS, self.cert_der, site=self.gw.site)
+                 if ents is not None else self.ents)
+            for new, old in ((c, self.claims), (e, self.ents)):
+                if (new["sub"], new["sid"]) != (old["sub"], old["sid"]):
+                    raise reject("session_mismatch", "a token of another session")
+                if new["iat"] < old["iat"]:
+                    raise reject("rollback", "an older token than the one held")
+            if c["cnf"] != e["cnf"]:
+                raise reject("session_mismatch", "the tokens are bound to different certificates")
+            self.claims, self.ents = c, e
+            self._recompile()
+            self._arm_expiry()
+            self._send({"type": "accepted", "what": t})
+            self._done_interactions()
+        elif t == "device":
+            now = time.monotonic()
+            if now - self.device_at < 1.0:
+                metrics.BAD_INPUT.labels("zt_session", "device_flap").inc()
+                self._send({"type": "error", "reason": "rate_limited", "message": "device claims at most once a second"})
+                return
+            self.device_at = now
+            self.device = device_claims(m.get("claims", {}))
+            self._recompile()
+            self._done_interactions()
+        elif t == "reason":
+            self._reason(m, reply=True)
+        elif t == "ping":
+            self._send({"type": "pong"})
+        else:
+            metrics.BAD_INPUT.labels("zt_session", "unknown_message").inc()
+            self._send({"type": "error", "reason": "unknown_message", "message": "unknown message type"})
+
+    def _reason(self, m, reply: bool) -> None:
+        if not isinstance(m, dict):
+            return
+        suffix, text = m.get("suffix"), m.get("text")
+        if not isinstance(suffix, str) or not isinstance(text, str) or not pol._SUFFIX.match(suffix):
+            metrics.BAD_INPUT.labels("zt_session", "reason").inc()
+            return
+        if len(text) > pol.MAX_REASON:
+            metrics.BAD_INPUT.labels("zt_session", "reason_too_long").inc()
+            self._send({"type": "error", "reason": "reason_too_long", "message": "a reason is at most 512 characters"})
+            return
+        at = m.get("at") if not reply and isinstance(m.get("at"), int) else int(time.time())
+        self.reasons[suffix] = (min(at, int(time.time())), text)
+        if len(self.reasons) > 32:
+            self.reasons.pop(next(iter(self.reasons)))
+        audit_log.info("reason given", extra={"sid": self.sid, "suffix": suffix,
+                                              "reason": orjson.dumps(text[:200]).decode()})
+        if reply:
+            self._recompile()
+            self._done_interactions()
+
+    def _arm_expiry(self) -> None:
+        """Tokens past their end (plus the leeway) close the session."""
+        if self.renew_timer is not None:
+            self.renew_timer.cancel()
+        end = min(self.claims["exp"], self.ents["exp"]) + 30
+        self.renew_timer = self.loop.call_later(max(0.0, end - time.time()), self._expired)
+
+    def _expired(self) -> None:
+        metrics.ZT_TOKEN_REJECTIONS.labels("expired").inc()
+        self.close(4401, "expired", "the session's tokens expired: renew")
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def context(self) -> dict:
+        c = self.claims
+        snapshot = (c.get("device") or {}).get("reported", {})
+        return {"user": c.get("user", {}), "device": self.device or snapshot,
+                "system": {"client_src_ip": self.peer, "connect_time": self.connect_time, "site": self.gw.site},
+                "stepup": c.get("stepup", {}), "reasons": self.reasons, "now": int(time.time())}
+
+    def _recompile(self) -> None:
+        ctx = self.context()
+        conds = self.ents.get("conditions", {})
+        ents = self.ents.get("entitlements", [])
+        self.states = {e["id"]: pol.judge(e, conds, ctx) for e in ents}
+        self.generation += 1
+        dns = self.gw.dns
+
+        def resolve(name):
+            hit = dns.get(name.lower())
+            return hit[1] if hit else []
+
+        self.rules = ff.RuleSet(pol.compile_rules(ents, self.states, resolve), self.generation)
+        missing = [n for n in pol.names_of(ents) if n not in dns or dns[n][0] < time.monotonic()]
+        if missing:
+            self.loop.create_task(self._resolve_then_recompile(missing))
+        for key, (cs, ast, ref, dst) in list(self.flows.items()):
+            verdict, _ = self._match(dst[0], dst[1])
+            if verdict != ff.ALLOW:
+                self._cut(key, "revoked_by_reeval")
+        if self.timer is not None:
+            self.timer.cancel()
+        at = pol.next_deadline(conds, ctx)
+        if at is not None:
+            self.timer = self.loop.call_later(max(0.05, at - time.time() + 0.01), self._deadline)
+
+    async def _resolve_then_recompile(self, names) -> None:
+        for n in names:
+            await self.gw.resolve(n)
+        if not self.closed and self.claims is not None:
+            self._recompile()
+
+    def _deadline(self) -> None:
+        self.timer = None
+        if not self.closed:
+            self._recompile()
+
+    def _match(self, ip: str, port: int) -> tuple[int, str]:
+        a = ipaddress.ip_address(ip)
+        verdict, ref = self.rules.match(ff.TCP, 32 if a.version == 4 else 128, int(a), port)
+        if verdict == ff.ALLOW and any(a in n for n in _GUARDED if n.version == a.version):
+            # Loopback, link-local and metadata addresses only by a rule that names them.
+            if not self._named(a, ref):
+                return ff.DENY, ""
+        return verdict, ref
+
+    def _named(self, a, ref: str) -> bool:
+        eid, _, n = ref.partition("#")
+        for e in self.ents.get("entitlements", []):
+            if e["id"] == eid:
+                for act in e["actions"]:
+                    if str(act.get("n")) == n:
+                        for h in act["hosts"]:
+                            if pol._is_ip(h):
+                                net = ipaddress.ip_network(h, strict=False)
+                                if a in net and net.prefixlen >= (8 if a.version == 4 else 10):
+                                    return True
+        return False
+
+    # -- flows ------------------------------------------------------------------------------
+
+    async def _flow(self, st: MuxStream, req) -> None:
+        t0 = time.monotonic()
+        proto, host, port = (req.get("proto"), req.get("host"), req.get("port")) if isinstance(req, dict) else (None,) * 3
+        if proto not in _PROTOS or not isinstance(host, str) or not 0 < len(host) <= 253 \
+                or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            metrics.BAD_INPUT.labels("zt_flow", "request").inc()
+            st.send_nowait(_frame({"r": "bad_request"}))
+            st.reset()
+            return
+        if not self.gw.fresh():
+            st.send_nowait(_frame({"r": "denied", "why": "stale_revocations"}))
+            st.write_eof()
+            return
+        name = None
+        try:
+            a = ipaddress.ip_address(host)
+            if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+                a = a.ipv4_mapped
+            ip = str(a)
+        except ValueError:
+            name = host.lower().rstrip(".")
+            if not pol._is_name(name):
+                st.send_nowait(_frame({"r": "bad_request"}))
+                st.reset()
+                return
+            addrs = await self.gw.resolve(name)
+            if not addrs:
+                self._audit("deny", "", "", 0, name, port, why="unresolved")
+                st.send_nowait(_frame({"r": "denied", "why": "unresolved"}))
+                st.write_eof()
+                return
+            ip = addrs[0]  # the checked address is the dialed address
+        if self.closed:
+            st.reset()
+            return
+        verdict, ref = self._match(ip, port)
+        if verdict == ff.PENDING:
+            self._recompile()  # conditions judged again at access (Appgate)
+            verdict, ref = self._match(ip, port)
+        if verdict == ff.PENDING:
+            eid = ref.partition("#")[0]
+            inter = self._interaction(eid)
+            self._audit("pending", ref, ip, port, name, why=",".join(self.states[eid].failing),
+                        interaction=inter["id"] if inter else None)
+            st.send_nowait(_frame({"r": "stepup_required", "interaction": inter["id"] if inter else None,
+                                   "ref": ref}))
+            st.write_eof()
+            return
+        if verdict != ff.ALLOW:
+            self._audit(ff.VERDICTS[verdict], ref, ip, port, name)
+            st.send_nowait(_frame({"r": "denied", "ref": ref}))
+            st.write_eof()
+            return
+        self._flow_seq += 1
+        key = self._flow_seq
+        fut = self.loop.create_future()
+
+        def ready(stream, reason):
+            if not fut.done():
+                fut.set_result((stream, reason))
+
+        opening = self.gw.seam.open(f"site:{self.gw.site}", self.peer, ready, kind=KIND_DIAL,
+                                    identity=self.claims["sub"], dest=f"{ip} {port}")
+        try:
+            agent_st, reason = await fut
+        except asyncio.CancelledError:
+            if opening is not None:
+                opening.cancel()
+            raise
+        if agent_st is None or self.closed:
+            if agent_st is not None:
+                agent_st.reset()
+            self._audit("allow", ref, ip, port, name, why=reason or "closed")
+            st.send_nowait(_frame({"r": "unreachable", "why": reason or "closed"}))
+            st.write_eof()
+            return
+        self.flows[key] = (st, agent_st, ref, (ip, port))
+        self._audit("allow", ref, ip, port, name)
+        metrics.ZT_FLOW_OPEN_SECONDS.observe(time.monotonic() - t0)
+        st.send_nowait(_frame({"r": "ok", "ip": ip, "ref": ref}))
+        try:
+            await _join(st, agent_st)
+        finally:
+            self.flows.pop(key, None)
+
+    def _cut(self, key, why: str | None) -> None:
+        flow = self.flows.pop(key, None)
+        if flow is None:
+            return
+        cs, ast, ref, (ip, port) = flow
+        cs.reset()
+        ast.reset()
+        if why is not None:
+            metrics.ZT_FLOWS_CUT.labels(self.gw.site or "-", why).inc()
+            self._audit(why, ref, ip, port, None)
+
+    def _audit(self, verdict: str, ref: str, ip: str, port: int, name, why: str | None = None,
+               interaction: str | None = None) -> None:
+        metrics.ZT_DECISIONS.labels(self.gw.site or "-", verdict).inc()
+        c = self.claims or {}
+        prov, user, dev = c.get("_triple", ("", "", ""))
+        audit_log.info("access decision", extra={
+            "sid": self.sid, "device_id": dev, "user": user, "provider": prov, "site": self.gw.site,
+            "proto": "tcp", "dst": ip, "name": name, "port": port, "verdict": verdict, "rule": ref,
+            "failing": why, "interaction": interaction})
+
+    # -- step-up ----------------------------------------------------------------------------
+
+    def _interaction(self, eid: str) -> dict | None:
+        j = self.states.get(eid)
+        if j is None or not j.remedies:
+            return None
+        now = time.time()
+        cond = ",".join(j.failing)
+        for inter in self.interactions.values():
+            if inter["condition"] == cond and inter["expires"] > now:
+                if now - inter["sent"] >= INTERACTION_RESEND:
+                    inter["sent"] = now
+                    self._send(inter["msg"])
+                return inter
+        for k in [k for k, v in self.interactions.items() if v["expires"] <= now]:
+            del self.interactions[k]
+        if len(self.interactions) >= 16:
+            return None
+        iid = secrets.token_hex(16)
+        msg = {"type": "interaction", "id": iid, "entitlement": eid, "conditions": j.failing,
+               "logic": j.remedy_logic, "remedies": j.remedies, "expires_at": int(now + INTERACTION_TTL)}
+        inter = {"id": iid, "condition": cond, "entitlement": eid, "expires": now + INTERACTION_TTL, "sent": now,
+                 "msg": msg}
+        self.interactions[iid] = inter
+        self._send(msg)
+        return inter
+
+    def _done_interactions(self) -> None:
+        for iid, inter in list(self.interactions.items()):
+            j = self.states.get(inter["entitlement"])
+            if j is not None and j.state == "active":
+                del self.interactions[iid]
+                self._send({"type": "interaction_done", "id": iid, "result": "granted"})
+
+    # -- revocation --------------------------------------------------------------------------
+
+    def revocation(self, e: dict, now: float) -> None:
+        if self.claims is None or self.closed:
+            return
+        facts = [token_facts(self.claims), token_facts(self.ents)]
+        from relayd.control.zerotrust import _selector_matches
+
+        hit = [f for f in facts if _selector_matches(e["selector"], f)
+               and (e["op"] not in ("kill", "renew") or (f["tt"] in e["types"] and f["iat"] < e["issued_before"]))]
+        if not hit:
+            return
+        if e["op"] in ("kill", "lock"):
+            self.close(4403, "revoked", e["reason"] or "revoked by an administrator")
+        elif e["op"] == "renew":
+            self._send({"type": "renew", "types": e["types"], "deadline": int(e["effective_at"]),
+                        "reason": e["reason"]})
+            self.loop.call_later(max(0.0, e["effective_at"] - now) + 0.05, self._renew_deadline)
+        elif e["op"] == "reevaluate":
+            self._recompile()
+
+    def _renew_deadline(self) -> None:
+        if self.closed or self.claims is None:
+            return
+        now = time.time()
+        view = self.gw.ctl.view
+        for p in (self.claims, self.ents):
+            e = view.revoked(token_facts(p), now)
+            if e is not None:
+                self.close(4403, "revoked", "tokens not renewed in time")
+                return
+
+
+def _frame(msg: dict) -> bytes:
+    from relayd.core.framing import encode_message
+
+    return encode_message(msg, 512 * 1024)
+
+
+async def _join(a: MuxStream, b: MuxStream) -> None:
+    """Two streams joined until both directions end (or either resets)."""
+
+    async def pump(src: MuxStream, dst: MuxStream) -> None:
+        try:
+            while True:
+                data = await src.read(256 * 1024)
+                if not data:
+                    break
+                await dst.write(data)
+            dst.write_eof()
+        except (RelaydError, ConnectionError, asyncio.IncompleteReadError):
+            a.reset()
+            b.reset()
+
+    await asyncio.gather(pump(a, b), pump(b, a))
+
+
+def query_int(head, key: str, default: int = 0) -> int:
+    q = parse_qs(head.target.partition(b"?")[2].decode("latin-1"))
+    try:
+        return int(q.get(key, [default])[0])
+    except ValueError:
+        return default
