@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 import relayd
-from relayd import _build
+from relayd import _build, cli_zerotrust
 from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
 
 #: Exit status of a failure that may pass (sysexits' EX_TEMPFAIL): the relay
@@ -109,6 +109,11 @@ def serve_config(args: argparse.Namespace):
         if not sep or not route:
             raise ConfigError(f"--http {item!r}: expected NAME=HOSTNAME[/PREFIX]")
         cfg.http[name] = route
+    if args.site:
+        from relayd.control.zerotrust import ZtConfig
+
+        cfg.zerotrust = cfg.zerotrust or ZtConfig()
+        cfg.zerotrust.site = C._check_name(args.site, "--site")
     return cfg.validate()
 
 
@@ -164,6 +169,12 @@ def agent_config(args: argparse.Namespace):
     for item in args.endpoint or []:
         name, hp = C.parse_endpoint_flag(item, "--endpoint")
         cfg.endpoints[name] = hp
+    if args.site:
+        site, sep, nets = args.site.partition("=")
+        if not sep:
+            raise ConfigError(f"--site {args.site!r}: expected SITE=CIDR[,CIDR...]")
+        cfg.site = C._check_name(site, "--site")
+        cfg.site_networks = C.parse_networks(nets, "--site")
     return cfg.validate()
 
 
@@ -298,6 +309,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
             print(f"revoked {args.id}: a running relay cuts its link within a second")
         elif args.admin == "hc":
             return _admin_hc(args, d, store)
+        elif args.admin in cli_zerotrust.ADMIN_COMMANDS:
+            return cli_zerotrust.admin(args, d, store)
     finally:
         store.close()
     return 0
@@ -425,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", help="hold public connections this long while no agent serves them (default 0s)")
     s.add_argument("--agent-cert-ttl", help="lifetime of agent certificates (default 30d)")
     s.add_argument("--drain", help="on stop, let open streams finish this long after GoAway (default 10s)")
+    s.add_argument("--site", help="be the zero-trust gateway of this site (docs/zero-trust.md)")
     s.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("agent", help="run an agent: dial out to the relay, serve local endpoints")
@@ -435,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--transport", choices=["tls", "wss", "auto"], help="agent link transport (default tls)")
     a.add_argument("--proxy", help="forward proxy URL")
     a.add_argument("--drain", help="on stop, let open streams finish this long after GoAway (default 10s)")
+    a.add_argument("--site", metavar="SITE=CIDR[,CIDR]", help="reach these networks for a zero-trust site's users")
     a.set_defaults(func=cmd_agent)
 
     ad = sub.add_parser("admin", help="manage a relay's data directory")
@@ -484,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--host", help="HOST[:PORT] to name (default: the relay's HTTPS address)")
     for each in (c, hl, hd, cs):
         each.add_argument("--data", required=True)
+    cli_zerotrust.add_admin_parsers(asub)
     ad.set_defaults(func=cmd_admin)
+    cli_zerotrust.add_client_parsers(sub)
 
     hcp = sub.add_parser("hc", help="hybrid connections as a client")
     hcs = hcp.add_subparsers(dest="hc", required=True)

@@ -214,7 +214,7 @@ class RelayNode:
         hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
                                   client_ca=str(self.ca_path))
         hctx.load_verify_locations(cadata=controller.user_ca.cert_pem.decode())
-        self.zt = ZtGateway(controller, self.seam, (self.cfg.zerotrust or ZtConfig()).site)
+        self.zt = ZtGateway(controller, self.seam, (self.cfg.zerotrust or ZtConfig()).site, self.ca.cert_pem)
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:

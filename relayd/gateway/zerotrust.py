@@ -37,6 +37,7 @@ import time
 from urllib.parse import parse_qs
 
 import orjson
+from cryptography.hazmat.primitives import serialization
 
 from relayd import metrics
 from relayd.control import jws
@@ -66,6 +67,7 @@ INTERACTION_RESEND = 30.0
 _GUARDED = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10", "0.0.0.0/8")]
 _PROTOS = {"tcp": ff.TCP}
 _DNS_MIN, _DNS_MAX = 30.0, 300.0
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _json(status: int, doc) -> http1.Reply:
@@ -96,12 +98,12 @@ def _bearer(head) -> str | None:
 class ZtGateway:
     """The controller API and the gateway sessions of one relay."""
 
-    def __init__(self, controller: Controller, seam, site: str | None, admin_check=None) -> None:
+    def __init__(self, controller: Controller, seam, site: str | None, relay_ca_pem: bytes = b"") -> None:
         self.ctl = controller
+        self.relay_ca_pem = relay_ca_pem
         self.seam = seam
         self.site = site
         self.sessions: dict[str, "UserSession"] = {}  # sid -> live session here
-        self.admin_check = admin_check  # (head) -> bool, for the admin API
         self.dns: dict[str, tuple[float, list]] = {}
         controller.listeners.append(self._revocations)
         self._gauge = metrics.ZT_SESSIONS.labels(site or "-")
@@ -152,6 +154,10 @@ class ZtGateway:
                 if self.admin is None:
                     return _error(404, "not_found", "no admin API on this relay")
                 return await self.admin.handle(head, sub, body)
+            if sub == "/ca" and head.method == b"GET":
+                # The relay's CA (its HTTPS certificate's issuer): a client
+                # checks it against the pin it was given, then trusts only it.
+                return http1.Reply(200, self.relay_ca_pem, b"application/x-pem-file")
             if sub == "/providers" and head.method == b"GET":
                 return _json(200, await asyncio.to_thread(self.ctl.providers))
             if head.method != b"POST":
@@ -393,6 +399,8 @@ class UserSession:
     def _update(self, m: dict) -> None:
         t = m.get("type")
         if t in ("claims", "entitlements", "tokens"):
+            if t == "tokens" and m.get("certificate") is not None:
+                self._new_certificate(m["certificate"])
             claims = m.get("claims") if t != "entitlements" else None
             ents = m.get("entitlements") if t != "claims" else None
             c = self.gw.ctl.check_token(claims, jws.CLAIMS, self.cert_der) if claims is not None else self.claims
@@ -427,6 +435,23 @@ class UserSession:
         else:
             metrics.BAD_INPUT.labels("zt_session", "unknown_message").inc()
             self._send({"type": "error", "reason": "unknown_message", "message": "unknown message type"})
+
+    def _new_certificate(self, pem) -> None:
+        """A renewed session certificate: from the user CA, for the same
+        subject and the same key as the one this connection was opened with
+        (the TLS handshake proved that key), so the renewed tokens' ``cnf``
+        can name it."""
+        from cryptography import x509
+
+        try:
+            new = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else b"")
+            old = x509.load_der_x509_certificate(self.cert_der)
+        except ValueError:
+            raise reject("bad_certificate", "the renewed certificate does not parse") from None
+        if not self.gw.ctl.user_ca.issued(new) or new.subject != old.subject \
+                or new.public_key().public_bytes(*_SPKI) != old.public_key().public_bytes(*_SPKI):
+            raise reject("bad_certificate", "the renewed certificate is not this session's")
+        self.cert_der = new.public_bytes(serialization.Encoding.DER)
 
     def _reason(self, m, reply: bool) -> None:
         if not isinstance(m, dict):

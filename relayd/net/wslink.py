@@ -291,11 +291,12 @@ class ClientUpgrade(asyncio.Protocol):
     """The agent's side of the opening handshake; then hands the link to
     ``WsProtocol(inner)``."""
 
-    def __init__(self, inner: asyncio.Protocol, host: str, config: ws.WsConfig = AGENT_LINK) -> None:
+    def __init__(self, inner: asyncio.Protocol, host: str, config: ws.WsConfig = AGENT_LINK,
+                 path: str = AGENT_PATH) -> None:
         self.inner = inner
         self.host = host
         self.config = config
-        self._handshake = client_handshake(host, AGENT_PATH)
+        self._handshake = client_handshake(host, path)
         self.key = self._handshake.key
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._buf = b""

@@ -1,0 +1,271 @@
+"""The zero-trust part of the command line: `relayd login`, `relayd
+connect`, and `relayd admin user|group|entitlement|policy|revoke|device|
+sessions` on a relay's data directory (docs/zero-trust.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from relayd.errors import ConfigError
+
+DEFAULT_CLIENT_DATA = Path.home() / ".relayd-client"
+
+
+def add_client_parsers(sub) -> None:
+    lg = sub.add_parser("login", help="sign in to a relay's zero-trust controller")
+    lg.add_argument("url", help="https://RELAY[:PORT] (the relay's HTTPS port)")
+    lg.add_argument("--provider", default="local", help="local (relayd's own users) or an OpenID Connect provider")
+    lg.add_argument("--user", help="user name (local provider)")
+    lg.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    lg.add_argument("--otp", help="one-time code (prompted when the user has an authenticator and this is absent)")
+    lg.add_argument("--ca", help="the relay's CA certificate (PEM), first login")
+    lg.add_argument("--pin", help="the relay CA's SHA-256 pin (as in a join token), first login")
+    lg.add_argument("--data", default=str(DEFAULT_CLIENT_DATA), help="client data directory")
+    lg.set_defaults(func=cmd_login)
+
+    cn = sub.add_parser("connect", help="reach the services the signed-in user is entitled to")
+    cn.add_argument("--data", default=str(DEFAULT_CLIENT_DATA), help="client data directory")
+    cn.add_argument("--socks", metavar="HOST:PORT", help="SOCKS5 proxy address (default 127.0.0.1:1080)",
+                    default="127.0.0.1:1080")
+    cn.add_argument("-L", dest="forwards", action="append", default=[], metavar="[BIND:]LPORT:HOST:PORT",
+                    help="forward a local port to HOST:PORT at the site (repeatable)")
+    cn.set_defaults(func=cmd_connect)
+
+
+def add_admin_parsers(ads) -> None:
+    u = ads.add_parser("user", help="zero-trust users of relayd's own directory")
+    us = u.add_subparsers(dest="zt", required=True)
+    ua = us.add_parser("add", help="add a user (prints the authenticator secret with --totp)")
+    ua.add_argument("name")
+    ua.add_argument("--group", action="append", default=[])
+    ua.add_argument("--email")
+    ua.add_argument("--totp", action="store_true", help="require a one-time code (TOTP) at sign-in")
+    ua.add_argument("--password-stdin", action="store_true")
+    us.add_parser("list", help="users and their groups")
+    for name, what in (("rm", "remove a user (and kill their sessions)"),
+                       ("passwd", "set a new password (kills the user's sessions)"),
+                       ("totp", "new authenticator secret, or --off (kills the user's sessions)")):
+        x = us.add_parser(name, help=what)
+        x.add_argument("name")
+        if name == "passwd":
+            x.add_argument("--password-stdin", action="store_true")
+        if name == "totp":
+            x.add_argument("--off", action="store_true")
+    g = ads.add_parser("group", help="a user's groups")
+    gs = g.add_subparsers(dest="zt", required=True)
+    for name in ("add", "rm"):
+        x = gs.add_parser(name)
+        x.add_argument("user")
+        x.add_argument("groups", nargs="+")
+        x.add_argument("--provider", default="local")
+    e = ads.add_parser("entitlement", help="entitlements (what users may reach)")
+    es = e.add_subparsers(dest="zt", required=True)
+    es.add_parser("list")
+    x = es.add_parser("set", help="add or replace one from a TOML or JSON file")
+    x.add_argument("file")
+    x = es.add_parser("rm")
+    x.add_argument("id")
+    p = ads.add_parser("policy", help="the whole policy: sites, conditions, entitlements, policies")
+    ps = p.add_subparsers(dest="zt", required=True)
+    x = ps.add_parser("import", help="replace the policy with a TOML file")
+    x.add_argument("file")
+    ps.add_parser("export", help="print the policy as TOML")
+    x = ps.add_parser("set", help="add or replace one object of KIND from a TOML or JSON file")
+    x.add_argument("kind", choices=["sites", "conditions", "entitlements", "policies"])
+    x.add_argument("file")
+    x = ps.add_parser("rm")
+    x.add_argument("kind", choices=["sites", "conditions", "entitlements", "policies"])
+    x.add_argument("id")
+    r = ads.add_parser("revoke", help="kill, lock, renew or re-evaluate users' sessions and tokens")
+    r.add_argument("op", choices=["kill", "lock", "renew", "reevaluate"])
+    r.add_argument("--user", help="a user (with --provider, default local)")
+    r.add_argument("--provider")
+    r.add_argument("--device")
+    r.add_argument("--sid")
+    r.add_argument("--site", help="that site's entitlement tokens only")
+    r.add_argument("--all", action="store_true")
+    r.add_argument("--types", default="claims,entitlements")
+    r.add_argument("--delay", default="5m", help="renew: when old tokens stop working (default 5m)")
+    r.add_argument("--until", help="lock: how long (default: until removed)")
+    r.add_argument("--reason", default="")
+    d = ads.add_parser("device", help="registered user devices")
+    ds = d.add_subparsers(dest="zt", required=True)
+    ds.add_parser("list")
+    x = ds.add_parser("rm", help="drop a registration and kill its tokens")
+    x.add_argument("id")
+    ads.add_parser("sessions", help="live zero-trust sessions")
+    for name in ("user", "group", "entitlement", "policy", "revoke", "device", "sessions"):
+        top = ads.choices[name]
+        leaves = [c for act in top._actions if isinstance(act, argparse._SubParsersAction)
+                  for c in act.choices.values()]
+        for leaf in leaves or [top]:
+            leaf.add_argument("--data", required=True)
+
+
+ADMIN_COMMANDS = {"user", "group", "entitlement", "policy", "revoke", "device", "sessions"}
+
+
+def _password(stdin: bool, prompt: str = "Password: ") -> str:
+    if stdin:
+        return sys.stdin.readline().rstrip("\n")
+    pw = getpass.getpass(prompt)
+    if getpass.getpass("Again: ") != pw:
+        raise ConfigError("the passwords differ")
+    return pw
+
+
+def _doc(path: str) -> dict:
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data) if path.endswith(".json") else tomllib.loads(data.decode())
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def admin(args, d: Path, store) -> int:
+    from relayd.config import parse_duration
+    from relayd.control import policy as pol
+    from relayd.control import totp
+    from relayd.control.zerotrust import Controller, ZtConfig
+    from relayd.control.ztstore import ZtStore
+
+    zs = ZtStore(store)
+    ctl = Controller(d, zs, ZtConfig())
+    a, op = args.admin, getattr(args, "zt", None)
+    if a == "user":
+        if op == "add":
+            secret = ctl.add_user(args.name, _password(args.password_stdin), groups=args.group, email=args.email,
+                                  with_totp=args.totp)
+            print(f"user {args.name} added" + (f" (groups {','.join(args.group)})" if args.group else ""))
+            if secret:
+                print(f"authenticator secret: {secret}\n{totp.provisioning_uri(secret, args.name)}")
+        elif op == "list":
+            print(f"{'PROVIDER':<10} {'USER':<24} {'TOTP':<5} GROUPS")
+            for u in zs.list_users():
+                print(f"{u['provider']:<10} {u['username']:<24} {'yes' if u['totp'] else 'no':<5} "
+                      f"{','.join(u['groups'])}")
+        elif op == "rm":
+            if not zs.delete_user("local", args.name):
+                raise ConfigError(f"no user {args.name!r}")
+            ctl.revoke("kill", {"user": ["local", args.name]}, reason="user removed")
+            print(f"user {args.name} removed; their sessions are cut")
+        elif op == "passwd":
+            ctl.reset_user(args.name, password=_password(args.password_stdin))
+            print("password changed; the user's sessions are cut")
+        elif op == "totp":
+            secret = ctl.reset_user(args.name, totp_off=args.off)
+            print("authenticator removed" if args.off else
+                  f"authenticator secret: {secret}\n{totp.provisioning_uri(secret, args.name)}")
+    elif a == "group":
+        groups = zs.set_groups(args.provider, args.user, add=args.groups if op == "add" else (),
+                               remove=args.groups if op == "rm" else ())
+        print(f"{args.user}: {','.join(groups) or '(no groups)'} (effective at the next renewal)")
+    elif a in ("entitlement", "policy"):
+        if op == "list":
+            for e in sorted(zs.policy().entitlements.values(), key=lambda e: e["id"]):
+                print(f"{e['id']:<24} site={e['site']:<12} rev={e.get('rev', 1):<3} conditions="
+                      f"{','.join(e['conditions']) or '-'} actions={len(e['actions'])}")
+        elif op == "set":
+            kind = "entitlements" if a == "entitlement" else args.kind
+            doc = _doc(args.file)
+            obj, pv = zs.put_policy(kind, doc.get(kind, [doc])[0] if kind in doc else doc)
+            print(f"{kind} {obj['id']} saved; policy version {pv}")
+        elif op == "rm":
+            kind = "entitlements" if a == "entitlement" else args.kind
+            pv = zs.delete_policy(kind, args.id)
+            if pv is None:
+                raise ConfigError(f"no {kind} {args.id!r}")
+            print(f"{kind} {args.id} removed; policy version {pv}")
+        elif op == "import":
+            pv = zs.import_policy(pol.Policy.from_doc(_doc(args.file)))
+            print(f"policy imported; version {pv}")
+        elif op == "export":
+            sys.stdout.write(pol.to_toml(zs.policy().to_doc()))
+    elif a == "revoke":
+        sel: dict = {}
+        if args.all:
+            sel["all"] = True
+        if args.user:
+            sel["user"] = [args.provider or "local", args.user]
+        elif args.provider:
+            sel["provider"] = args.provider
+        for k in ("device", "sid", "site"):
+            if getattr(args, k):
+                sel[k] = getattr(args, k)
+        until = time.time() + parse_duration(args.until, "--until") if args.until else None
+        entries = ctl.revoke(args.op, sel, types=args.types.split(","), delay=parse_duration(args.delay, "--delay"),
+                             until=until, reason=args.reason, actor="cli")
+        print(f"{args.op}: entry {entries[-1]['seq']}; a running relay applies it within a second")
+    elif a == "device":
+        if op == "list":
+            for dv in zs.list_devices():
+                print(f"{dv['device_id']}  {dv['provider']}/{dv['username']:<20} {dv['hostname'] or '-':<20} "
+                      f"last seen {time.strftime('%Y-%m-%d %H:%M', time.localtime(dv['last_seen']))}")
+        else:
+            if not ctl.remove_device(args.id):
+                raise ConfigError(f"no registered device {args.id!r}")
+            print(f"device {args.id} removed; its tokens are revoked")
+    elif a == "sessions":
+        for s in zs.list_sessions():
+            print(f"{s['sid']}  {s['provider']}/{s['username']:<20} device {s['device_id']} until "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(s['expires_at']))}")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from relayd.client import zerotrust as zc
+
+    password = None
+    if args.provider == "local":
+        if not args.user:
+            raise ConfigError("--user is required with the local provider")
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+    try:
+        state = zc.login(Path(args.data), args.url, provider=args.provider, username=args.user, password=password,
+                         otp=args.otp, ca_file=args.ca, pin=args.pin)
+    except zc.ZtClientError as exc:
+        if exc.reason != "otp_required" or args.otp:
+            raise
+        code = input("One-time code: ")
+        state = zc.login(Path(args.data), args.url, provider=args.provider, username=args.user, password=password,
+                         otp=code, ca_file=args.ca, pin=args.pin)
+    sites = ", ".join(s["id"] for s in state["sites"]) or "none"
+    print(f"signed in as {state['username']} ({state['provider']}); sites: {sites}")
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from relayd.client import zerotrust as zc
+    from relayd.config import parse_hostport
+    from relayd.net import run
+
+    async def main() -> int:
+        c = zc.Connector(Path(args.data))
+        await c.start()
+        host, port = parse_hostport(args.socks, "--socks")
+        srv = await c.socks((host, port))
+        print(f"SOCKS5 proxy on {host}:{srv.sockets[0].getsockname()[1]}; sites: {', '.join(c.sessions)}",
+              flush=True)
+        for f in args.forwards:
+            parts = f.rsplit(":", 3)
+            if len(parts) == 3:
+                parts = ["127.0.0.1"] + parts
+            if len(parts) != 4:
+                raise ConfigError(f"-L {f!r}: expected [BIND:]LPORT:HOST:PORT")
+            bind, lport, rhost, rport = parts
+            await c.forward((bind, int(lport)), rhost, int(rport))
+            print(f"forwarding {bind}:{lport} -> {rhost}:{rport}", flush=True)
+        try:
+            await asyncio.gather(*(s.mux.closed_future for s in c.sessions.values()))
+        finally:
+            await c.close()
+        return 1
+
+    return run(main())
