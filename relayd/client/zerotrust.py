@@ -237,7 +237,7 @@ def renew(st: ClientState, state: dict) -> dict:
     key = serialization.load_pem_private_key(st.path("key.pem").read_bytes(), None)
     _, csr = new_key_and_csr(key)
     ctl = Controller(state["url"], str(st.path("relay-ca.pem")), str(st.path("cert.pem")), str(st.path("key.pem")))
-    r = ctl.call("POST", "/session/renew", {"csr": csr}, token=state["claims"])
+    r = ctl.call("POST", "/renew", {"csr": csr}, token=state["claims"])
     st.write_private("cert.pem", r["certificate"].encode())
     state = dict(state, claims=r["claims_token"], sites=r["sites"], expires_at=r["expires_at"])
     state.update(fetch_entitlements(st, state))

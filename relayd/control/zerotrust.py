@@ -280,6 +280,8 @@ class Controller:
             if not self._password_ok(user, body.get("password")):
                 raise reject("bad_credentials", "wrong username or password")
             methods.append("pwd")
+            # Locked? Before the code is checked: a refused sign-in must not spend it.
+            self._not_locked({"provider": LOCAL, "username": username, "device": body.get("device_id")}, now)
             if user["totp_secret"]:
                 if "otp" not in body:
                     raise reject("otp_required", "this user needs a one-time code (--otp)")
@@ -360,7 +362,7 @@ class Controller:
 
     def _not_locked(self, facts: dict, now: float) -> None:
         self.view.load()
-        e = self.view.locked(facts, now)
+        e = self.view.locked(facts, max(now, self.clock()))  # the token times are whole seconds: not those
         if e is not None:
             raise reject("locked", f"locked by an administrator: {e['reason'] or 'no reason given'}", 403)
 
@@ -431,7 +433,7 @@ class Controller:
         if not isinstance(p.get("sid"), str) or not _HEX128.match(p["sid"]):
             raise reject("malformed", "token without a session id")
         p["_triple"] = triple
-        e = self.view.revoked(token_facts(p), now)
+        e = self.view.revoked(token_facts(p), max(now, self.clock()))
         if e is not None:
             raise reject("revoked", f"token revoked: {e['reason'] or e['op']}", 403)
         return p
@@ -576,7 +578,8 @@ class Controller:
                                                   until if until is not None else now + 100 * 365 * 86400,
                                                   reason[:512], actor))
         elif op == "renew":
-            out.append(self.zs.add_revocation("renew", selector, types, now, now + delay, horizon + delay,
+            # Token times are whole seconds: tokens issued from this second on are the renewed ones.
+            out.append(self.zs.add_revocation("renew", selector, types, int(now), now + delay, horizon + delay,
                                               reason[:512], actor))
         elif op == "reevaluate":
             out.append(self.zs.add_revocation("reevaluate", selector, [], now, now, now + 60, reason[:512], actor))

@@ -161,7 +161,7 @@ class ZtGateway:
             if sub == "/providers" and head.method == b"GET":
                 return _json(200, await asyncio.to_thread(self.ctl.providers))
             if head.method != b"POST":
-                return _error(405 if sub in ("/login", "/entitlements", "/session/renew", "/stepup") else 404,
+                return _error(405 if sub in ("/login", "/entitlements", "/renew", "/stepup") else 404,
                               "not_found", "no such API")
             try:
                 doc = orjson.loads(body) if body else {}
@@ -179,7 +179,7 @@ class ZtGateway:
                 raise reject("no_token", "Authorization: Bearer <claims token> is required")
             if sub == "/entitlements":
                 return _json(200, await asyncio.to_thread(self.ctl.entitlements, token, der))
-            if sub == "/session/renew":
+            if sub == "/renew":
                 return _json(200, await asyncio.to_thread(self.ctl.renew, token, der, doc))
             if sub == "/stepup":
                 return _json(200, await asyncio.to_thread(self.ctl.stepup, token, der, doc))
