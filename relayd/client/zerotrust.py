@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import secrets
-import ssl
 import struct
 import time
 import urllib.parse
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relayd.core.framing import encode_message
-from relayd.errors import AuthError, ConfigError, RelaydError
+from relayd.errors import ConfigError, RelaydError
 from relayd.net import tls
 from relayd.net.mux import MuxConnection, MuxStream
 from relayd.net.wslink import ClientUpgrade

@@ -314,9 +314,13 @@ class Controller:
             raise reject("bad_device_id", "device_id must be 32 lowercase hex digits", 400)
         reported = device_claims(body.get("device_claims", {}))
         new_secret = secrets.token_hex(32)
-        created = self.zs.register_device(device_id, provider, username, body.get("onboarding_secret"), new_secret,
-                                          (reported.get("hostname") if isinstance(reported.get("hostname"), str)
-                                           else None), self.cfg.device_limit, now)
+        try:
+            created = self.zs.register_device(
+                device_id, provider, username, body.get("onboarding_secret"), new_secret,
+                reported.get("hostname") if isinstance(reported.get("hostname"), str) else None,
+                self.cfg.device_limit, now)
+        except AuthError as exc:
+            raise reject("device_registration", str(exc), 403) from None
         sid = secrets.token_hex(16)
         exp = now + int(self.cfg.claims_ttl)
         cert = self._certificate(body.get("csr"), provider, username, device_id, sid, exp)

@@ -3,7 +3,6 @@
 at the site's gateway, flows allowed, denied and stepped up."""
 
 import asyncio
-import time
 
 import pytest
 
