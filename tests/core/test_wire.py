@@ -15,9 +15,13 @@ def roundtrip(h: wire.StreamHeader) -> wire.StreamHeader:
 
 def test_header_roundtrip_every_kind():
     for kind in sorted(wire.KINDS):
-        h = wire.StreamHeader(kind, "web", "abcd-1", "192.0.2.7:5555", "user:alice")
+        h = wire.StreamHeader(kind, "web", "abcd-1", "192.0.2.7:5555", "user:alice",
+                              "10.0.0.1 5432" if kind == wire.KIND_DIAL else "")
         assert roundtrip(h) == h
     assert roundtrip(wire.StreamHeader(wire.KIND_CONTROL, "", "t")).identity == ""
+    # A zero-trust dial names where it goes; without that it is refused.
+    with pytest.raises(wire.WireError):
+        roundtrip(wire.StreamHeader(wire.KIND_DIAL, "site:s", "t"))
 
 
 def test_another_version_is_refused_naming_both():
