@@ -432,14 +432,7 @@ class CertificateAuthority:
         """
         if not isinstance(agent_id, str) or not _AGENT_ID_RE.match(agent_id):
             raise ConfigError("invalid agent id")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-            valid = csr.is_signature_valid
-            public_key = csr.public_key()
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise AuthError("malformed certificate request") from None
-        if not valid:
-            raise AuthError("certificate request signature is invalid")
+        public_key = _csr_key(csr_pem)
         p256 = isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(
             public_key.curve, ec.SECP256R1
         )
@@ -466,14 +459,7 @@ class CertificateAuthority:
         ``[OU=provider, CN=username, CN=device]`` written by the CA (the
         CSR's is ignored), P-256 keys only, valid from 60 s ago until
         ``not_after``, clientAuth only, SAN ``urn:relayd:session:<sid>``."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-            valid = csr.is_signature_valid
-            public_key = csr.public_key()
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise AuthError("malformed certificate request") from None
-        if not valid:
-            raise AuthError("certificate request signature is invalid")
+        public_key = _csr_key(csr_pem)
         if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
             raise AuthError("certificate request key must be ECDSA P-256")
         now = _now()
@@ -505,6 +491,20 @@ class CertificateAuthority:
             return True
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return False
+
+
+def _csr_key(csr_pem: bytes):
+    """The public key of a CSR whose signature (proof of possession)
+    verifies; its subject and extensions are never used."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise AuthError("malformed certificate request") from None
+    if not valid:
+        raise AuthError("certificate request signature is invalid")
+    return public_key
 
 
 def user_subject(provider: str, username: str, device_id: str) -> x509.Name:

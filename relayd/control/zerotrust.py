@@ -132,7 +132,7 @@ def _load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _selector_matches(sel: dict, tok: dict) -> bool:
+def selector_matches(sel: dict, tok: dict) -> bool:
     """Does a revocation selector cover this token's (or session's) facts:
     ``sid, jti, provider, username, device, site``."""
     if sel.get("all") is True:
@@ -195,14 +195,14 @@ class RevocationView:
                 continue
             if facts["tt"] == "claims" and "site" in e["selector"]:
                 continue  # a site selector names entitlement tokens only
-            if _selector_matches(e["selector"], facts):
+            if selector_matches(e["selector"], facts):
                 return e
         return None
 
     def locked(self, facts: dict, now: float) -> dict | None:
         for e in self.entries.values():
             if e["op"] == "lock" and e["effective_at"] <= now < e["expires_at"] \
-                    and _selector_matches(e["selector"], facts):
+                    and selector_matches(e["selector"], facts):
                 return e
         return None
 

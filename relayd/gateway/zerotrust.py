@@ -34,7 +34,6 @@ import ipaddress
 import logging
 import secrets
 import time
-from urllib.parse import parse_qs
 
 import orjson
 from cryptography.hazmat.primitives import serialization
@@ -42,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from relayd import metrics
 from relayd.control import jws
 from relayd.control import policy as pol
-from relayd.control.zerotrust import Controller, Refused, device_claims, reject, token_facts
+from relayd.control.zerotrust import Controller, Refused, device_claims, reject, selector_matches, token_facts
 from relayd.core import flowfilter as ff
 from relayd.core import http1
 from relayd.core.wire import KIND_DIAL
@@ -66,7 +65,8 @@ INTERACTION_RESEND = 30.0
 #: (metadata services, loopback, link-local): a /0 or /8 allow does not.
 _GUARDED = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10", "0.0.0.0/8")]
 _PROTOS = {"tcp": ff.TCP}
-_DNS_MIN, _DNS_MAX = 30.0, 300.0
+#: Seconds a host name's answer is kept (an empty one, a failed lookup: less).
+_DNS_TTL, _DNS_MIN = 60.0, 30.0
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -84,12 +84,11 @@ def _peer_der(ex) -> bytes | None:
 
 
 def _bearer(head) -> str | None:
-    v = head.header(b"authorization") if hasattr(head, "header") else None
-    if v is None:
-        for name, value in head.headers:
-            if name.lower() == b"authorization":
-                v = value
-                break
+    v = None
+    for name, value in head.headers:
+        if name.lower() == b"authorization":
+            v = value
+            break
     if v is None or not v[:7].lower() == b"bearer ":
         return None
     return v[7:].strip().decode("latin-1")
@@ -250,7 +249,7 @@ class ZtGateway:
                 a = a.ipv4_mapped
             if str(a) not in addrs:
                 addrs.append(str(a))
-        self.dns[name] = (now + (_DNS_MIN if not addrs else 60.0), addrs)
+        self.dns[name] = (now + (_DNS_TTL if addrs else _DNS_MIN), addrs)
         return addrs
 
 
@@ -701,9 +700,7 @@ class UserSession:
         if self.claims is None or self.closed:
             return
         facts = [token_facts(self.claims), token_facts(self.ents)]
-        from relayd.control.zerotrust import _selector_matches
-
-        hit = [f for f in facts if _selector_matches(e["selector"], f)
+        hit = [f for f in facts if selector_matches(e["selector"], f)
                and (e["op"] not in ("kill", "renew") or (f["tt"] in e["types"] and f["iat"] < e["issued_before"]))]
         if not hit:
             return
@@ -750,11 +747,3 @@ async def _join(a: MuxStream, b: MuxStream) -> None:
             b.reset()
 
     await asyncio.gather(pump(a, b), pump(b, a))
-
-
-def query_int(head, key: str, default: int = 0) -> int:
-    q = parse_qs(head.target.partition(b"?")[2].decode("latin-1"))
-    try:
-        return int(q.get(key, [default])[0])
-    except ValueError:
-        return default

@@ -63,3 +63,42 @@ def test_info_message_is_shown_and_access_stays_denied(tmp_path):
                 await c.close()
 
     run(main())
+
+
+def test_socks5_and_forward_ports(tmp_path):
+    """The client's local ways in: a SOCKS5 CONNECT (RFC 1928) to an
+    allowed address echoes, one to an address no rule allows is answered
+    'connection not allowed by ruleset' (2); a -L forward echoes."""
+
+    async def main():
+        async with site(tmp_path) as s:
+            await asyncio.to_thread(s.login)
+            c = await s.connector()
+            try:
+                srv = await c.socks(("127.0.0.1", 0))
+                port = srv.sockets[0].getsockname()[1]
+                for key, code in (("open", 0), ("none", 2)):
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.write(b"\x05\x01\x00")
+                    assert await r.readexactly(2) == b"\x05\x00"
+                    w.write(b"\x05\x01\x00\x01" + bytes(map(int, ADDRS[key].split("."))) +
+                            s.ports[key].to_bytes(2, "big"))
+                    reply = await r.readexactly(10)
+                    assert reply[1] == code
+                    if code == 0:
+                        w.write(b"hello through socks")
+                        assert await r.readexactly(19) == b"hello through socks"
+                    w.close()
+                fwd = await c.forward(("127.0.0.1", 0), ADDRS["open"], s.ports["open"])
+                r, w = await asyncio.open_connection("127.0.0.1", fwd.sockets[0].getsockname()[1])
+                w.write(b"x" * 100_000)
+                w.write_eof()
+                got = b""
+                while data := await r.read(65536):
+                    got += data
+                assert got == b"x" * 100_000
+                w.close()
+            finally:
+                await c.close()
+
+    run(main())
