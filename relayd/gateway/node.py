@@ -140,7 +140,9 @@ class RelayNode:
         info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0]}
         if self.wss_address:
             info["https"] = self.wss_address
-        (self.data / "relay.json").write_bytes(orjson.dumps(info))
+        tmp = self.data / "relay.json.tmp"
+        tmp.write_bytes(orjson.dumps(info))
+        tmp.replace(self.data / "relay.json")
 
     @property
     def wss_address(self) -> str | None:
@@ -161,7 +163,7 @@ class RelayNode:
         bound: list = []
 
         def bind(hp, what):
-            socks = admission.bind(hp[0], hp[1], what)
+            socks = admission.bind(hp[0], hp[1], what, listen=False)
             bound.extend(socks)
             return socks
 
@@ -170,6 +172,13 @@ class RelayNode:
             https_socks = bind(self.cfg.https, "serve.https") if self.cfg.https is not None else None
             tcp_socks = {name: bind(hp, f"serve.tcp.{name}") for name, hp in self.cfg.tcp.items()}
             metrics_socks = bind(self.cfg.metrics, "serve.metrics") if self.cfg.metrics is not None else None
+            # relay.json before the first connection can be accepted: whoever
+            # sees a port open may run `relayd admin join-token` at once.
+            self.agents_port = agent_socks[0].getsockname()[1]
+            self.https_port = https_socks[0].getsockname()[1] if https_socks else None
+            self._write_relay_json()
+            for sock in bound:
+                sock.listen(1024)
         except BaseException:
             for sock in bound:
                 sock.close()
@@ -182,8 +191,6 @@ class RelayNode:
         self.agents_port = lst.port
         if https_socks is not None:
             self._listeners.append(self._https_port(adm, https_socks, preamble))
-            self.https_port = self._listeners[-1].port
-        self._write_relay_json()
         self.tcp = TcpEndpoints(self.seam, adm, self.cfg.splice)
         for name, socks in tcp_socks.items():
             await self.tcp.listen(name, socks)

@@ -239,9 +239,11 @@ def trim_heap() -> bool:
     return bool(fn(0))
 
 
-def bind(host: str, port: int, what: str, backlog: int = 1024) -> list[socket.socket]:
+def bind(host: str, port: int, what: str, backlog: int = 1024, listen: bool = True) -> list[socket.socket]:
     """Listening sockets for ``host:port`` (every address the name has),
-    non-blocking. Errors become one clear ConfigError naming ``what``."""
+    non-blocking. Errors become one clear ConfigError naming ``what``.
+    ``listen=False`` leaves them bound only: the caller calls ``listen``
+    once it is ready for the first connection."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -268,7 +270,8 @@ def bind(host: str, port: int, what: str, backlog: int = 1024) -> list[socket.so
                     socks.pop().close()
                     continue
                 raise ConfigError(f"{what}: cannot listen on {where}: {_why(exc)}") from None
-            s.listen(backlog)
+            if listen:
+                s.listen(backlog)
             s.setblocking(False)
             if port == 0:
                 port = s.getsockname()[1]  # the other addresses take the same port
