@@ -36,6 +36,9 @@ def add_client_parsers(sub) -> None:
                     default="127.0.0.1:1080")
     cn.add_argument("-L", dest="forwards", action="append", default=[], metavar="[BIND:]LPORT:HOST:PORT",
                     help="forward a local port to HOST:PORT at the site (repeatable)")
+    cn.add_argument("--tun", nargs="?", const="relayd%d", metavar="NAME",
+                    help="Linux: also carry IP packets (TCP, UDP, ICMP) to each site through a TUN device "
+                         "(default name relayd%%d; needs CAP_NET_ADMIN)")
     cn.set_defaults(func=cmd_connect)
 
 
@@ -262,6 +265,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
             bind, lport, rhost, rport = parts
             await c.forward((bind, int(lport)), rhost, int(rport))
             print(f"forwarding {bind}:{lport} -> {rhost}:{rport}", flush=True)
+        if args.tun:
+            for site, (dev, addr, nets) in (await c.tun(args.tun)).items():
+                print(f"TUN {dev} {addr} for site {site}: {', '.join(nets)}", flush=True)
         try:
             await asyncio.gather(*(s.mux.closed_future for s in c.sessions.values()))
         finally:

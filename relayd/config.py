@@ -298,6 +298,9 @@ class AgentConfig:
     #: filter decides first).
     site: str | None = None
     site_networks: list = field(default_factory=list)
+    #: The TUN device that carries the site's share of TUN-mode packets
+    #: (made on the first packet stream; needs CAP_NET_ADMIN)
+    site_tun: str = "relayd-site"
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
@@ -332,7 +335,7 @@ class AgentConfig:
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
                "http", "gateway_timeout", "drain"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain", "site",
-               "site_networks"}
+               "site_networks", "site_tun"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout", "window_idle"}
 
 
@@ -543,6 +546,10 @@ def load_agent(path: Path | None) -> AgentConfig:
         cfg.site = _check_name(_str(a["site"], "agent.site"), "agent.site")
     if "site_networks" in a:
         cfg.site_networks = parse_networks(a["site_networks"], "agent.site_networks")
+    if "site_tun" in a:
+        cfg.site_tun = _str(a["site_tun"], "agent.site_tun")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", cfg.site_tun):
+            raise ConfigError("config key 'agent.site_tun': a network device name of 1 to 15 letters, digits, . _ -")
     eps = a.get("endpoints", {})
     if not isinstance(eps, dict):
         raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")
@@ -593,7 +600,7 @@ def _zerotrust(t):
     from relayd.control.zerotrust import ZtConfig
 
     t = _known(t, {"site", "claims_ttl", "entitlement_ttl", "device_limit", "revocation_mode", "max_staleness",
-                   "providers"}, "zerotrust")
+                   "providers", "tun_pool", "tun_mtu"}, "zerotrust")
     z = ZtConfig()
     if "site" in t:
         z.site = _check_name(_str(t["site"], "zerotrust.site"), "zerotrust.site")
@@ -606,6 +613,12 @@ def _zerotrust(t):
         z.device_limit = t["device_limit"]
     if "revocation_mode" in t:
         z.revocation_mode = _str(t["revocation_mode"], "zerotrust.revocation_mode")
+    if "tun_pool" in t:
+        z.tun_pool = _str(t["tun_pool"], "zerotrust.tun_pool")
+    if "tun_mtu" in t:
+        if not isinstance(t["tun_mtu"], int) or isinstance(t["tun_mtu"], bool):
+            raise ConfigError("config key 'zerotrust.tun_mtu': a number")
+        z.tun_mtu = t["tun_mtu"]
     provs = t.get("providers", {})
     if not isinstance(provs, dict):
         raise ConfigError("config key 'zerotrust.providers': expected [zerotrust.providers.NAME] tables")

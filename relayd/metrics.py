@@ -122,5 +122,7 @@ ZT_SESSIONS = Gauge("relayd_zt_sessions", "Live user sessions at the gateway", [
 ZT_FLOWS_CUT = Counter("relayd_zt_flows_cut_total", "Live flows cut by a revocation or a re-evaluation",
                        ["site", "why"])
 ZT_REVOCATIONS = Counter("relayd_zt_revocations_applied_total", "Revocation entries a gateway applied", ["op"])
+ZT_PACKETS = Counter("relayd_zt_packets_total", "TUN-mode packets at the gateway: passed, or dropped and why",
+                     ["site", "direction", "result"])
 ZT_FLOW_OPEN_SECONDS = Histogram("relayd_zt_flow_open_seconds", "From a flow's request to the agent's dial",
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

@@ -36,7 +36,7 @@ from relayd.config import AgentConfig, format_hostport, parse_hostport
 from relayd.control.ca import cert_info, generate_key_and_csr, pin_of, write_private
 from relayd.control.jointoken import JoinToken
 from relayd.core import wire
-from relayd.core.wire import KIND_CONTROL, KIND_DIAL, StreamHeader, VersionMismatch
+from relayd.core.wire import KIND_CONTROL, KIND_DIAL, KIND_PACKETS, StreamHeader, VersionMismatch
 from relayd.core.framing import FramingError
 from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
 from relayd.net import control, tls
@@ -74,6 +74,7 @@ class AgentNode:
         self._renew_task: asyncio.Task | None = None
         self.reconnects = 0
         self.streams_served = 0
+        self.site_tun = None  # relayd.agent.sitetun.SiteTun, on the first packet stream
         self.control_handlers: dict = {}  # control message type -> handler (on_control)
         self._control_out = control.ControlChannel(self._open_control)  # ours to the relay (push)
         # Back-end TLS contexts, built once: (context, server name).
@@ -269,6 +270,8 @@ class AgentNode:
                 t.cancel()
         if self.conn is not None:
             self.conn.abort()
+        if self.site_tun is not None:
+            self.site_tun.close()
         for t in (self._task, self._renew_task):
             if t is not None:
                 try:
@@ -358,7 +361,13 @@ class AgentNode:
             # header usually arrives with the SYN, so the read does not wait.
             async with asyncio.timeout(self.cfg.connect_timeout):
                 header = StreamHeader.decode(await stream.read_message())
-                if header.kind == KIND_DIAL:
+                if header.kind == KIND_PACKETS:
+                    if self.cfg.site is None or header.target != f"site:{self.cfg.site}":
+                        log.warning("packet stream for a site this agent does not serve",
+                                    extra={"endpoint": header.target[:64], "trace": header.trace[:32]})
+                        stream.reset()
+                        return
+                elif header.kind == KIND_DIAL:
                     target = self._site_target(header)
                     if target is None:
                         stream.reset()
@@ -396,6 +405,12 @@ class AgentNode:
             await self._control(stream)
             return
         self.streams_served += 1
+        if header.kind == KIND_PACKETS:
+            if self.site_tun is None:
+                from relayd.agent.sitetun import SiteTun
+
+                self.site_tun = SiteTun(self.cfg.site_tun, self.cfg.site_networks)
+            await self.site_tun.serve(stream, header.dest)
 
     def _site_target(self, header: StreamHeader) -> tuple[str, int] | None:
         """A zero-trust flow's address, if this agent serves that site and

@@ -30,6 +30,7 @@ processes' entries (`relayd admin revoke`) arrive through ``poll``.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -94,6 +95,10 @@ class ZtConfig:
     revocation_mode: str = "strict"
     max_staleness: float = 300.0
     providers: dict = field(default_factory=dict)  # name -> relayd.control.oidc.Provider
+    #: TUN mode: the addresses this gateway gives clients' TUN devices (one
+    #: each; give each gateway of a site its own pool), and their MTU
+    tun_pool: str = "100.96.0.0/16"
+    tun_mtu: int = 1400
 
     def validate(self) -> "ZtConfig":
         if self.revocation_mode not in ("strict", "best_effort"):
@@ -104,6 +109,14 @@ class ZtConfig:
             raise ConfigError("config key 'zerotrust.entitlement_ttl': between 1m and claims_ttl")
         if LOCAL in self.providers or "totp" in self.providers:
             raise ConfigError("config key 'zerotrust.providers': 'local' and 'totp' are relayd's own")
+        try:
+            pool = ipaddress.ip_network(self.tun_pool)
+        except ValueError:
+            raise ConfigError("config key 'zerotrust.tun_pool': an IPv4 network such as 100.96.0.0/16") from None
+        if pool.version != 4 or pool.prefixlen > 30:
+            raise ConfigError("config key 'zerotrust.tun_pool': an IPv4 network of at least 4 addresses")
+        if not 576 <= self.tun_mtu <= 65535:
+            raise ConfigError("config key 'zerotrust.tun_mtu': between 576 and 65535")
         return self
 
 

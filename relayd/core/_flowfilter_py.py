@@ -14,6 +14,13 @@ length with a range that holds the port decides:
   range start; an exact tie: block over allow over pending;
 * no rule matches: deny (``DENY``).
 
+``parse_packet`` reads the flow of an IP packet (TUN mode): protocol,
+addresses and ports; for ICMP the type stands in the port and an echo's
+identifier in the source port, so that ``ConnTrack`` needs nothing else.
+``ConnTrack.answers`` tells whether a packet from the site answers a flow
+it admitted (the reverse of that flow; an echo reply; an ICMP error that
+quotes it).
+
 ``ConnTrack`` remembers each admitted flow (protocol, source, source port,
 destination, destination port) with the rule set's generation, so that an
 established flow costs one dict lookup per packet; a new rule set (a
@@ -39,6 +46,10 @@ TCP = 6
 UDP = 17
 ICMP = 1
 ICMPV6 = 58
+#: ICMP types: echo request and reply (v4, v6); errors that quote a packet.
+_ECHO4, _REPLY4, _ECHO6, _REPLY6 = 8, 0, 128, 129
+_ERRORS4 = (3, 11, 12)
+_ERRORS6 = (1, 2, 3, 4)
 
 
 class Rule:
@@ -174,3 +185,90 @@ class ConnTrack:
 
     def forget(self, proto: cython.int, bits: cython.int, src, sport: cython.int, dst, dport: cython.int) -> None:
         self.flows.pop((proto, bits, src, sport, dst, dport), None)
+
+    def tracked(self, rules: RuleSet, flow: tuple) -> cython.bint:
+        """Whether ``flow`` (a ``parse_packet`` tuple) is admitted under
+        ``rules`` (this generation)."""
+        hit = self.flows.get(flow)
+        return hit is not None and hit[0] == rules.generation
+
+    def answers(self, rules: RuleSet, pkt) -> cython.bint:
+        """Whether ``pkt``, from the site, answers a flow admitted under
+        ``rules``: the reverse of the flow, an echo reply to an admitted
+        echo request, or an ICMP error quoting an admitted packet."""
+        flow = parse_packet(pkt)
+        if flow is None:
+            return False
+        proto: cython.int = flow[0]
+        bits: cython.int = flow[1]
+        typ: cython.int = flow[5]
+        if proto == ICMP or proto == ICMPV6:
+            if (proto == ICMP and typ == _REPLY4) or (proto == ICMPV6 and typ == _REPLY6):
+                return self.tracked(rules, (proto, bits, flow[4], flow[3], flow[2],
+                                            _ECHO4 if proto == ICMP else _ECHO6))
+            if (proto == ICMP and bits == 32 and typ in _ERRORS4) or (proto == ICMPV6 and bits == 128 and typ in _ERRORS6):
+                inner = parse_packet(pkt[(pkt[0] & 15) * 4 + 8 if bits == 32 else 48:], True)
+                return inner is not None and inner[2] == flow[4] and self.tracked(rules, inner)
+            return False
+        return self.tracked(rules, (proto, bits, flow[4], flow[5], flow[2], flow[3]))
+
+
+def parse_packet(pkt, quoted: cython.bint = False):
+    """The flow of an IPv4 or IPv6 packet: ``(proto, bits, src, sport, dst,
+    dport)``, addresses as ints; ICMP: ``sport`` an echo's identifier (else
+    0), ``dport`` the type. None for what is not a whole first fragment of
+    a well-formed packet (``quoted``: the start of a packet an ICMP error
+    quotes, which may be cut short). A protocol the filter has no rules for
+    comes back with ports 0 (and is denied)."""
+    n: cython.Py_ssize_t = len(pkt)
+    if n < 1:
+        return None
+    version: cython.int = pkt[0] >> 4
+    hl: cython.Py_ssize_t
+    proto: cython.int
+    bits: cython.int
+    if version == 4:
+        hl = (pkt[0] & 15) * 4
+        if hl < 20 or n < hl:
+            return None
+        if not quoted:
+            total: cython.Py_ssize_t = (pkt[2] << 8) | pkt[3]
+            if total < hl or total > n:
+                return None
+            n = total
+        if ((pkt[6] & 0x1F) << 8) | pkt[7]:
+            return None  # a later fragment: no ports to check
+        proto = pkt[9]
+        bits = 32
+        src = int.from_bytes(pkt[12:16], "big")
+        dst = int.from_bytes(pkt[16:20], "big")
+    elif version == 6:
+        hl = 40
+        if n < 40:
+            return None
+        if not quoted:
+            total6: cython.Py_ssize_t = 40 + ((pkt[4] << 8) | pkt[5])
+            if total6 > n:
+                return None
+            n = total6
+        proto = pkt[6]
+        bits = 128
+        src = int.from_bytes(pkt[8:24], "big")
+        dst = int.from_bytes(pkt[24:40], "big")
+    else:
+        return None
+    if proto == TCP or proto == UDP:
+        if n < hl + 4:
+            return None
+        return (proto, bits, src, (pkt[hl] << 8) | pkt[hl + 1], dst, (pkt[hl + 2] << 8) | pkt[hl + 3])
+    if proto == ICMP or proto == ICMPV6:
+        if n < hl + 8 and not quoted or n < hl + 1:
+            return None
+        typ: cython.int = pkt[hl]
+        ident: cython.int = 0
+        if typ == _ECHO4 or typ == _REPLY4 or typ == _ECHO6 or typ == _REPLY6:
+            if n < hl + 8:
+                return None
+            ident = (pkt[hl + 4] << 8) | pkt[hl + 5]
+        return (proto, bits, src, ident, dst, typ)
+    return (proto, bits, src, 0, dst, 0)

@@ -14,4 +14,5 @@ ConnTrack = _impl.ConnTrack
 DENY, ALLOW, BLOCK, PENDING = _pure.DENY, _pure.ALLOW, _pure.BLOCK, _pure.PENDING
 VERDICTS = _pure.VERDICTS
 TCP, UDP, ICMP, ICMPV6 = _pure.TCP, _pure.UDP, _pure.ICMP, _pure.ICMPV6
+parse_packet = _impl.parse_packet
 COMPILED = is_compiled(_impl)

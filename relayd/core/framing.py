@@ -68,3 +68,40 @@ def decode_body(body: bytes) -> dict:
     if not isinstance(message, dict):
         raise FramingError(f"message is a {type(message).__name__}, not a map")
     return message
+
+
+# -- IP packets (zero-trust TUN mode) ------------------------------------------
+#
+# A packet stream carries whole IP packets, each a 2-byte big-endian length
+# and the packet (at most 65,535 bytes, as IP's own length field allows).
+
+_PLEN = struct.Struct(">H")
+
+
+def frame_packet(pkt: bytes) -> bytes:
+    if not 0 < len(pkt) <= 0xFFFF:
+        raise ValueError(f"a packet of {len(pkt)} bytes")
+    return _PLEN.pack(len(pkt)) + pkt
+
+
+class PacketSplitter:
+    """Whole packets out of arbitrary splits of a packet stream."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out = []
+        i, n = 0, len(buf)
+        while n - i >= 2:
+            size = (buf[i] << 8) | buf[i + 1]
+            if size == 0:
+                raise FramingError("a packet of 0 bytes")
+            if n - i - 2 < size:
+                break
+            out.append(bytes(buf[i + 2 : i + 2 + size]))
+            i += 2 + size
+        del buf[:i]
+        return out

@@ -33,7 +33,8 @@ KIND_TCP = "tcp"  # a byte stream to an endpoint's service
 KIND_HTTP = "http"  # HTTP/1.1 exchanges with an endpoint's service
 KIND_CONTROL = "control"  # messages between relay and agent
 KIND_DIAL = "dial"  # a zero-trust flow: the agent of a site dials ``dest`` (an address the gateway checked)
-KINDS = frozenset({KIND_TCP, KIND_HTTP, KIND_CONTROL, KIND_DIAL})
+KIND_PACKETS = "packets"  # zero-trust TUN mode: IP packets to and from ``dest`` (the client's tunnel address)
+KINDS = frozenset({KIND_TCP, KIND_HTTP, KIND_CONTROL, KIND_DIAL, KIND_PACKETS})
 
 _MAX_FIELD = 512
 
@@ -72,7 +73,7 @@ class StreamHeader:
     trace: str
     client: str = ""  # the caller's address, as the way in saw it
     identity: str = ""  # who the caller is (a user, a device); "" if anonymous
-    dest: str = ""  # dial streams: "IP PORT" (the address the gateway's filter admitted)
+    dest: str = ""  # dial streams: "IP PORT" (the address the gateway's filter admitted); packets: the client's IP
 
     def encode(self) -> bytes:
         m = {"v": LINK_VERSION, "k": self.kind, "t": self.target, "tr": self.trace, "c": self.client,
@@ -88,7 +89,7 @@ class StreamHeader:
         if kind not in KINDS:
             raise WireError("stream header: a kind this side does not know")
         return cls(kind, _text(m, "t", "target"), _text(m, "tr", "trace"), _text(m, "c", "client", False),
-                   _text(m, "id", "identity", False), _text(m, "d", "dest", kind == KIND_DIAL))
+                   _text(m, "id", "identity", False), _text(m, "d", "dest", kind in (KIND_DIAL, KIND_PACKETS)))
 
 
 def control_message(type_: str, **fields) -> bytes:

@@ -17,7 +17,8 @@ reasons) answered by ``welcome``, then ``claims`` / ``entitlements`` /
 other stream is one flow: ``{proto, host, port}`` answered by ``ok``,
 ``denied`` or ``stepup_required``; an allowed flow is spliced to a new
 stream toward an agent of the site, opened through the one stream seam
-(``dial``, the address the filter admitted).
+(``dial``, the address the filter admitted). ``{"proto": "ip"}`` asks for
+TUN mode instead: IP packets, each checked (relayd.gateway.ztpackets).
 
 The session's rules are compiled from its tokens, the live device report,
 the gateway's system claims, the reasons given and the clock into a
@@ -45,6 +46,7 @@ from relayd.control.zerotrust import Controller, Refused, device_claims, reject,
 from relayd.core import flowfilter as ff
 from relayd.core import http1
 from relayd.core.wire import KIND_DIAL
+from relayd.gateway.ztpackets import AddressPool, TunPath, proto_name
 from relayd.core.wshandshake import Refuse, server_handshake
 from relayd.errors import RelaydError
 from relayd.log import RateLimitedLog, caught
@@ -108,6 +110,7 @@ class ZtGateway:
         self._gauge = metrics.ZT_SESSIONS.labels(site or "-")
         self._poll_task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool = AddressPool(controller.cfg.tun_pool)
         self.admin = None  # relayd.gateway.ztadmin.AdminApi, set by the node
 
     def routes(self) -> list[Route]:
@@ -129,6 +132,9 @@ class ZtGateway:
         four times a second, so a kill reaches live flows within a second."""
         while True:
             await asyncio.sleep(0.25)
+            for s in list(self.sessions.values()):
+                if s.tun is not None:
+                    s.tun.flush()
             try:
                 await asyncio.to_thread(self.ctl.poll)
             except RelaydError as exc:
@@ -281,6 +287,7 @@ class UserSession:
         self.renew_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._flow_seq = 0
+        self.tun: TunPath | None = None  # TUN mode, once asked for
 
     # -- life -------------------------------------------------------------------
 
@@ -294,6 +301,8 @@ class UserSession:
                 t.cancel()
         for key in list(self.flows):
             self._cut(key, None)
+        if self.tun is not None:
+            self.tun.close()
 
     def close(self, code: int, reason: str, message: str) -> None:
         """Tell the client why (on the control stream), then close the
@@ -305,6 +314,8 @@ class UserSession:
             self._send({"type": "closed", "code": code, "reason": reason, "message": message})
         for key in list(self.flows):
             self._cut(key, "revoked" if code == 4403 else None)
+        if self.tun is not None:
+            self.tun.close()
         self.mux._flush_now()
         if self.ws is not None:
             self.ws.conn.fail(code, reason[:100])
@@ -513,6 +524,11 @@ class UserSession:
             verdict, _ = self._match(dst[0], dst[1])
             if verdict != ff.ALLOW:
                 self._cut(key, "revoked_by_reeval")
+        if self.tun is not None:
+            for proto, dst, port in self.tun.recheck():
+                metrics.ZT_FLOWS_CUT.labels(self.gw.site or "-", "revoked_by_reeval").inc()
+                self._audit("revoked_by_reeval", "", str(ipaddress.ip_address(dst)), port, None,
+                            proto=proto_name(proto))
         if self.timer is not None:
             self.timer.cancel()
         at = pol.next_deadline(conds, ctx)
@@ -533,11 +549,16 @@ class UserSession:
     def _match(self, ip: str, port: int) -> tuple[int, str]:
         a = ipaddress.ip_address(ip)
         verdict, ref = self.rules.match(ff.TCP, 32 if a.version == 4 else 128, int(a), port)
-        if verdict == ff.ALLOW and any(a in n for n in _GUARDED if n.version == a.version):
-            # Loopback, link-local and metadata addresses only by a rule that names them.
-            if not self._named(a, ref):
-                return ff.DENY, ""
+        if verdict == ff.ALLOW and not self.allowed_address(a, ref):
+            return ff.DENY, ""
         return verdict, ref
+
+    def allowed_address(self, a, ref: str) -> bool:
+        """Loopback, link-local and metadata addresses only by a rule that
+        names them (``a``: an address, or an IPv4 address as an int)."""
+        if isinstance(a, int):
+            a = ipaddress.IPv4Address(a)
+        return not any(a in n for n in _GUARDED if n.version == a.version) or self._named(a, ref)
 
     def _named(self, a, ref: str) -> bool:
         eid, _, n = ref.partition("#")
@@ -556,6 +577,9 @@ class UserSession:
 
     async def _flow(self, st: MuxStream, req) -> None:
         t0 = time.monotonic()
+        if isinstance(req, dict) and req.get("proto") == "ip":
+            await self._packets(st)
+            return
         proto, host, port = (req.get("proto"), req.get("host"), req.get("port")) if isinstance(req, dict) else (None,) * 3
         if proto not in _PROTOS or not isinstance(host, str) or not 0 < len(host) <= 253 \
                 or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
@@ -639,6 +663,29 @@ class UserSession:
         finally:
             self.flows.pop(key, None)
 
+    async def _packets(self, st: MuxStream) -> None:
+        """TUN mode (one per session)."""
+        if self.tun is not None:
+            metrics.BAD_INPUT.labels("zt_flow", "second_tun").inc()
+            st.send_nowait(_frame({"r": "bad_request", "why": "this session has its TUN path already"}))
+            st.reset()
+            return
+        if not self.gw.fresh():
+            st.send_nowait(_frame({"r": "denied", "why": "stale_revocations"}))
+            st.write_eof()
+            return
+        addr = self.gw.pool.take()
+        if addr is None:
+            st.send_nowait(_frame({"r": "unreachable", "why": "no tunnel address left"}))
+            st.write_eof()
+            return
+        self.tun = TunPath(self, addr)
+        log.info("tun mode", extra={"sid": self.sid, "site": self.gw.site, "address": str(ipaddress.IPv4Address(addr))})
+        try:
+            await self.tun.run(st, self.gw.ctl.cfg.tun_mtu)
+        finally:
+            self.gw.pool.give_back(addr)
+
     def _cut(self, key, why: str | None) -> None:
         flow = self.flows.pop(key, None)
         if flow is None:
@@ -651,13 +698,13 @@ class UserSession:
             self._audit(why, ref, ip, port, None)
 
     def _audit(self, verdict: str, ref: str, ip: str, port: int, name, why: str | None = None,
-               interaction: str | None = None) -> None:
+               interaction: str | None = None, proto: str = "tcp") -> None:
         metrics.ZT_DECISIONS.labels(self.gw.site or "-", verdict).inc()
         c = self.claims or {}
         prov, user, dev = c.get("_triple", ("", "", ""))
         audit_log.info("access decision", extra={
             "sid": self.sid, "device_id": dev, "user": user, "provider": prov, "site": self.gw.site,
-            "proto": "tcp", "dst": ip, "name": name, "port": port, "verdict": verdict, "rule": ref,
+            "proto": proto, "dst": ip, "host": name, "port": port, "verdict": verdict, "rule": ref,
             "failing": why, "interaction": interaction})
 
     # -- step-up ----------------------------------------------------------------------------

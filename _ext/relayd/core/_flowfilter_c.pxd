@@ -6,6 +6,8 @@
 import cython
 
 cdef int DENY, ALLOW, BLOCK, PENDING
+cdef int _ECHO4, _REPLY4, _ECHO6, _REPLY6
+cdef tuple _ERRORS4, _ERRORS6
 cdef tuple _TIE
 
 @cython.final
@@ -43,3 +45,8 @@ cdef class ConnTrack:
     cpdef tuple check(self, RuleSet rules, int proto, int bits, object src, int sport, object dst, int dport)
     cpdef list recheck(self, RuleSet rules)
     cpdef forget(self, int proto, int bits, object src, int sport, object dst, int dport)
+    cpdef bint tracked(self, RuleSet rules, tuple flow)
+    @cython.locals(flow=tuple, inner=tuple)
+    cpdef bint answers(self, RuleSet rules, bytes pkt)
+
+cpdef object parse_packet(bytes pkt, bint quoted=*)
