@@ -132,3 +132,82 @@ def test_the_compiled_classes_are_extension_types():
     assert flowfilter.COMPILED and flowfilter.RuleSet is _flowfilter_c.RuleSet
     with pytest.raises(AttributeError):
         _flowfilter_c.ConnTrack().flows  # private
+
+
+# -- packets (TUN mode) -----------------------------------------------------------------
+
+
+def ipv4(proto: int, src: str, dst: str, l4: bytes, frag: int = 0, ihl: int = 5, total: int | None = None) -> bytes:
+    opts = b"\x01" * ((ihl - 5) * 4)
+    n = 4 * ihl + len(l4) if total is None else total
+    return (bytes([0x40 | ihl, 0]) + n.to_bytes(2, "big") + b"\0\0" + frag.to_bytes(2, "big") + bytes([64, proto])
+            + b"\0\0" + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + opts + l4)
+
+
+def ipv6(nh: int, src: str, dst: str, l4: bytes) -> bytes:
+    return (b"\x60\0\0\0" + len(l4).to_bytes(2, "big") + bytes([nh, 64]) + ipaddress.IPv6Address(src).packed
+            + ipaddress.IPv6Address(dst).packed + l4)
+
+
+def ports(sport: int, dport: int) -> bytes:
+    return sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + b"\0" * 16
+
+
+def echo(typ: int, ident: int) -> bytes:
+    return bytes([typ, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\0\1" + b"payload"
+
+
+A, B = int(ipaddress.IPv4Address("100.96.0.2")), int(ipaddress.IPv4Address("10.78.0.1"))
+A6, B6 = int(ipaddress.IPv6Address("fd00::2")), int(ipaddress.IPv6Address("fd00:1::1"))
+
+
+@pytest.mark.parametrize("pkt,flow", [
+    (ipv4(6, "100.96.0.2", "10.78.0.1", ports(40000, 443)), (6, 32, A, 40000, B, 443)),
+    (ipv4(17, "100.96.0.2", "10.78.0.1", ports(5353, 53), ihl=7), (17, 32, A, 5353, B, 53)),
+    (ipv4(1, "100.96.0.2", "10.78.0.1", echo(8, 77)), (1, 32, A, 77, B, 8)),
+    (ipv4(1, "100.96.0.2", "10.78.0.1", bytes([13, 0, 0, 0, 0, 0, 0, 0])), (1, 32, A, 0, B, 13)),
+    (ipv4(47, "100.96.0.2", "10.78.0.1", b"gre-payload"), (47, 32, A, 0, B, 0)),
+    (ipv4(6, "100.96.0.2", "10.78.0.1", ports(1, 2), frag=0x2000), (6, 32, A, 1, B, 2)),  # first fragment (MF)
+    (ipv6(6, "fd00::2", "fd00:1::1", ports(1234, 22)), (6, 128, A6, 1234, B6, 22)),
+    (ipv6(58, "fd00::2", "fd00:1::1", echo(128, 9)), (58, 128, A6, 9, B6, 128)),
+    # Hostile: short, bad header length, total length beyond the packet, a later fragment,
+    # no room for ports, unknown version, an IPv6 payload length beyond the packet.
+    (b"", None), (b"\x45", None), (ipv4(6, "1.2.3.4", "5.6.7.8", ports(1, 2), ihl=4), None),
+    (ipv4(6, "1.2.3.4", "5.6.7.8", ports(1, 2), total=500), None),
+    (ipv4(6, "1.2.3.4", "5.6.7.8", ports(1, 2), frag=0x0010), None),
+    (ipv4(6, "1.2.3.4", "5.6.7.8", b"\0\1"), None), (ipv4(1, "1.2.3.4", "5.6.7.8", echo(8, 1)[:6]), None),
+    (b"\x55" + bytes(40), None), (ipv6(6, "fd00::2", "fd00:1::1", ports(1, 2))[:50], None),
+])
+def test_parse_packet_in_both_builds(pkt, flow):
+    for _, mod in harness.builds("flowfilter"):
+        assert mod.parse_packet(pkt) == flow
+
+
+def test_answers_admits_only_replies_to_tracked_flows_in_both_builds():
+    for _, mod in harness.builds("flowfilter"):
+        rules = mod.RuleSet([mod.Rule(pure.TCP, 32, B, 32, 443, 443, pure.ALLOW),
+                             mod.Rule(pure.ICMP, 32, B, 32, 8, 8, pure.ALLOW)], 1)
+        ct = mod.ConnTrack()
+        out = ipv4(6, "100.96.0.2", "10.78.0.1", ports(40000, 443))
+        back = ipv4(6, "10.78.0.1", "100.96.0.2", ports(443, 40000))
+        assert not ct.answers(rules, back)  # nothing admitted yet
+        assert ct.check(rules, *mod.parse_packet(out))[0] == pure.ALLOW
+        assert ct.answers(rules, back)
+        assert not ct.answers(rules, ipv4(6, "10.78.0.1", "100.96.0.2", ports(443, 40001)))  # another port
+        assert not ct.answers(rules, ipv4(17, "10.78.0.1", "100.96.0.2", ports(443, 40000)))  # another protocol
+        # An ICMP error that quotes the admitted packet passes; one quoting another does not.
+        quote = out[:28]
+        err = ipv4(1, "10.78.0.1", "100.96.0.2", bytes([3, 4, 0, 0, 0, 0, 5, 0x78]) + quote)
+        assert ct.answers(rules, err)
+        other = ipv4(6, "100.96.0.2", "10.78.0.9", ports(40000, 443))[:28]
+        assert not ct.answers(rules, ipv4(1, "10.78.0.1", "100.96.0.2", bytes([3, 4, 0, 0, 0, 0, 0, 0]) + other))
+        # Echo: the reply to an admitted request only (same identifier).
+        assert ct.check(rules, *mod.parse_packet(ipv4(1, "100.96.0.2", "10.78.0.1", echo(8, 77))))[0] == pure.ALLOW
+        assert ct.answers(rules, ipv4(1, "10.78.0.1", "100.96.0.2", echo(0, 77)))
+        assert not ct.answers(rules, ipv4(1, "10.78.0.1", "100.96.0.2", echo(0, 78)))
+        assert not ct.answers(rules, ipv4(1, "10.78.0.1", "100.96.0.2", echo(8, 77)))  # a request, not a reply
+        # A recompile that drops the rule: the flow is forgotten, its replies refused.
+        rules2 = mod.RuleSet([], 2)
+        assert ct.recheck(rules2)
+        assert not ct.answers(rules2, back)
+        assert not ct.answers(rules2, b"\x45garbage")
