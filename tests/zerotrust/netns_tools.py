@@ -9,6 +9,11 @@
   hold HOST PORT SECONDS  an echo exchange every 50 ms; prints "up" once
                           the first answer is back, then "cut SECONDS"
                           when the flow stops answering (or "held")
+  latency HOST PORT N [SOCKS]
+                          N new connections (through the SOCKS5 proxy
+                          HOST:PORT if given), each timed from connect()
+                          to its first echoed byte; prints the seconds as
+                          JSON
 """
 
 import errno
@@ -135,6 +140,34 @@ def hold(host, port, seconds):
     print("held", flush=True)
 
 
+def latency(host, port, n, socks=None):
+    import json
+
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if socks:
+            sh, sp = socks.rsplit(":", 1)
+            s = socket.create_connection((sh, int(sp)), timeout=10)
+            s.sendall(b"\x05\x01\x00")
+            s.recv(2)
+            s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port))
+            reply = b""
+            while len(reply) < 10:
+                reply += s.recv(10 - len(reply))
+            if reply[1] != 0:
+                raise SystemExit(f"SOCKS refused: {reply[1]}")
+        else:
+            s = socket.create_connection((host, port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise SystemExit("no echo")
+        out.append(time.perf_counter() - t0)
+        s.close()
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "serve":
@@ -145,5 +178,7 @@ if __name__ == "__main__":
         udp(args[0], int(args[1]))
     elif cmd == "ping":
         ping(args[0])
+    elif cmd == "latency":
+        latency(args[0], int(args[1]), int(args[2]), args[3] if len(args) > 3 else None)
     elif cmd == "hold":
         hold(args[0], int(args[1]), float(args[2]))

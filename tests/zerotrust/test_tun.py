@@ -12,101 +12,17 @@ TCP flow."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from relayd.control.policy import Policy, to_toml
-from tests.tunnel.processes import free_port
 from tests.waiting import until_sync
 from tests.zerotrust import netns
-from tests.zerotrust.netns import OTHER_IP, RELAY_IP, SERVICE_IP
+from tests.zerotrust.netns import OTHER_IP, SERVICE_IP, TunSite
 
 pytestmark = pytest.mark.skipif(netns.usable() is not None, reason=netns.usable() or "")
-
-RELAYD = (sys.executable, "-m", "relayd.cli")
-PASSWORD = "tun mode password"
-
-
-def policy_toml() -> str:
-    doc = {
-        "sites": [{"id": "s-tun", "networks": ["10.78.0.0/24"]}],
-        "conditions": [{"id": "c-why", "criteria": [{"reason": True, "suffix": "why", "max_age": "10m", "min_len": 5}],
-                        "remedies": [{"type": "reason", "suffix": "why", "message": "Why do you need port 9003"}]}],
-        "entitlements": [
-            {"id": "e-tun", "site": "s-tun", "tags": ["t"], "actions": [
-                {"action": "allow", "proto": "tcp", "hosts": [SERVICE_IP], "ports": ["9000"]},
-                {"action": "allow", "proto": "udp", "hosts": [SERVICE_IP], "ports": ["9000"]},
-                {"action": "allow", "proto": "icmp", "hosts": [SERVICE_IP], "types": ["8"]},
-                {"action": "block", "proto": "tcp", "hosts": [SERVICE_IP], "ports": ["9002"]}]},
-            {"id": "e-why", "site": "s-tun", "tags": ["t"], "conditions": ["c-why"], "actions": [
-                {"action": "allow", "proto": "tcp", "hosts": [SERVICE_IP], "ports": ["9003"]}]},
-        ],
-        "policies": [{"id": "p-staff", "match": {"criteria": [{"claim": "user.groups", "op": "contains",
-                                                                "value": "staff"}]},
-                      "entitlement_tags": ["t"]}],
-    }
-    return to_toml(Policy.from_doc(doc).to_doc())
-
-
-class TunSite:
-    def __init__(self, ns: netns.Namespaces, tmp) -> None:
-        self.ns, self.tmp = ns, tmp
-        self.data = tmp / "relay"
-        self.metrics_port = free_port()
-        self.https = f"{RELAY_IP}:{free_port()}"
-
-    def admin(self, *args: str, stdin: str | None = None) -> str:
-        res = subprocess.run(RELAYD + ("admin",) + args + ("--data", str(self.data)), capture_output=True, text=True,
-                             timeout=60, input=stdin)
-        assert res.returncode == 0, res.stderr
-        return res.stdout
-
-    def start(self) -> None:
-        ns, tmp = self.ns, self.tmp
-        ns.start(ns.site, sys.executable, "-m", "tests.zerotrust.netns_tools", "serve", f"{SERVICE_IP}:9000",
-                 f"{SERVICE_IP}:9002", f"{SERVICE_IP}:9003", f"{OTHER_IP}:9000", log=tmp / "services.log")
-        conf = tmp / "relay.toml"
-        conf.write_text('[zerotrust]\nsite = "s-tun"\ntun_pool = "100.96.0.0/24"\n')
-        ns.start(ns.site, *RELAYD, "serve", "--config", str(conf), "--data", str(self.data), "--agents",
-                 f"127.0.0.1:{free_port()}", "--https", self.https, "--hostname", RELAY_IP,
-                 "--metrics", f"127.0.0.1:{self.metrics_port}", log=tmp / "relay.log")
-        until_sync(lambda: (self.data / "relay.json").is_file(), 30, "the relay did not start")
-        (tmp / "policy.toml").write_text(policy_toml())
-        self.admin("policy", "import", str(tmp / "policy.toml"))
-        self.admin("user", "add", "alice", "--group", "staff", "--password-stdin", stdin=PASSWORD + "\n")
-        token = self.admin("join-token").strip()
-        agent_conf = tmp / "agent.toml"
-        agent_conf.write_text('[agent]\nsite_tun = "rzt-site"\n')
-        ns.start(ns.site, *RELAYD, "agent", "--config", str(agent_conf), "--data", str(tmp / "agent"), "--join",
-                 token, "--site", "s-tun=10.78.0.0/24", log=tmp / "agent.log")
-        until_sync(lambda: " online " in self.admin("agents") or None, 30, "the agent did not come online")
-        ns.run(ns.client, *RELAYD, "login", f"https://{self.https}", "--user", "alice", "--password-stdin",
-               "--ca", str(self.data / "ca" / "ca.crt"), "--data", str(tmp / "client"), stdin=PASSWORD + "\n")
-        self.client = ns.start(ns.client, *RELAYD, "connect", "--data", str(tmp / "client"), "--tun", "rzt0",
-                               "--socks", "127.0.0.1:0", log=tmp / "connect.log", stdin=subprocess.PIPE)
-        until_sync(lambda: "TUN rzt0" in self.connect_log() or None, 30,
-                   lambda: "relayd connect did not bring up its TUN device:\n" + self.connect_log())
-
-    def connect_log(self) -> str:
-        return (self.tmp / "connect.log").read_text(errors="replace")
-
-    def probe(self, *args: str, timeout: float = 40) -> str:
-        return self.ns.py(self.ns.client, "-m", "tests.zerotrust.netns_tools", *args, timeout=timeout).stdout.strip()
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = self.ns.py(self.ns.site, "-c", f"import urllib.request;print(urllib.request.urlopen("
-                                              f"'http://127.0.0.1:{self.metrics_port}/metrics').read().decode())").stdout
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
-            if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-                total += float(m.group(2))
-        return total
-
 
 @pytest.fixture(scope="module")
 def tun_site(tmp_path_factory):
