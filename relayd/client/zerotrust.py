@@ -444,6 +444,7 @@ class Connector:
         self.sessions: dict[str, SiteSession] = {}
         self.reasons: dict = {}  # suffix -> (at, text)
         self.servers: list[asyncio.AbstractServer] = []
+        self.tuns: list = []  # (TunDevice, its link's task)
         self._renew_task: asyncio.Task | None = None
         self._renewing: asyncio.Lock | None = None
 
@@ -467,6 +468,9 @@ class Connector:
             self._renew_task.cancel()
         for srv in self.servers:
             srv.close()
+        for dev, task in self.tuns:
+            task.cancel()
+            dev.close()
         for s in self.sessions.values():
             if s.mux is not None:
                 s.mux.abort()
@@ -475,7 +479,6 @@ class Connector:
         while True:
             p = token_payload(self.state["claims"])
             ends = [p["exp"]] + [token_payload(t)["exp"] for t in self.state["entitlements"].values()]
-        self.tuns: list = []  # (TunDevice, its link's task)
             iat = p["iat"]
             at = iat + (min(ends) - iat) * 0.75
             await asyncio.sleep(max(1.0, at - time.time()))
@@ -499,9 +502,6 @@ class Connector:
     def site_for(self, host: str) -> SiteSession | None:
         try:
             a = ipaddress.ip_address(host)
-        for dev, task in self.tuns:
-            task.cancel()
-            dev.close()
         except ValueError:
             a = None
         for sid, s in self.sessions.items():
@@ -582,6 +582,42 @@ class Connector:
 
     # -- local access -------------------------------------------------------------------------
 
+    async def tun(self, name: str = "relayd%d") -> dict:
+        """TUN mode: a TUN device per site, its address from the gateway,
+        routes to the site's networks through it. Returns site -> (device,
+        address, networks)."""
+        out = {}
+        for sid, s in self.sessions.items():
+            st = await s.mux.open_stream()
+            await st.write(encode_message({"proto": "ip"}))
+            try:
+                reply = await asyncio.wait_for(st.read_message(4096), 30)
+            except (RelaydError, asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+                st.reset()
+                raise ZtClientError("tun_refused", f"site {sid}: the gateway did not answer the TUN request") from None
+            if reply.get("r") != "ok":
+                st.reset()
+                raise ZtClientError("tun_refused", f"site {sid}: TUN mode refused ({reply.get('why') or reply.get('r')})")
+            dev = TunDevice(name)
+            try:
+                dev.configure(f"{reply['address']}/32", int(reply["mtu"]), s.site.get("networks", []))
+            except RelaydError:
+                dev.close()
+                st.reset()
+                raise
+            link = PacketLink(st, dev.write, "tun-" + sid)
+
+            def pump(dev=dev, link=link):
+                for pkt in dev.read_batch():
+                    link.send(pkt)
+
+            asyncio.get_running_loop().add_reader(dev.fd, pump)
+            task = asyncio.get_running_loop().create_task(link.run())
+            task.add_done_callback(lambda _t, dev=dev: dev.close())
+            self.tuns.append((dev, task))
+            out[sid] = (dev.name, reply["address"], list(s.site.get("networks", [])))
+        return out
+
     async def forward(self, local: tuple[str, int], host: str, port: int) -> asyncio.AbstractServer:
         """``-L LOCALPORT:HOST:PORT``."""
 
@@ -621,42 +657,6 @@ class Connector:
         srv = await asyncio.start_server(client, *local)
         self.servers.append(srv)
         return srv
-
-    async def tun(self, name: str = "relayd%d") -> dict:
-        """TUN mode: a TUN device per site, its address from the gateway,
-        routes to the site's networks through it. Returns site -> (device,
-        address, networks)."""
-        out = {}
-        for sid, s in self.sessions.items():
-            st = await s.mux.open_stream()
-            await st.write(encode_message({"proto": "ip"}))
-            try:
-                reply = await asyncio.wait_for(st.read_message(4096), 30)
-            except (RelaydError, asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                st.reset()
-                raise ZtClientError("tun_refused", f"site {sid}: the gateway did not answer the TUN request") from None
-            if reply.get("r") != "ok":
-                st.reset()
-                raise ZtClientError("tun_refused", f"site {sid}: TUN mode refused ({reply.get('why') or reply.get('r')})")
-            dev = TunDevice(name)
-            try:
-                dev.configure(f"{reply['address']}/32", int(reply["mtu"]), s.site.get("networks", []))
-            except RelaydError:
-                dev.close()
-                st.reset()
-                raise
-            link = PacketLink(st, dev.write, "tun-" + sid)
-
-            def pump(dev=dev, link=link):
-                for pkt in dev.read_batch():
-                    link.send(pkt)
-
-            asyncio.get_running_loop().add_reader(dev.fd, pump)
-            task = asyncio.get_running_loop().create_task(link.run())
-            task.add_done_callback(lambda _t, dev=dev: dev.close())
-            self.tuns.append((dev, task))
-            out[sid] = (dev.name, reply["address"], list(s.site.get("networks", [])))
-        return out
 
 
 async def _socks_handshake(reader, writer) -> tuple[str, int] | None:
