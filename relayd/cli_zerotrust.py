@@ -5,7 +5,6 @@ sessions` on a relay's data directory (docs/zero-trust.md)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import sys
@@ -269,9 +268,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
             for site, (dev, addr, nets) in (await c.tun(args.tun)).items():
                 print(f"TUN {dev} {addr} for site {site}: {', '.join(nets)}", flush=True)
         try:
-            await asyncio.gather(*(s.mux.closed_future for s in c.sessions.values()))
+            reasons = await c.wait_closed()
         finally:
             await c.close()
+        print("relayd: every site's session is closed: " + ", ".join(f"{k}: {v}" for k, v in reasons.items()),
+              file=sys.stderr, flush=True)
         return 1
 
     return run(main())

@@ -334,6 +334,10 @@ class Prompter:
         print(f"relayd: site {site}: session closed: {message} ({reason})", flush=True)
 
 
+def format_gateway(hp) -> str:
+    return f"{hp[0]}:{hp[1]}" if hp else "?"
+
+
 def _ask(prompt: str) -> str | None:
     try:
         return input(prompt)
@@ -344,8 +348,17 @@ def _ask(prompt: str) -> str | None:
 # -- sessions ----------------------------------------------------------------------------
 
 
+#: Why a gateway closes a session for good: reconnecting cannot help (the
+#: user signs in again, or another connection of the session took over).
+FINAL_CLOSE = frozenset({"revoked", "expired", "replaced", "locked", "bad_hello", "bad_message", "session_mismatch",
+                         "rollback", "bad_certificate", "wrong_site", "no_site"})
+
+
 class SiteSession:
-    """One site's session: the mux over the gateway's WebSocket."""
+    """One site's session: the mux over the gateway's WebSocket, to the
+    first gateway of the site that answers; ``keep`` connects again (the
+    next gateway first) when the session drops for a reason that is not
+    final."""
 
     def __init__(self, connector: "Connector", site: dict) -> None:
         self.c = connector
@@ -357,38 +370,112 @@ class SiteSession:
         self.task: asyncio.Task | None = None
         self.welcome: dict | None = None
         self.last: dict = {}
+        self.gw_index = 0  # the gateway tried first
+        self.connected_to: tuple[str, int] | None = None
+        self.reconnects = 0
 
-    def gateway(self) -> tuple[str, int]:
-        gws = self.site.get("gateways") or []
-        if gws:
-            host, _, port = gws[0].rpartition(":")
-            return host.strip("[]"), int(port)
-        u = urllib.parse.urlsplit(self.c.state["url"])
-        return u.hostname, u.port or 443
+    def gateways(self) -> list[tuple[str, int]]:
+        """The site's gateways in the policy's order; none listed: the
+        controller's relay."""
+        out = []
+        for g in self.site.get("gateways") or []:
+            host, _, port = g.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        if not out:
+            u = urllib.parse.urlsplit(self.c.state["url"])
+            out.append((u.hostname, u.port or 443))
+        return out
 
     async def connect(self) -> dict:
+        """A session at the first gateway that answers, from ``gw_index``
+        on; a refusal of the tokens is final (another gateway of the site
+        would refuse them too), unless the gateway cannot check them now."""
+        gws = self.gateways()
+        errors = []
+        for i in range(len(gws)):
+            k = (self.gw_index + i) % len(gws)
+            host, port = gws[k]
+            try:
+                msg = await self._connect_to(host, port)
+            except ZtClientError as exc:
+                if exc.reason in FINAL_CLOSE:
+                    raise
+                errors.append(f"{host}:{port}: {exc}")
+            except (OSError, RelaydError, asyncio.TimeoutError) as exc:
+                errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            else:
+                self.gw_index, self.connected_to = k, (host, port)
+                return msg
+        raise ZtClientError("unreachable", f"no gateway of site {self.site['id']} answers: " + "; ".join(errors))
+
+    async def _connect_to(self, host: str, port: int) -> dict:
         st = self.c.st
         ctx = tls.client_context(str(st.path("relay-ca.pem")), cert_file=str(st.path("cert.pem")),
                                  key_file=str(st.path("key.pem")))
-        host, port = self.gateway()
         mux = MuxConnection(True, name="zt-" + self.site["id"])
         up = ClientUpgrade(mux, f"{host}:{port}", path=SESSION_PATH)
         loop = asyncio.get_running_loop()
         await loop.create_connection(lambda: up, host, port, ssl=ctx, server_hostname=host)
-        await asyncio.wait_for(up.done, 15)
+        try:
+            await asyncio.wait_for(up.done, 15)
+        except BaseException:
+            mux.abort()
+            raise
         self.mux = mux
+        self.closed_reason = None
         self.control = await mux.open_stream()
         s = self.c.state
         await self.control.write(encode_message({
             "type": "hello", "claims": s["claims"], "entitlements": s["entitlements"].get(self.site["id"], ""),
             "device": self.c.device_claims, "reasons": self.c.cached_reasons(), "client": "relayd"},
             512 * 1024))
-        msg = await asyncio.wait_for(self.control.read_message(1 << 20), 15)
+        try:
+            msg = await asyncio.wait_for(self.control.read_message(1 << 20), 15)
+        except BaseException:
+            mux.abort()
+            raise
         if msg.get("type") != "welcome":
+            mux.abort()
             raise ZtClientError(msg.get("reason", "refused"), msg.get("message", "the gateway refused the session"))
         self.welcome = msg
         self.task = loop.create_task(self._control_loop())
         return msg
+
+    async def keep(self) -> str:
+        """Connect again whenever the session drops, until a gateway closes
+        it for good; returns that reason. The next gateway of the site is
+        tried first, then each in turn with backoff (0.5 s doubling to 30 s)."""
+        while True:
+            await asyncio.shield(self.mux.closed_future)
+            if self.task is not None:
+                await asyncio.gather(self.task, return_exceptions=True)  # the last messages, "closed" among them
+            if self.closed_reason and self.closed_reason[0] in FINAL_CLOSE:
+                return self.closed_reason[0]
+            log.warning("site %s: session to %s lost (%s): connecting again", self.site["id"],
+                        format_gateway(self.connected_to), self.closed_reason[0] if self.closed_reason else "link lost")
+            self.gw_index += 1
+            delay = 0.5
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self.connect()
+                    break
+                except ZtClientError as exc:
+                    if exc.reason in FINAL_CLOSE:
+                        self.closed_reason = (exc.reason, str(exc))
+                        await self.c.prompter.closed(self.site["id"], exc.reason, str(exc))
+                        return exc.reason
+                    log.warning("site %s: %s", self.site["id"], exc)
+                except (OSError, RelaydError, asyncio.TimeoutError) as exc:
+                    log.warning("site %s: %s", self.site["id"], exc or type(exc).__name__)
+                delay = min(delay * 2, 30.0)
+            self.reconnects += 1
+            log.warning("site %s: connected again, to %s", self.site["id"], format_gateway(self.connected_to))
+            if self.c.tun_name is not None:
+                try:
+                    await self.c.tun_site(self)
+                except RelaydError as exc:
+                    log.warning("site %s: TUN mode not restored: %s", self.site["id"], exc)
 
     async def _control_loop(self) -> None:
         try:
@@ -420,6 +507,8 @@ class SiteSession:
         await self.control.write(encode_message(msg, 512 * 1024))
 
     async def open_flow(self, host: str, port: int) -> tuple[MuxStream | None, dict]:
+        if self.mux is None or self.mux.closed:
+            return None, {"r": "unreachable", "why": "the session to the gateway is down: connecting again"}
         st = await self.mux.open_stream()
         await st.write(encode_message({"proto": "tcp", "host": host, "port": port}))
         try:
@@ -447,6 +536,8 @@ class Connector:
         self.tuns: list = []  # (TunDevice, its link's task)
         self._renew_task: asyncio.Task | None = None
         self._renewing: asyncio.Lock | None = None
+        self.keepers: dict[str, asyncio.Task] = {}
+        self.tun_name: str | None = None  # TUN mode asked for: its device name
 
     def cached_reasons(self) -> list:
         return [{"suffix": s, "text": t, "at": at} for s, (at, t) in self.reasons.items()]
@@ -461,11 +552,20 @@ class Connector:
             self.sessions[site["id"]] = s
         if not self.sessions:
             raise ZtClientError("no_sites", "no site grants this user anything")
-        self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
+        loop = asyncio.get_running_loop()
+        self._renew_task = loop.create_task(self._renew_loop())
+        self.keepers = {sid: loop.create_task(s.keep()) for sid, s in self.sessions.items()}
+
+    async def wait_closed(self) -> dict:
+        """Until every site's session is closed for good: site -> reason."""
+        reasons = await asyncio.gather(*self.keepers.values())
+        return dict(zip(self.keepers, reasons))
 
     async def close(self) -> None:
         if self._renew_task is not None:
             self._renew_task.cancel()
+        for t in self.keepers.values():
+            t.cancel()
         for srv in self.servers:
             srv.close()
         for dev, task in self.tuns:
@@ -584,39 +684,42 @@ class Connector:
 
     async def tun(self, name: str = "relayd%d") -> dict:
         """TUN mode: a TUN device per site, its address from the gateway,
-        routes to the site's networks through it. Returns site -> (device,
-        address, networks)."""
-        out = {}
-        for sid, s in self.sessions.items():
-            st = await s.mux.open_stream()
-            await st.write(encode_message({"proto": "ip"}))
-            try:
-                reply = await asyncio.wait_for(st.read_message(4096), 30)
-            except (RelaydError, asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                st.reset()
-                raise ZtClientError("tun_refused", f"site {sid}: the gateway did not answer the TUN request") from None
-            if reply.get("r") != "ok":
-                st.reset()
-                raise ZtClientError("tun_refused", f"site {sid}: TUN mode refused ({reply.get('why') or reply.get('r')})")
-            dev = TunDevice(name)
-            try:
-                dev.configure(f"{reply['address']}/32", int(reply["mtu"]), s.site.get("networks", []))
-            except RelaydError:
-                dev.close()
-                st.reset()
-                raise
-            link = PacketLink(st, dev.write, "tun-" + sid)
+        routes to the site's networks through it (made again after a
+        reconnect). Returns site -> (device, address, networks)."""
+        self.tun_name = name
+        return {sid: await self.tun_site(s) for sid, s in self.sessions.items()}
 
-            def pump(dev=dev, link=link):
-                for pkt in dev.read_batch():
-                    link.send(pkt)
+    async def tun_site(self, s: SiteSession) -> tuple[str, str, list]:
+        sid = s.site["id"]
+        st = await s.mux.open_stream()
+        await st.write(encode_message({"proto": "ip"}))
+        try:
+            reply = await asyncio.wait_for(st.read_message(4096), 30)
+        except (RelaydError, asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            st.reset()
+            raise ZtClientError("tun_refused", f"site {sid}: the gateway did not answer the TUN request") from None
+        if reply.get("r") != "ok":
+            st.reset()
+            raise ZtClientError("tun_refused", f"site {sid}: TUN mode refused ({reply.get('why') or reply.get('r')})")
+        dev = TunDevice(self.tun_name)
+        try:
+            dev.configure(f"{reply['address']}/32", int(reply["mtu"]), s.site.get("networks", []))
+        except RelaydError:
+            dev.close()
+            st.reset()
+            raise
+        link = PacketLink(st, dev.write, "tun-" + sid)
 
-            asyncio.get_running_loop().add_reader(dev.fd, pump)
-            task = asyncio.get_running_loop().create_task(link.run())
-            task.add_done_callback(lambda _t, dev=dev: dev.close())
-            self.tuns.append((dev, task))
-            out[sid] = (dev.name, reply["address"], list(s.site.get("networks", [])))
-        return out
+        def pump():
+            for pkt in dev.read_batch():
+                link.send(pkt)
+
+        loop = asyncio.get_running_loop()
+        loop.add_reader(dev.fd, pump)
+        task = loop.create_task(link.run())
+        task.add_done_callback(lambda _t: dev.close())
+        self.tuns = [(d, t) for d, t in self.tuns if not t.done()] + [(dev, task)]
+        return dev.name, reply["address"], list(s.site.get("networks", []))
 
     async def forward(self, local: tuple[str, int], host: str, port: int) -> asyncio.AbstractServer:
         """``-L LOCALPORT:HOST:PORT``."""
