@@ -16,12 +16,14 @@ def roundtrip(h: wire.StreamHeader) -> wire.StreamHeader:
 def test_header_roundtrip_every_kind():
     for kind in sorted(wire.KINDS):
         h = wire.StreamHeader(kind, "web", "abcd-1", "192.0.2.7:5555", "user:alice",
-                              "10.0.0.1 5432" if kind == wire.KIND_DIAL else "")
+                              {wire.KIND_DIAL: "10.0.0.1 5432", wire.KIND_PACKETS: "100.96.0.2"}.get(kind, ""))
         assert roundtrip(h) == h
     assert roundtrip(wire.StreamHeader(wire.KIND_CONTROL, "", "t")).identity == ""
-    # A zero-trust dial names where it goes; without that it is refused.
-    with pytest.raises(wire.WireError):
-        roundtrip(wire.StreamHeader(wire.KIND_DIAL, "site:s", "t"))
+    # A zero-trust dial names where it goes, a packet stream whose packets
+    # it carries; without that it is refused.
+    for kind in (wire.KIND_DIAL, wire.KIND_PACKETS):
+        with pytest.raises(wire.WireError):
+            roundtrip(wire.StreamHeader(kind, "site:s", "t"))
 
 
 def test_another_version_is_refused_naming_both():
