@@ -57,8 +57,10 @@ class WsTransport(asyncio.Transport):
     def writelines(self, list_of_data) -> None:
         """One binary message. A server's frames are not masked, so the
         payload buffers go out by reference behind the header; a client must
-        mask, which costs one copy."""
-        if self._closing:
+        mask, which costs one copy. Once the WebSocket is closing (a close
+        frame came in, perhaps in the same read as the data being handled
+        now), nothing more may be sent: dropped, as after ``close()``."""
+        if self._closing or self._owner.conn.state != ws.OPEN:
             return
         bufs = [d for d in list_of_data if len(d)]
         if not bufs:

@@ -121,3 +121,22 @@ def test_client_frames_are_masked():
     assert real.out[1] & 0x80 and frames(real.out, client=True) == [(2, b"from the agent")]
     proto.data_received(P.encode_frame(2, b"from the relay", True))
     assert inner.data == b"from the relay"
+
+
+def test_data_and_close_in_one_read_all_reach_the_inner_protocol_and_its_answer_is_dropped():
+    """The relay's last message and its close frame in one read: the close
+    is parsed with the data, so the connection is closing before the inner
+    protocol sees the data. The inner protocol answering (a window update)
+    is dropped, not an error that would lose the data with the link."""
+
+    class Answering(Inner):
+        def data_received(self, data):
+            super().data_received(data)
+            self.transport.write(b"window update")
+
+    inner, real = Answering(), FakeTransport()
+    proto = WsProtocol(inner, client=True)
+    proto.connection_made(real)
+    proto.data_received(P.encode_frame(2, b"closed: 4401", True) + P.encode_frame(8, struct.pack(">H", 4401), True))
+    assert inner.data == b"closed: 4401"
+    assert real.closed and [f[0] for f in frames(real.out, client=True)] == ["Close"]
