@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -66,6 +67,12 @@ TYPES = ("claims", "entitlements")
 #: kill: tokens issued up to this many seconds after the kill are covered
 #: too (controller clocks a little apart).
 KILL_SKEW = 5.0
+#: Wrong one-time codes of one user (sign-in and step-up together) within
+#: OTP_WINDOW seconds after which every code of theirs is refused until the
+#: window has passed: six digits must not be guessable at the rate a client
+#: can ask (with one step of drift, three codes in a million pass).
+MAX_OTP_FAILURES = 5
+OTP_WINDOW = 300.0
 
 
 class Refused(AuthError):
@@ -238,6 +245,8 @@ class Controller:
         self.view.load()
         #: Called with each new revocation entry (the gateway's sessions).
         self.listeners: list = []
+        self._otp_failures: dict[tuple, list] = {}  # (provider, username) -> monotonic times
+        self._otp_lock = threading.Lock()  # the controller runs in worker threads
 
     # -- users ---------------------------------------------------------------
 
@@ -263,8 +272,26 @@ class Controller:
         return ok and bool(user and user.get("password_hash"))
 
     def _totp_ok(self, provider: str, username: str, user: dict, code) -> bool:
+        """The code is right and unused (then spent); ``too_many_attempts``
+        after MAX_OTP_FAILURES wrong ones in OTP_WINDOW, right or wrong."""
+        key, now = (provider, username), time.monotonic()
+        with self._otp_lock:
+            recent = [t for t in self._otp_failures.pop(key, ()) if now - t < OTP_WINDOW]
+            if recent:
+                self._otp_failures[key] = recent
+            if len(recent) >= MAX_OTP_FAILURES:
+                raise reject("too_many_attempts", "too many wrong one-time codes: try again in a few minutes", 429)
         step = totp.verify(user["totp_secret"], code, self.clock(), user["totp_step"])
-        return step is not None and self.zs.spend_totp_step(provider, username, step)
+        ok = step is not None and self.zs.spend_totp_step(provider, username, step)
+        if not ok:
+            with self._otp_lock:
+                failures = self._otp_failures.setdefault(key, [])
+                failures.append(now)
+                if len(failures) == MAX_OTP_FAILURES:
+                    log.warning("one-time codes refused for a while: too many wrong ones", extra={
+                        "user": username, "provider": provider, "seconds": OTP_WINDOW,
+                        "reason": "too_many_attempts"})
+        return ok
 
     # -- sign-in -----------------------------------------------------------------
 
