@@ -637,14 +637,14 @@ class Connector:
         w = s.waiters.setdefault(msg["id"], asyncio.get_running_loop().create_future())
         done_any = False
         for r in msg.get("remedies", []):
-            done = await self._remedy(s, r)
+            done = await self._remedy(s, r, msg["id"])
             done_any = done_any or done
             if done and msg.get("logic") != "all":
                 break
         if not done_any and not w.done():
             w.set_result("not_granted")  # nothing the user can do now: the flow stays refused
 
-    async def _remedy(self, s: SiteSession, r: dict) -> bool:
+    async def _remedy(self, s: SiteSession, r: dict, interaction: str) -> bool:
         t = r.get("type")
         p = self.prompter
         if t in ("otp", "password"):
@@ -670,7 +670,7 @@ class Connector:
             if text is None:
                 return False
             self.reasons[r["suffix"]] = (int(time.time()), text)
-            await s.send({"type": "reason", "suffix": r["suffix"], "text": text})
+            await s.send({"type": "reason", "interaction": interaction, "suffix": r["suffix"], "text": text})
             return True
         if t == "message":
             await p.message(r.get("kind", "info"), r.get("message", ""))

@@ -45,10 +45,12 @@ from relayd.control import policy as pol
 from relayd.control.zerotrust import Controller, Refused, device_claims, reject, selector_matches, token_facts
 from relayd.core import flowfilter as ff
 from relayd.core import http1
+from relayd.core.framing import FramingError
 from relayd.core.wire import KIND_DIAL
 from relayd.gateway.ztpackets import AddressPool, TunPath, proto_name
 from relayd.core.wshandshake import Refuse, server_handshake
 from relayd.errors import RelaydError
+from relayd.gateway import ztmessages as zm
 from relayd.log import RateLimitedLog, caught
 from relayd.net.http_ingress import Route, buffered
 from relayd.net.mux import MuxConnection, MuxStream
@@ -66,7 +68,6 @@ INTERACTION_RESEND = 30.0
 #: Address ranges no flow reaches unless a rule names them explicitly
 #: (metadata services, loopback, link-local): a /0 or /8 allow does not.
 _GUARDED = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10", "0.0.0.0/8")]
-_PROTOS = {"tcp": ff.TCP}
 #: Seconds a host name's answer is kept (an empty one, a failed lookup: less).
 _DNS_TTL, _DNS_MIN = 60.0, 30.0
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -287,6 +288,12 @@ class UserSession:
         self.renew_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._flow_seq = 0
+        # Limits on what the client says (relayd.gateway.ztmessages).
+        self.hello_timer: asyncio.TimerHandle | None = self.loop.call_later(zm.HELLO_TIMEOUT, self._no_hello)
+        self.superseded: dict = {}  # jti -> None: tokens this session held and replaced (oldest first)
+        self.refused = 0
+        self.bucket, self.bucket_at = float(zm.UPDATE_BURST), time.monotonic()
+        self.stalled = False  # the client does not read its control stream
         self.tun: TunPath | None = None  # TUN mode, once asked for
 
     # -- life -------------------------------------------------------------------
@@ -296,7 +303,7 @@ class UserSession:
         if self.sid is not None and self.gw.sessions.get(self.sid) is self:
             del self.gw.sessions[self.sid]
             self.gw._gauge.dec()
-        for t in (self.timer, self.renew_timer):
+        for t in (self.timer, self.renew_timer, self.hello_timer):
             if t is not None:
                 t.cancel()
         for key in list(self.flows):
@@ -310,7 +317,7 @@ class UserSession:
         if self.closed:
             return
         self.closed = True
-        if self.control is not None:
+        if self.control is not None and not self.stalled:
             self._send({"type": "closed", "code": code, "reason": reason, "message": message})
         for key in list(self.flows):
             self._cut(key, "revoked" if code == 4403 else None)
@@ -323,11 +330,56 @@ class UserSession:
         self.mux.abort()
 
     def _send(self, msg: dict) -> None:
-        if self.control is not None:
-            try:
-                self.control.send_nowait(_frame(msg))
-            except RelaydError:
-                pass
+        if self.control is None or self.stalled:
+            return
+        data = _frame(msg)
+        try:
+            n = self.control.send_nowait(data)
+        except RelaydError:
+            return
+        if n < len(data):
+            # The client leaves its control stream unread: the rest of this
+            # message has nowhere to wait, and a part of it would corrupt
+            # the stream.
+            self.stalled = True
+            self._bad("not_reading")
+            self.close(4400, "not_reading", "the control stream is not read")
+
+    def _bad(self, kind: str) -> None:
+        """The session is closed for ``kind`` of bad input: counted, logged."""
+        metrics.BAD_INPUT.labels("zt_session", kind).inc()
+        _LOG.info("zero-trust session closed: " + kind, extra={"sid": self.sid, "peer": self.peer, "reason": kind})
+
+    def _refuse(self, reason: str, message: str, count: bool = True) -> None:
+        """One control message refused: counted (unless the token check
+        counted it already), logged, answered; a session that keeps
+        sending what is refused is closed."""
+        if count:
+            metrics.BAD_INPUT.labels("zt_session", reason).inc()
+        _LOG.info("zero-trust control message refused: " + reason,
+                  extra={"sid": self.sid, "peer": self.peer, "reason": reason})
+        self.refused += 1
+        if self.refused >= zm.MAX_REFUSED:
+            self._bad("too_many_errors")
+            self.close(4400, "too_many_errors", f"{self.refused} control messages refused")
+        else:
+            self._send({"type": "error", "reason": reason, "message": message})
+
+    def _take(self) -> bool:
+        """A control message within the rate (a token bucket)."""
+        now = time.monotonic()
+        self.bucket = min(float(zm.UPDATE_BURST), self.bucket + (now - self.bucket_at) * zm.UPDATE_RATE)
+        self.bucket_at = now
+        if self.bucket < 1.0:
+            return False
+        self.bucket -= 1.0
+        return True
+
+    def _no_hello(self) -> None:
+        self.hello_timer = None
+        if self.claims is None and not self.closed:
+            self._bad("hello_timeout")
+            self.close(4400, "hello_timeout", f"no hello within {zm.HELLO_TIMEOUT:g} seconds")
 
     # -- streams ----------------------------------------------------------------------
 
@@ -340,37 +392,67 @@ class UserSession:
             st.reset()
             return
         try:
-            async with asyncio.timeout(10):
-                req = await st.read_message(4096)
+            async with asyncio.timeout(zm.FLOW_REQUEST_TIMEOUT):
+                req = await st.read_message(zm.MAX_FLOW_REQUEST)
+        except FramingError:
+            self._bad_flow(st, f"a flow request is one msgpack map of at most {zm.MAX_FLOW_REQUEST} bytes")
+            return
         except (RelaydError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
             metrics.BAD_INPUT.labels("zt_flow", "request").inc()
             st.reset()
             return
         await self._flow(st, req)
 
-    async def _control_loop(self, st: MuxStream) -> None:
+    def _bad_flow(self, st: MuxStream, why: str) -> None:
+        """A flow request refused: counted, logged, answered, reset."""
+        metrics.BAD_INPUT.labels("zt_flow", "request").inc()
+        _LOG.info("zero-trust flow refused: bad_request", extra={"sid": self.sid, "peer": self.peer,
+                                                                 "reason": "bad_request"})
         try:
-            async with asyncio.timeout(10):
-                hello = await st.read_message(jws.MAX_SIZE[jws.ENTITLEMENTS] + 64 * 1024)
-            self._hello(hello)
+            st.send_nowait(_frame({"r": "bad_request", "why": why}))
+        except RelaydError:
+            pass
+        st.reset()
+
+    async def _control_loop(self, st: MuxStream) -> None:
+        # The hello: within HELLO_TIMEOUT of the upgrade (_no_hello).
+        try:
+            self._hello(zm.control_message(await st.read_message(zm.MAX_CONTROL), False))
         except Refused as exc:
+            _LOG.info("zero-trust session refused: " + exc.reason, extra={"peer": self.peer, "reason": exc.reason})
             self.close(4401, exc.reason, str(exc))
             return
-        except (RelaydError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as exc:
-            metrics.BAD_INPUT.labels("zt_session", "hello").inc()
-            _LOG.info("session refused: bad hello", extra={"peer": self.peer, "error": type(exc).__name__})
-            self.close(4400, "bad_hello", "the first message must be hello")
+        except zm.MessageError as exc:
+            self._bad(exc.reason)
+            self.close(4400, exc.reason, str(exc))
+            return
+        except FramingError:
+            self._bad("bad_message")
+            self.close(4400, "bad_message", f"a control message is one msgpack map of at most {zm.MAX_CONTROL} bytes")
+            return
+        except (RelaydError, asyncio.IncompleteReadError, ConnectionError):
+            if not self.closed:
+                self.close(4400, "bad_hello", "the control stream ended before hello")
             return
         try:
             while not self.closed:
-                msg = await st.read_message(jws.MAX_SIZE[jws.ENTITLEMENTS] + 64 * 1024)
+                msg = await st.read_message(zm.MAX_CONTROL)
                 try:
-                    self._update(msg)
+                    if not self._take():
+                        raise zm.MessageError("rate_limited", "too many control messages: slow down")
+                    self._update(zm.control_message(msg, True))
+                except zm.MessageError as exc:
+                    self._refuse(exc.reason, str(exc))
                 except Refused as exc:
                     if exc.reason in ("revoked",):
                         self.close(4403, exc.reason, str(exc))
                         return
-                    self._send({"type": "error", "reason": exc.reason, "message": str(exc)})
+                    self._refuse(exc.reason, str(exc), count=False)  # counted by the token check
+        except FramingError:
+            if not self.closed:
+                self._bad("bad_message")
+                self.close(4400, "bad_message", f"a control message is one msgpack map of at most {zm.MAX_CONTROL} "
+                                                "bytes")
         except (RelaydError, asyncio.IncompleteReadError, ConnectionError):
             if not self.closed:
                 self.close(4400, "bad_message", "malformed control message")
@@ -385,17 +467,27 @@ class UserSession:
         return c, e
 
     def _hello(self, m: dict) -> None:
-        if m.get("type") != "hello":
-            raise reject("bad_hello", "the first message must be hello", 400)
+        """``m``: a hello in its normal form (ztmessages)."""
         if not self.gw.fresh():
             raise reject("stale_revocations", "the gateway cannot check revocations now: try again")
-        c, e = self._verify(m.get("claims"), m.get("entitlements"))
-        if c["sid"] in self.gw.sessions:
-            self.gw.sessions[c["sid"]].close(4409, "replaced", "a newer connection of this session took over")
+        c, e = self._verify(m["claims"], m["entitlements"])
+        live = self.gw.sessions.get(c["sid"])
+        if live is not None:
+            # A new connection of a live session takes over only with the
+            # same or newer tokens (no rollback by reconnecting).
+            self.superseded = dict(live.superseded)
+            self._no_rollback(((c, live.claims), (e, live.ents)))
+            for tok in (live.claims, live.ents):
+                self._supersede(tok, c, e)
+            live.close(4409, "replaced", "a newer connection of this session took over")
         self.claims, self.ents, self.sid = c, e, c["sid"]
-        self.device = device_claims(m.get("device", {}))
-        for r in m.get("reasons", []) if isinstance(m.get("reasons"), list) else []:
-            self._reason(r, reply=False)
+        self.device = device_claims(m["device"])
+        now = int(time.time())
+        for r in m["reasons"]:
+            self._keep_reason(r["suffix"], r["text"], min(r["at"], now))
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
         self.gw.sessions[self.sid] = self
         self.gw._gauge.inc()
         self._recompile()
@@ -407,22 +499,23 @@ class UserSession:
                                         "peer": self.peer})
 
     def _update(self, m: dict) -> None:
-        t = m.get("type")
+        """``m``: an update in its normal form (ztmessages)."""
+        t = m["type"]
         if t in ("claims", "entitlements", "tokens"):
-            if t == "tokens" and m.get("certificate") is not None:
+            if m["certificate"] is not None:
                 self._new_certificate(m["certificate"])
-            claims = m.get("claims") if t != "entitlements" else None
-            ents = m.get("entitlements") if t != "claims" else None
+            claims, ents = m["claims"], m["entitlements"]
             c = self.gw.ctl.check_token(claims, jws.CLAIMS, self.cert_der) if claims is not None else self.claims
             e = (self.gw.ctl.check_token(ents, jws.ENTITLEMENTS, self.cert_der, site=self.gw.site)
                  if ents is not None else self.ents)
             for new, old in ((c, self.claims), (e, self.ents)):
                 if (new["sub"], new["sid"]) != (old["sub"], old["sid"]):
                     raise reject("session_mismatch", "a token of another session")
-                if new["iat"] < old["iat"]:
-                    raise reject("rollback", "an older token than the one held")
+            self._no_rollback(((c, self.claims), (e, self.ents)))
             if c["cnf"] != e["cnf"]:
                 raise reject("session_mismatch", "the tokens are bound to different certificates")
+            for tok in (self.claims, self.ents):
+                self._supersede(tok, c, e)
             self.claims, self.ents = c, e
             self._recompile()
             self._arm_expiry()
@@ -431,20 +524,30 @@ class UserSession:
         elif t == "device":
             now = time.monotonic()
             if now - self.device_at < 1.0:
-                metrics.BAD_INPUT.labels("zt_session", "device_flap").inc()
-                self._send({"type": "error", "reason": "rate_limited", "message": "device claims at most once a second"})
-                return
+                raise zm.MessageError("device_flap", "device claims at most once a second")
             self.device_at = now
-            self.device = device_claims(m.get("claims", {}))
+            self.device = device_claims(m["claims"])
             self._recompile()
             self._done_interactions()
         elif t == "reason":
-            self._reason(m, reply=True)
-        elif t == "ping":
+            self._reason(m)
+        else:  # ping
             self._send({"type": "pong"})
-        else:
-            metrics.BAD_INPUT.labels("zt_session", "unknown_message").inc()
-            self._send({"type": "error", "reason": "unknown_message", "message": "unknown message type"})
+
+    def _no_rollback(self, pairs) -> None:
+        """Each (new, held) token pair: the new one is not older than the
+        one held, nor one this session held before. Token times are whole
+        seconds: a token replaced in the second it was issued has the same
+        ``iat`` as its successor, hence the memory of replaced ``jti``."""
+        for new, old in pairs:
+            if new["iat"] < old["iat"] or new["jti"] in self.superseded:
+                raise reject("rollback", "an older token than the one this session holds")
+
+    def _supersede(self, old: dict, *new) -> None:
+        if all(old["jti"] != n["jti"] for n in new):
+            self.superseded[old["jti"]] = None
+            if len(self.superseded) > zm.MAX_SUPERSEDED:
+                del self.superseded[next(iter(self.superseded))]
 
     def _new_certificate(self, pem) -> None:
         """A renewed session certificate: from the user CA, for the same
@@ -463,26 +566,23 @@ class UserSession:
             raise reject("bad_certificate", "the renewed certificate is not this session's")
         self.cert_der = new.public_bytes(serialization.Encoding.DER)
 
-    def _reason(self, m, reply: bool) -> None:
-        if not isinstance(m, dict):
-            return
-        suffix, text = m.get("suffix"), m.get("text")
-        if not isinstance(suffix, str) or not isinstance(text, str) or not pol._SUFFIX.match(suffix):
-            metrics.BAD_INPUT.labels("zt_session", "reason").inc()
-            return
-        if len(text) > pol.MAX_REASON:
-            metrics.BAD_INPUT.labels("zt_session", "reason_too_long").inc()
-            self._send({"type": "error", "reason": "reason_too_long", "message": "a reason is at most 512 characters"})
-            return
-        at = m.get("at") if not reply and isinstance(m.get("at"), int) else int(time.time())
-        self.reasons[suffix] = (min(at, int(time.time())), text)
-        if len(self.reasons) > 32:
+    def _reason(self, m: dict) -> None:
+        """A reason answers an open interaction of this session that asks
+        for a reason with this suffix; no other (spec 7, 10)."""
+        inter = self.interactions.get(m["interaction"])
+        if inter is None or inter["expires"] <= time.time() or not any(
+                r.get("type") == "reason" and r.get("suffix") == m["suffix"] for r in inter["msg"]["remedies"]):
+            raise zm.MessageError("unknown_interaction", "no open interaction of this session asks for this reason")
+        self._keep_reason(m["suffix"], m["text"], int(time.time()))
+        self._recompile()
+        self._done_interactions()
+
+    def _keep_reason(self, suffix: str, text: str, at: int) -> None:
+        self.reasons[suffix] = (at, text)
+        if len(self.reasons) > zm.MAX_REASONS:
             self.reasons.pop(next(iter(self.reasons)))
         audit_log.info("reason given", extra={"sid": self.sid, "suffix": suffix,
                                               "reason": orjson.dumps(text[:200]).decode()})
-        if reply:
-            self._recompile()
-            self._done_interactions()
 
     def _arm_expiry(self) -> None:
         """Tokens past their end (plus the leeway) close the session."""
@@ -580,32 +680,20 @@ class UserSession:
         if isinstance(req, dict) and req.get("proto") == "ip":
             await self._packets(st)
             return
-        proto, host, port = (req.get("proto"), req.get("host"), req.get("port")) if isinstance(req, dict) else (None,) * 3
-        if proto not in _PROTOS or not isinstance(host, str) or not 0 < len(host) <= 253 \
-                or not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            metrics.BAD_INPUT.labels("zt_flow", "request").inc()
-            st.send_nowait(_frame({"r": "bad_request"}))
-            st.reset()
+        try:
+            _, host, port, is_name = zm.flow_request(req)
+        except zm.MessageError as exc:
+            self._bad_flow(st, str(exc))
             return
         if not self.gw.fresh():
             st.send_nowait(_frame({"r": "denied", "why": "stale_revocations"}))
             st.write_eof()
             return
-        name = None
-        try:
-            a = ipaddress.ip_address(host)
-            if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-                a = a.ipv4_mapped
-            ip = str(a)
-        except ValueError:
-            name = host.lower().rstrip(".")
-            if not pol._is_name(name):
-                st.send_nowait(_frame({"r": "bad_request"}))
-                st.reset()
-                return
+        name, ip = (host, None) if is_name else (None, host)
+        if is_name:
             addrs = await self.gw.resolve(name)
             if not addrs:
-                self._audit("deny", "", "", 0, name, port, why="unresolved")
+                self._audit("deny", "", "", port, name, why="unresolved")
                 st.send_nowait(_frame({"r": "denied", "why": "unresolved"}))
                 st.write_eof()
                 return
