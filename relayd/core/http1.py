@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import orjson
+
 from relayd.core.config import _checker
 from relayd.errors import ProtocolError
 
@@ -60,7 +62,8 @@ LIMITS = HttpLimits()
 
 REASONS = {101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
            400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           409: "Conflict", 413: "Content Too Large", 426: "Upgrade Required",
+           409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
+           422: "Unprocessable Content", 426: "Upgrade Required",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -227,6 +230,16 @@ class Reply:
     body: bytes = b""
     content_type: bytes = b"text/plain; charset=utf-8"
     headers: tuple = ()
+
+
+def json_reply(status: int, doc, headers: tuple = ()) -> Reply:
+    """A JSON answer of one of the relay's own APIs."""
+    return Reply(status, orjson.dumps(doc), b"application/json", headers)
+
+
+def error_reply(status: int, code: str, message: str, headers: tuple = ()) -> Reply:
+    """The relay's APIs' error shape: ``{"error": code, "message": text}``."""
+    return json_reply(status, {"error": code, "message": message}, headers)
 
 
 def response(status: int, body: bytes = b"", content_type: bytes = b"text/plain; charset=utf-8",

@@ -45,6 +45,8 @@ from relayd.control import policy as pol
 from relayd.control.zerotrust import Controller, Refused, device_claims, reject, selector_matches, token_facts
 from relayd.core import flowfilter as ff
 from relayd.core import http1
+from relayd.core.http1 import error_reply as _error
+from relayd.core.http1 import json_reply as _json
 from relayd.core.framing import FramingError
 from relayd.core.wire import KIND_DIAL
 from relayd.gateway.ztpackets import AddressPool, TunPath, proto_name
@@ -71,14 +73,6 @@ _GUARDED = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "169.254.0.0/16", "
 #: Seconds a host name's answer is kept (an empty one, a failed lookup: less).
 _DNS_TTL, _DNS_MIN = 60.0, 30.0
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _json(status: int, doc) -> http1.Reply:
-    return http1.Reply(status, orjson.dumps(doc), b"application/json")
-
-
-def _error(status: int, code: str, message: str) -> http1.Reply:
-    return _json(status, {"error": code, "message": message})
 
 
 def _peer_der(ex) -> bytes | None:
@@ -112,7 +106,6 @@ class ZtGateway:
         self._poll_task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = AddressPool(controller.cfg.tun_pool)
-        self.admin = None  # relayd.gateway.ztadmin.AdminApi, set by the node
 
     def routes(self) -> list[Route]:
         return [Route("", "*", PREFIX, serve=buffered(self._api, 1 << 20)),
@@ -156,10 +149,6 @@ class ZtGateway:
         path = head.path.split(b"?", 1)[0].decode("latin-1")
         sub = path[len(PREFIX):]
         try:
-            if sub.startswith("/admin/") or sub == "/openapi.json":
-                if self.admin is None:
-                    return _error(404, "not_found", "no admin API on this relay")
-                return await self.admin.handle(head, sub, body)
             if sub == "/ca" and head.method == b"GET":
                 # The relay's CA (its HTTPS certificate's issuer): a client
                 # checks it against the pin it was given, then trusts only it.

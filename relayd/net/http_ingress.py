@@ -591,22 +591,24 @@ class LocalExchange:
         return not self.conn.write_paused
 
 
-def buffered(fn, max_body: int = http1.LIMITS.max_queued_body):
+def buffered(fn, max_body: int = http1.LIMITS.max_queued_body, too_large=None):
     """A Route.serve for a service that takes the whole body and answers
     once: ``await fn(head, body, exchange)`` returns a relayd.core.http1.Reply
     (the exchange tells who asks: its client, its TLS peer). A body
-    over ``max_body`` gets 413; a service that raises, 500 (counted, logged
-    by code location only)."""
+    over ``max_body`` gets 413 (``too_large(head, exchange)`` makes that
+    Reply when given: an API's own error shape, counted its own way); a
+    service that raises, 500 (counted, logged by code location only)."""
 
     def serve(head, ex):
-        return _Buffered(fn, head, ex, max_body)
+        return _Buffered(fn, head, ex, max_body, too_large)
 
     return serve
 
 
 class _Buffered(LocalService):
-    def __init__(self, fn, head, ex: LocalExchange, max_body: int) -> None:
+    def __init__(self, fn, head, ex: LocalExchange, max_body: int, too_large) -> None:
         self.fn, self.head, self.ex, self.max_body = fn, head, ex, max_body
+        self.too_large = too_large
         self.parts: list | None = []
         self.size = 0
         self.task = None
@@ -617,7 +619,8 @@ class _Buffered(LocalService):
         self.size += len(piece)
         if self.size > self.max_body:
             self.parts = None
-            self._reply(http1.Reply(413, b"request body too large for this service\n"))
+            self._reply(self.too_large(self.head, self.ex) if self.too_large is not None
+                        else http1.Reply(413, b"request body too large for this service\n"))
         else:
             self.parts.append(piece)
 
