@@ -53,9 +53,13 @@ def add_admin_parsers(ads) -> None:
     us.add_parser("list", help="users and their groups")
     for name, what in (("rm", "remove a user (and kill their sessions)"),
                        ("passwd", "set a new password (kills the user's sessions)"),
-                       ("totp", "new authenticator secret, or --off (kills the user's sessions)")):
+                       ("totp", "new authenticator secret, or --off (kills the user's sessions)"),
+                       ("disable", "refuse the user's sign-in and kill their sessions"),
+                       ("enable", "let a disabled user sign in again")):
         x = us.add_parser(name, help=what)
         x.add_argument("name")
+        if name in ("rm", "disable", "enable"):
+            x.add_argument("--provider", default="local")
         if name == "passwd":
             x.add_argument("--password-stdin", action="store_true")
         if name == "totp":
@@ -149,20 +153,24 @@ def admin(args, d: Path, store) -> int:
             if secret:
                 print(f"authenticator secret: {secret}\n{totp.provisioning_uri(secret, args.name)}")
         elif op == "list":
-            print(f"{'PROVIDER':<10} {'USER':<24} {'TOTP':<5} GROUPS")
+            print(f"{'PROVIDER':<10} {'USER':<24} {'TOTP':<5} {'STATE':<8} GROUPS")
             for u in zs.list_users():
                 print(f"{u['provider']:<10} {u['username']:<24} {'yes' if u['totp'] else 'no':<5} "
-                      f"{','.join(u['groups'])}")
+                      f"{'disabled' if u['disabled_at'] else 'active':<8} {','.join(u['groups'])}")
         elif op == "rm":
-            if not zs.delete_user("local", args.name):
-                raise ConfigError(f"no user {args.name!r}")
-            ctl.revoke("kill", {"user": ["local", args.name]}, reason="user removed")
+            if not ctl.remove_user(args.provider, args.name, actor="cli"):
+                raise ConfigError(f"no user {args.name!r} ({args.provider})")
             print(f"user {args.name} removed; their sessions are cut")
+        elif op in ("disable", "enable"):
+            if not ctl.set_disabled(args.provider, args.name, op == "disable", actor="cli"):
+                raise ConfigError(f"no user {args.name!r} ({args.provider})")
+            print(f"user {args.name} disabled; their sessions are cut" if op == "disable" else
+                  f"user {args.name} may sign in again")
         elif op == "passwd":
-            ctl.reset_user(args.name, password=_password(args.password_stdin))
+            ctl.reset_user(args.name, password=_password(args.password_stdin), actor="cli")
             print("password changed; the user's sessions are cut")
         elif op == "totp":
-            secret = ctl.reset_user(args.name, totp_off=args.off)
+            secret = ctl.reset_user(args.name, totp_off=args.off, actor="cli")
             print("authenticator removed" if args.off else
                   f"authenticator secret: {secret}\n{totp.provisioning_uri(secret, args.name)}")
     elif a == "group":
@@ -211,7 +219,7 @@ def admin(args, d: Path, store) -> int:
                 print(f"{dv['device_id']}  {dv['provider']}/{dv['username']:<20} {dv['hostname'] or '-':<20} "
                       f"last seen {time.strftime('%Y-%m-%d %H:%M', time.localtime(dv['last_seen']))}")
         else:
-            if not ctl.remove_device(args.id):
+            if not ctl.remove_device(args.id, actor="cli"):
                 raise ConfigError(f"no registered device {args.id!r}")
             print(f"device {args.id} removed; its tokens are revoked")
     elif a == "sessions":

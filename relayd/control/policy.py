@@ -44,7 +44,7 @@ from relayd.config import parse_duration
 from relayd.core import flowfilter as ff
 from relayd.errors import ConfigError
 
-__all__ = ["Policy", "PolicyError", "check", "judge", "compile_rules", "Judgement"]
+__all__ = ["Policy", "PolicyError", "Conflict", "check", "judge", "compile_rules", "Judgement"]
 
 KINDS = ("sites", "conditions", "entitlements", "policies")
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
@@ -69,6 +69,10 @@ UNKNOWN = None
 
 class PolicyError(ConfigError):
     """A policy object that does not validate; the message names the key."""
+
+
+class Conflict(PolicyError):
+    """The object exists already, or something still refers to it."""
 
 
 # -- validation ----------------------------------------------------------------
@@ -322,7 +326,9 @@ def check(kind: str, doc) -> dict:
         out["remedies"] = remedies
         return out
     if kind == "entitlements":
-        _only(doc, {"id", "site", "condition_logic", "conditions", "tags", "actions", "disabled"}, where)
+        # rev is the store's count of an entitlement's versions: read back
+        # from an export, never taken from the document.
+        _only(doc, {"id", "site", "condition_logic", "conditions", "tags", "actions", "disabled", "rev"}, where)
         out = {"id": _ident(doc.get("id"), where), "site": _ident(doc.get("site"), where + ".site"),
                "condition_logic": doc.get("condition_logic", "all"),
                "conditions": _ids(doc.get("conditions", []), where + ".conditions"),

@@ -27,7 +27,8 @@ only when it moved. Connection status (``set_agent_statuses``) changes often
 and does not bump it.
 
 Join token secrets are stored only as SHA-256 hashes (they are 256-bit random
-values, so a fast hash is enough) and compared in constant time. Certificate
+values, so a fast hash is enough) and compared in constant time; so is the
+admin API key, in ``meta``, read at every check. Certificate
 serials are 128-bit, beyond SQLite's 64-bit integers, so they are stored as
 lowercase hex text.
 
@@ -68,7 +69,7 @@ from relayd.errors import AuthError, ConfigError, DataDirError, RevokedError, St
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
 #: Spent or expired join tokens are kept this long (so that a late attempt
 #: gets "expired"/"already used" rather than "unknown"), then purged.
@@ -187,6 +188,10 @@ _MIGRATIONS: list[str] = [
         actor         TEXT NOT NULL
     );
     INSERT INTO meta(key, value) VALUES ('zt_pv', 0);
+    """,
+    # 4: a zero-trust user can be disabled (sign-in refused) and enabled again
+    """
+    ALTER TABLE zt_users ADD COLUMN disabled_at REAL;
     """,
 ]
 
@@ -627,6 +632,30 @@ class Store:
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (pin,),
             )
+
+    # -- the admin API key (relayd.control.api) -------------------------------
+
+    def has_admin_key(self) -> bool:
+        return bool(self._read("SELECT 1 FROM meta WHERE key = 'admin_api_sha256'"))
+
+    def set_admin_key(self, key: str, *, only_if_absent: bool = False) -> bool:
+        """Make ``key`` the admin API key (only its SHA-256 is kept): the
+        previous one stops working at once. False when ``only_if_absent``
+        and there is one already."""
+        with self._write() as db:
+            if only_if_absent and db.execute("SELECT 1 FROM meta WHERE key = 'admin_api_sha256'").fetchone():
+                return False
+            db.execute("INSERT INTO meta(key, value) VALUES ('admin_api_sha256', ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (_hash_secret(key),))
+            return True
+
+    def check_admin_key(self, key: str) -> bool:
+        """Whether ``key`` is the admin API key now (read at every call, so
+        a rotation by another process counts at once; constant time)."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'admin_api_sha256'")
+        if not rows or not isinstance(key, str) or len(key) > 256:
+            return False
+        return hmac.compare_digest(rows[0][0], _hash_secret(key))
 
     # -- live status --------------------------------------------------------
 

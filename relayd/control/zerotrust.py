@@ -67,6 +67,9 @@ TYPES = ("claims", "entitlements")
 #: kill: tokens issued up to this many seconds after the kill are covered
 #: too (controller clocks a little apart).
 KILL_SKEW = 5.0
+#: The longest renewal delay, and the longest lock (a lock without an end: this long).
+MAX_RENEW_DELAY = 7 * 86400.0
+MAX_LOCK = 100 * 365 * 86400.0
 #: Wrong one-time codes of one user (sign-in and step-up together) within
 #: OTP_WINDOW seconds after which every code of theirs is refused until the
 #: window has passed: six digits must not be guessable at the rate a client
@@ -320,8 +323,9 @@ class Controller:
             if not self._password_ok(user, body.get("password")):
                 raise reject("bad_credentials", "wrong username or password")
             methods.append("pwd")
-            # Locked? Before the code is checked: a refused sign-in must not spend it.
+            # Locked or disabled? Before the code is checked: a refused sign-in must not spend it.
             self._not_locked({"provider": LOCAL, "username": username, "device": body.get("device_id")}, now)
+            self._not_disabled(user)
             if user["totp_secret"]:
                 if "otp" not in body:
                     raise reject("otp_required", "this user needs a one-time code (--otp)")
@@ -341,6 +345,7 @@ class Controller:
             email = claims.get("email") if isinstance(claims.get("email"), str) else None
             self.zs.ensure_user(provider, username, email, attrs)
             user = self.zs.get_user(provider, username)
+            self._not_disabled(user)
             methods.append("oidc")
         facts = {"provider": provider, "username": username, "device": body.get("device_id")}
         self._not_locked(facts, now)
@@ -409,6 +414,11 @@ class Controller:
         e = self.view.locked(facts, max(now, self.clock()))  # the token times are whole seconds: not those
         if e is not None:
             raise reject("locked", f"locked by an administrator: {e['reason'] or 'no reason given'}", 403)
+
+    @staticmethod
+    def _not_disabled(user: dict) -> None:
+        if user.get("disabled_at") is not None:
+            raise reject("disabled", "this account is disabled: ask an administrator", 403)
 
     def _certificate(self, csr, provider, username, device_id, sid, exp) -> bytes:
         if not isinstance(csr, str) or len(csr) > 8192:
@@ -609,8 +619,14 @@ class Controller:
         """kill | lock | renew | reevaluate. The new entries (published to
         the listeners in this process before returning)."""
         selector = check_selector(selector)
-        types = [t for t in types if t in TYPES] or list(TYPES)
+        if isinstance(types, str) or not all(t in TYPES for t in types):
+            raise ConfigError(f"token types are some of {', '.join(TYPES)}")
+        types = [t for t in TYPES if t in types] or list(TYPES)
         now = self.clock()
+        if not 0 <= delay <= MAX_RENEW_DELAY:
+            raise ConfigError("a renewal's delay is at most 7 days")
+        if until is not None and not now < until <= now + MAX_LOCK:
+            raise ConfigError("a lock ends in the future, within 100 years")
         horizon = now + self.cfg.claims_ttl + 120
         where, params = _session_where(selector)
         out = []
@@ -619,7 +635,7 @@ class Controller:
                                               actor, end_sessions=(where, params)))
             if op == "lock":
                 out.append(self.zs.add_revocation("lock", selector, list(TYPES), now, now,
-                                                  until if until is not None else now + 100 * 365 * 86400,
+                                                  until if until is not None else now + MAX_LOCK,
                                                   reason[:512], actor))
         elif op == "renew":
             # Token times are whole seconds: tokens issued from this second on are the renewed ones.
@@ -649,13 +665,32 @@ class Controller:
                 fn(new)
         return new
 
-    def remove_device(self, device_id: str, reason: str = "device removed") -> int:
+    def remove_device(self, device_id: str, reason: str = "device removed", actor: str = "admin") -> int:
         n = self.zs.delete_device(device_id)
-        self.revoke("kill", {"device": device_id}, reason=reason)
+        if n:
+            self.revoke("kill", {"device": device_id}, reason=reason, actor=actor)
         return n
 
+    def remove_user(self, provider: str, username: str, actor: str = "admin") -> bool:
+        """Drop a user (groups and devices too) and kill their sessions;
+        False if there was none. A user of an external provider comes back
+        at their next sign-in: disable them to keep them out."""
+        if not self.zs.delete_user(provider, username):
+            return False
+        self.revoke("kill", {"user": [provider, username]}, reason="user removed", actor=actor)
+        return True
+
+    def set_disabled(self, provider: str, username: str, disabled: bool, actor: str = "admin") -> bool:
+        """Disable a user (sign-in refused, sessions killed) or enable them
+        again; False if there is no such user."""
+        if not self.zs.set_user(provider, username, disabled_at=self.clock() if disabled else None):
+            return False
+        if disabled:
+            self.revoke("kill", {"user": [provider, username]}, reason="user disabled", actor=actor)
+        return True
+
     def reset_user(self, username: str, *, password: str | None = None, totp_off: bool = False,
-                   provider: str = LOCAL) -> str | None:
+                   provider: str = LOCAL, actor: str = "admin") -> str | None:
         """A new password or a new (or no) TOTP secret; the sessions the
         old one backed are killed (openziti/ziti#3987's lesson)."""
         fields = {}
@@ -670,7 +705,7 @@ class Controller:
             secret = fields["totp_secret"] = totp.new_secret()
         if not self.zs.set_user(provider, username, **fields):
             raise ConfigError(f"no user {username!r} ({provider})")
-        self.revoke("kill", {"user": [provider, username]}, reason="credentials changed")
+        self.revoke("kill", {"user": [provider, username]}, reason="credentials changed", actor=actor)
         return secret
 
 
@@ -716,6 +751,9 @@ def device_claims(doc) -> dict:
 
 
 def check_selector(sel) -> dict:
+    """A revocation's selector, typed: ``all: true``, or some of ``sid``,
+    ``jti``, ``device``, ``provider``, ``site`` (strings) and ``user``
+    ([provider, username])."""
     if not isinstance(sel, dict) or not sel:
         raise ConfigError("a revocation needs a selector (sid, jti, device, user, provider, site or all)")
     allowed = {"sid", "jti", "device", "user", "provider", "site", "all"}
@@ -723,8 +761,12 @@ def check_selector(sel) -> dict:
         raise ConfigError(f"unknown selector {sorted(set(sel) - allowed)[0]!r}")
     if "all" in sel and sel["all"] is not True:
         raise ConfigError("selector all must be true")
-    if "user" in sel and (not isinstance(sel["user"], list) or len(sel["user"]) != 2):
+    if "user" in sel and (not isinstance(sel["user"], list) or len(sel["user"]) != 2
+                          or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in sel["user"])):
         raise ConfigError("selector user is [provider, username]")
+    for k in ("sid", "jti", "device", "provider", "site"):
+        if k in sel and not (isinstance(sel[k], str) and 0 < len(sel[k]) <= 128):
+            raise ConfigError(f"selector {k} is a string of 1 to 128 characters")
     return sel
 
 

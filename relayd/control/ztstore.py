@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 
-from relayd.control.policy import KINDS, Policy, PolicyError, check
+from relayd.control.policy import KINDS, Conflict, Policy, PolicyError, check
 from relayd.control.store import Store
 from relayd.errors import AuthError
 
@@ -30,6 +30,14 @@ LOCAL = "local"
 
 def _h(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_groups(groups) -> list[str]:
+    """Group names: 1-128 characters, no control characters."""
+    if isinstance(groups, str) or not all(isinstance(g, str) and 0 < len(g) <= 128 and g.isprintable()
+                                          for g in groups):
+        raise PolicyError("a group name is 1-128 characters, without control characters")
+    return list(groups)
 
 
 class ZtStore:
@@ -41,10 +49,11 @@ class ZtStore:
     def add_user(self, provider: str, username: str, *, password_hash: str | None = None,
                  totp_secret: str | None = None, email: str | None = None, groups=(), attrs: dict | None = None,
                  now: float | None = None) -> None:
+        groups = check_groups(groups)
         with self.store.transaction() as db:
             if db.execute("SELECT 1 FROM zt_users WHERE provider = ? AND username = ?",
                           (provider, username)).fetchone():
-                raise PolicyError(f"user {username!r} ({provider}) exists already")
+                raise Conflict(f"user {username!r} ({provider}) exists already")
             db.execute("INSERT INTO zt_users(provider, username, password_hash, totp_secret, email, attrs, created_at)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (provider, username, password_hash, totp_secret, email, json.dumps(attrs or {}),
@@ -61,15 +70,16 @@ class ZtStore:
                        " attrs = excluded.attrs", (provider, username, email, json.dumps(attrs), time.time()))
 
     def get_user(self, provider: str, username: str) -> dict | None:
-        rows = self.store.query("SELECT password_hash, totp_secret, totp_step, email, attrs, created_at FROM zt_users"
-                                " WHERE provider = ? AND username = ?", (provider, username))
+        rows = self.store.query("SELECT password_hash, totp_secret, totp_step, email, attrs, created_at, disabled_at"
+                                " FROM zt_users WHERE provider = ? AND username = ?", (provider, username))
         if not rows:
             return None
         r = rows[0]
         groups = [g for (g,) in self.store.query("SELECT grp FROM zt_groups WHERE provider = ? AND username = ?"
                                                  " ORDER BY grp", (provider, username))]
         return {"provider": provider, "username": username, "password_hash": r[0], "totp_secret": r[1],
-                "totp_step": r[2], "email": r[3], "attrs": json.loads(r[4]), "created_at": r[5], "groups": groups}
+                "totp_step": r[2], "email": r[3], "attrs": json.loads(r[4]), "created_at": r[5], "groups": groups,
+                "disabled_at": r[6]}
 
     def list_users(self) -> list[dict]:
         out = []
@@ -81,9 +91,9 @@ class ZtStore:
         return out
 
     def set_user(self, provider: str, username: str, **fields) -> bool:
-        """Change ``password_hash`` / ``totp_secret`` (None removes TOTP);
-        False if there is no such user."""
-        sets = [(k, v) for k, v in fields.items() if k in ("password_hash", "totp_secret", "email")]
+        """Change ``password_hash`` / ``totp_secret`` (None removes TOTP) /
+        ``disabled_at`` (None enables); False if there is no such user."""
+        sets = [(k, v) for k, v in fields.items() if k in ("password_hash", "totp_secret", "email", "disabled_at")]
         with self.store.transaction() as db:
             cur = db.execute("UPDATE zt_users SET " + ", ".join(f"{k} = ?" for k, _ in sets) +
                              (", totp_step = 0" if "totp_secret" in fields else "") +
@@ -98,6 +108,7 @@ class ZtStore:
                               (provider, username)).rowcount == 1
 
     def set_groups(self, provider: str, username: str, add=(), remove=()) -> list[str]:
+        add, remove = check_groups(add), check_groups(remove)
         with self.store.transaction() as db:
             if not db.execute("SELECT 1 FROM zt_users WHERE provider = ? AND username = ?",
                               (provider, username)).fetchone():
@@ -109,6 +120,15 @@ class ZtStore:
                            (provider, username, g))
             return [g for (g,) in db.execute("SELECT grp FROM zt_groups WHERE provider = ? AND username = ?"
                                              " ORDER BY grp", (provider, username))]
+
+    def list_groups(self) -> dict[str, list[tuple[str, str]]]:
+        """Group -> its members (provider, username) in relayd's directory
+        (an external provider's groups come with its tokens, not from here)."""
+        out: dict = {}
+        for g, p, u in self.store.query("SELECT grp, provider, username FROM zt_groups ORDER BY grp, provider,"
+                                        " username"):
+            out.setdefault(g, []).append((p, u))
+        return out
 
     def spend_totp_step(self, provider: str, username: str, step: int) -> bool:
         """Record ``step`` as used; False if it (or a later one) was used
@@ -216,11 +236,14 @@ class ZtStore:
     def pv(self) -> int:
         return int(self.store.query("SELECT value FROM meta WHERE key = 'zt_pv'")[0][0])
 
-    def put_policy(self, kind: str, doc: dict) -> tuple[dict, int]:
+    def put_policy(self, kind: str, doc: dict, *, create: bool = False) -> tuple[dict, int]:
         """Add or replace one object (validated; references checked against
-        the rest): (its normal form with its rev, the new pv)."""
+        the rest): (its normal form with its rev, the new pv). ``create``:
+        Conflict if one of that id exists."""
         obj = check(kind, doc)
         with self.store.transaction() as db:
+            if create and db.execute("SELECT 1 FROM zt_policy WHERE kind = ? AND id = ?", (kind, obj["id"])).fetchone():
+                raise Conflict(f"{kind} {obj['id']} exists already")
             p = Policy()
             for k, body in db.execute("SELECT kind, body FROM zt_policy"):
                 o = json.loads(body)
@@ -252,7 +275,7 @@ class ZtStore:
             del p.table(kind)[ident]
             bad = p.references()
             if bad:
-                raise PolicyError(f"still in use: {bad[0]}")
+                raise Conflict(f"still in use: {bad[0]}")
             db.execute("DELETE FROM zt_policy WHERE kind = ? AND id = ?", (kind, ident))
             return self._bump_pv(db)
 
