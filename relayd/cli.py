@@ -309,6 +309,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
             print(f"revoked {args.id}: a running relay cuts its link within a second")
         elif args.admin == "hc":
             return _admin_hc(args, d, store)
+        elif args.admin == "api-key":
+            from relayd.control.api import KEY_FILE, new_admin_key
+
+            key = new_admin_key()
+            store.set_admin_key(key)
+            # The file the first start wrote holds the old key now: gone.
+            (d / KEY_FILE).unlink(missing_ok=True)
+            print(key)
+            print("the previous admin API key no longer works (a running relay too)", file=sys.stderr)
         elif args.admin in cli_zerotrust.ADMIN_COMMANDS:
             return cli_zerotrust.admin(args, d, store)
     finally:
@@ -499,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--host", help="HOST[:PORT] to name (default: the relay's HTTPS address)")
     for each in (c, hl, hd, cs):
         each.add_argument("--data", required=True)
+    ak = asub.add_parser("api-key", help="the admin API key (docs/api.md)")
+    aks = ak.add_subparsers(dest="api_key", required=True)
+    x = aks.add_parser("rotate", help="print a new admin API key; the old one stops working at once")
+    x.add_argument("--data", required=True)
     cli_zerotrust.add_admin_parsers(asub)
     ad.set_defaults(func=cmd_admin)
     cli_zerotrust.add_client_parsers(sub)

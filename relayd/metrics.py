@@ -126,3 +126,8 @@ ZT_PACKETS = Counter("relayd_zt_packets_total", "TUN-mode packets at the gateway
                      ["site", "direction", "result"])
 ZT_FLOW_OPEN_SECONDS = Histogram("relayd_zt_flow_open_seconds", "From a flow's request to the agent's dial",
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+# The REST API (/api/v1, relayd.control.api): labels are the route's template,
+# the method and the status; never an id, a key or a body.
+API_REQUESTS = Counter("relayd_api_requests_total", "Requests to the relay's REST API, by route template, method "
+                       "and status", ["route", "method", "status"])

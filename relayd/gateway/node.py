@@ -9,7 +9,10 @@
   port and the links), public TCP endpoints (relayd.gateway.tcp), and the
   HTTPS front door (relayd.net.wslink.HttpsPort, routing each request to the
   relay's own services or to HTTP endpoints through relayd.net.http_ingress);
-* admission (relayd.net.admission) in front of every TLS listener.
+* admission (relayd.net.admission) in front of every TLS listener;
+* the REST API (relayd.control.api: ``/api/v1`` on the relay's own host
+  names only, so that HTTP endpoints on other names keep that path) and the
+  admin key it checks, made at the first start.
 
 This module binds the listeners, wires the parts together, and stops them in
 order: no new connections, GoAway on every link, a drain, then the cut.
@@ -26,8 +29,10 @@ from pathlib import Path
 
 import orjson
 
+import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
+from relayd.control import api
 from relayd.control.ca import CertificateAuthority, write_private
 from relayd.control.enrollment import Enrollment
 from relayd.control.store import AsyncStore, Store
@@ -41,7 +46,7 @@ from relayd.net import admission, tls
 from relayd.control.hybrid import Catalog
 from relayd.gateway.hybrid import HybridGateway
 from relayd.gateway.zerotrust import ZtGateway
-from relayd.net.http_ingress import HttpConnection, Route, RouteTable, parse_route
+from relayd.net.http_ingress import HttpConnection, Route, RouteTable, buffered, parse_route
 from relayd.net.preamble import ServerPreamble
 from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
 
@@ -75,6 +80,7 @@ class RelayNode:
         self._agent_route: Route | None = None
         self.hybrid: HybridGateway | None = None  # with the HTTPS port
         self.zt: ZtGateway | None = None  # the zero-trust controller API and gateway, with the HTTPS port
+        self.api: api.Api | None = None  # the REST API (/api/v1 on the relay's own names), with the HTTPS port
         self._listeners_timer = None
         self.stopped = asyncio.Event()
 
@@ -124,12 +130,34 @@ class RelayNode:
             if isinstance(exc, OSError):
                 raise DataDirError(f"cannot write {target}: {exc.strerror}") from None
             raise
+        self._admin_key()
         self.db = AsyncStore(self.store)
         enrollment = Enrollment(self.db, self.ca, self.cfg.agent_cert_ttl, lambda: self.wss_address)
         self.agent_port = AgentPort(self.registry, self.seam, self.db, enrollment, self.cfg.mux,
                                     self.cfg.endpoints, lambda: self.wss_address)
         return tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
                                   client_ca=str(self.ca_path))
+
+    def _admin_key(self) -> None:
+        """At the first start: the admin API key, in a file only the relay's
+        user reads (the database keeps its hash). Written before the hash,
+        so that a failed write leaves no key nobody has."""
+        from relayd.errors import DataDirError
+
+        if self.store.has_admin_key():
+            return
+        key = api.new_admin_key()
+        path = self.data / api.KEY_FILE
+        try:
+            write_private(path, (key + "\n").encode())
+        except OSError as exc:
+            self.store.close()
+            self.store = None
+            raise DataDirError(f"cannot write {path}: {exc.strerror}") from None
+        if self.store.set_admin_key(key, only_if_absent=True):
+            log.warning("admin API key created: it is in this file, readable by this user only; "
+                        "move it somewhere safe (`relayd admin api-key rotate` makes a new one)",
+                        extra={"file": str(path)})
 
     def _write_relay_json(self) -> None:
         """What `relayd admin join-token` needs: the addresses agents dial
@@ -222,6 +250,10 @@ class RelayNode:
                                   client_ca=str(self.ca_path))
         hctx.load_verify_locations(cadata=controller.user_ca.cert_pem.decode())
         self.zt = ZtGateway(controller, self.seam, (self.cfg.zerotrust or ZtConfig()).site, self.ca.cert_pem)
+        from relayd.control.ztapi import SCHEMAS, ZtResources
+
+        self.api = api.Api(self.store.check_admin_key, relayd.__version__)
+        self.api.add(ZtResources(controller).ops(), SCHEMAS)
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:
@@ -241,8 +273,16 @@ class RelayNode:
                                      ticket=ticket, limits=limits))
 
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
+        names = self._names()
+        endpoints = [parse_route(name, r) for name, r in cfg.http.items()]
+        for r in endpoints:
+            if r.host in names and (r.prefix + "/").startswith(api.PREFIX + "/"):
+                raise ConfigError(f"HTTP endpoint {r.endpoint}: {api.PREFIX} on {r.host} is the relay's own API")
+        # The REST API on the relay's own names only: an HTTP endpoint on
+        # another name keeps its /api/v1.
+        serve = buffered(self.api.serve, api.MAX_BODY, too_large=self.api.too_large)
         return ([self._agent_route] + self.hybrid.routes() + self.zt.routes()
-                + [parse_route(name, r) for name, r in cfg.http.items()])
+                + [Route("api", host, api.PREFIX, serve=serve) for host in names] + endpoints)
 
     def _names(self) -> list[str]:
         """The relay's own host names: its certificate's, where its hybrid

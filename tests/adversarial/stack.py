@@ -303,6 +303,22 @@ class Stack:
         return s
 
 
+def echo_round(s: socket.socket, size: int, what: str) -> int:
+    """Send ``size`` random bytes to an echo service and check what comes
+    back; the number of bytes."""
+    chunk = os.urandom(size)
+    s.sendall(chunk)
+    got = b""
+    while len(got) < len(chunk):
+        data = s.recv(len(chunk) - len(got))
+        if not data:
+            raise ConnectionError(f"{what} stream ended")
+        got += data
+    if got != chunk:
+        raise AssertionError(f"{what} stream corrupted")
+    return size
+
+
 def read_all(s) -> bytes:
     got = b""
     try:
@@ -344,17 +360,7 @@ class Bystander:
         try:
             s = self.stack.tcp("echo")
             while not self._stop.is_set():
-                chunk = os.urandom(32 * 1024)
-                s.sendall(chunk)
-                got = b""
-                while len(got) < len(chunk):
-                    data = s.recv(len(chunk) - len(got))
-                    if not data:
-                        raise ConnectionError("echo stream ended")
-                    got += data
-                if got != chunk:
-                    raise AssertionError("echo stream corrupted")
-                self.tcp_bytes += len(chunk)
+                self.tcp_bytes += echo_round(s, 32 * 1024, "echo")
                 time.sleep(0.005)  # kept: paces the bystander's traffic (steady, not a CPU hog)
             s.close()
         except Exception as exc:
