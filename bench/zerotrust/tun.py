@@ -48,12 +48,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--connections", type=int, default=200)
+    ap.add_argument("--mtu", type=int, default=1400, help="the gateway's tun_mtu")
     a = ap.parse_args()
     why = netns.usable()
     if why:
         raise SystemExit(f"bench/zerotrust/tun.py {why}")
     with tempfile.TemporaryDirectory() as tmp, netns.Namespaces("b") as ns:
-        site = TunSite(ns, Path(tmp))
+        site = TunSite(ns, Path(tmp), a.mtu)
         site.start()
         ns.start(ns.site, "iperf3", "-s", "-p", "5201")
         echo_pub = site.endpoints["echo"][0].rsplit(":", 1)[1]

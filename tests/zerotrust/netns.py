@@ -134,8 +134,9 @@ def policy_toml() -> str:
 
 
 class TunSite:
-    def __init__(self, ns: Namespaces, tmp) -> None:
+    def __init__(self, ns: Namespaces, tmp, tun_mtu: int = 1400) -> None:
         self.ns, self.tmp = ns, tmp
+        self.tun_mtu = tun_mtu
         self.data = tmp / "relay"
         self.metrics_port = free_port()
         self.https = f"{RELAY_IP}:{free_port()}"
@@ -154,7 +155,7 @@ class TunSite:
         ns.start(ns.site, sys.executable, "-m", "tests.zerotrust.netns_tools", "serve", f"{SERVICE_IP}:9000",
                  f"{SERVICE_IP}:9002", f"{SERVICE_IP}:9003", f"{OTHER_IP}:9000", log=tmp / "services.log")
         conf = tmp / "relay.toml"
-        conf.write_text('[zerotrust]\nsite = "s-tun"\ntun_pool = "100.96.0.0/24"\n')
+        conf.write_text(f'[zerotrust]\nsite = "s-tun"\ntun_pool = "100.96.0.0/24"\ntun_mtu = {self.tun_mtu}\n')
         ns.start(ns.site, *RELAYD, "serve", "--config", str(conf), "--data", str(self.data), "--agents",
                  f"127.0.0.1:{free_port()}", "--https", self.https, "--hostname", RELAY_IP,
                  "--metrics", f"127.0.0.1:{self.metrics_port}",
