@@ -8,11 +8,21 @@ redirect (RFC 8252 section 7.3) and hands the code, its verifier and the
 nonce to the controller, which alone holds the client secret:
 ``Provider.exchange`` posts the code to the token endpoint and
 ``Provider.verify_id_token`` checks the ID token: signature by a key of the
-provider's JWKS (RS256, ES256 or EdDSA; the ``alg`` must be the key's, never
-``none`` or an HMAC), ``iss``, ``aud`` (and ``azp`` when there are several
-audiences), ``exp``/``iat`` with 60 s of skew, and the nonce. Discovery
-and the JWKS are fetched once and the JWKS again when a ``kid`` is unknown
-(key rotation), at most once a minute.
+provider's JWKS (RS256, PS256, ES256 or EdDSA; the ``alg`` must be the
+key's, never ``none`` or an HMAC), ``iss``, ``aud`` (and ``azp`` when there
+are several audiences), ``exp``/``iat`` with 60 s of skew, and the nonce.
+Discovery and the JWKS are fetched once and the JWKS again when a ``kid``
+is unknown (key rotation), at most once a minute.
+
+A provider that follows OpenID Connect Core 5.4 to the letter puts the
+claims of the ``profile``/``email`` scopes (and its own, such as groups) in
+the UserInfo answer, not in the ID token of a code flow:
+``Provider.with_userinfo`` fetches them when the ID token lacks a claim
+relayd uses, for the same ``sub`` only.
+
+The provider is reached over https; plain http only to a loopback address
+(a provider on the same host), for the issuer and for every endpoint its
+discovery names. Redirects are not followed.
 
 Blocking I/O (urllib): the controller runs it in a worker thread.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import ssl
 import threading
@@ -40,6 +51,43 @@ from relayd.errors import AuthError, ConfigError
 
 SKEW = 60
 _MAX_DOC = 1 << 20
+
+
+class ProviderError(AuthError):
+    """The provider could not be asked (unreachable, a server error, an
+    answer that is no JSON object): nothing was refused."""
+
+
+class ProviderRefused(AuthError):
+    """The provider answered a request with an OAuth error (RFC 6749
+    section 5.2): ``error`` is its code, e.g. ``invalid_grant`` for a code
+    that is spent, expired or another client's."""
+
+    def __init__(self, message: str, error: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None  # a 3xx is an answer (an error), never followed
+
+
+def check_url(url, what: str) -> str:
+    """``url`` if it is https, or plain http to a loopback address."""
+    u = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if u is not None and u.hostname and (u.scheme == "https" or u.scheme == "http" and _loopback(u.hostname)):
+        return url
+    raise ConfigError(f"{what} {str(url)[:200]!r}: https:// is required (plain http only to a loopback address)")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _unb64(s: str) -> bytes:
@@ -107,35 +155,39 @@ class Provider:
     _jwks: dict = field(default_factory=dict, repr=False)
     _jwks_at: float = field(default=0.0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opener: urllib.request.OpenerDirector | None = field(default=None, repr=False)
 
-    def _ctx(self):
-        if not self.issuer.startswith("https://"):
-            return None
-        return ssl.create_default_context(cafile=self.ca)
+    def __post_init__(self) -> None:
+        check_url(self.issuer, f"config key 'zerotrust.providers.{self.name}.issuer':")
 
     def _get(self, url: str, data: bytes | None = None, headers: dict | None = None) -> dict:
+        if self._opener is None:
+            self._opener = urllib.request.build_opener(
+                urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=self.ca)), _NoRedirect)
         req = urllib.request.Request(url, data=data, headers={"Accept": "application/json", **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=10, context=self._ctx()) as r:
+            with self._opener.open(req, timeout=10) as r:
                 body = r.read(_MAX_DOC + 1)
         except urllib.error.HTTPError as exc:
-            detail = ""
+            error = ""
             try:
-                detail = json.loads(exc.read(4096)).get("error", "")
+                error = str(json.loads(exc.read(4096)).get("error", ""))[:64]
             except (ValueError, AttributeError):
                 pass
-            raise AuthError(f"provider {self.name}: {url.split('?')[0]} answered {exc.code} {detail}".strip()) \
-                from None
+            where = f"provider {self.name}: {url.split('?')[0]} answered {exc.code} {error}".strip()
+            if 400 <= exc.code < 500 and error:
+                raise ProviderRefused(where, error) from None
+            raise ProviderError(where) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise AuthError(f"provider {self.name} is unreachable: {getattr(exc, 'reason', exc)}") from None
+            raise ProviderError(f"provider {self.name} is unreachable: {getattr(exc, 'reason', exc)}") from None
         if len(body) > _MAX_DOC:
-            raise AuthError(f"provider {self.name}: answer too large")
+            raise ProviderError(f"provider {self.name}: answer too large")
         try:
             doc = json.loads(body)
         except ValueError:
-            raise AuthError(f"provider {self.name}: answer is not JSON") from None
+            raise ProviderError(f"provider {self.name}: answer is not JSON") from None
         if not isinstance(doc, dict):
-            raise AuthError(f"provider {self.name}: answer is not a JSON object")
+            raise ProviderError(f"provider {self.name}: answer is not a JSON object")
         return doc
 
     def metadata(self) -> dict:
@@ -148,14 +200,17 @@ class Provider:
                 for k in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
                     if not isinstance(meta.get(k), str):
                         raise ConfigError(f"provider {self.name}: discovery lacks {k}")
+                for k in ("authorization_endpoint", "token_endpoint", "jwks_uri", "userinfo_endpoint"):
+                    if k in meta:
+                        check_url(meta[k], f"provider {self.name}: discovery's {k}")
                 self._meta = meta
             return self._meta
 
     def public_info(self) -> dict:
         """What a client needs to start the flow (no secret)."""
         m = self.metadata()
-        return {"type": "oidc", "authorization_endpoint": m["authorization_endpoint"], "client_id": self.client_id,
-                "scopes": self.scopes}
+        return {"type": "oidc", "issuer": self.issuer, "authorization_endpoint": m["authorization_endpoint"],
+                "client_id": self.client_id, "scopes": self.scopes}
 
     def _key(self, kid):
         now = time.monotonic()
@@ -215,3 +270,18 @@ class Provider:
         if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"], nonce or ""):
             raise AuthError("id token: wrong nonce")
         return claims
+
+    def with_userinfo(self, claims: dict, answer: dict) -> dict:
+        """The verified ID token's claims, completed from the UserInfo
+        endpoint (with the token answer's access token) when one relayd
+        uses is missing. Only those claims are taken, and only when the
+        answer's ``sub`` is the ID token's (OpenID Connect Core 5.3.4)."""
+        wanted = {self.username_claim, self.groups_claim, "email"} - set(claims)
+        url = self.metadata().get("userinfo_endpoint")
+        token = answer.get("access_token")
+        if not wanted or not isinstance(url, str) or not isinstance(token, str):
+            return claims
+        info = self._get(url, headers={"Authorization": "Bearer " + token})
+        if info.get("sub") != claims.get("sub"):
+            raise AuthError("userinfo: the answer is about another subject")
+        return {**{k: info[k] for k in wanted if k in info}, **claims}

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from relayd import metrics
 from relayd.control import jws, totp
 from relayd.control.ca import CertificateAuthority, subject_triple, user_subject, write_private
-from relayd.control.oidc import Provider
+from relayd.control.oidc import Provider, ProviderError, ProviderRefused
 from relayd.control.policy import Policy
 from relayd.control.ztstore import LOCAL, ZtStore
 from relayd.errors import AuthError, ConfigError, RelaydError
@@ -390,9 +390,18 @@ class Controller:
                 raise reject("bad_request", f"an OpenID Connect sign-in needs {k}", 400)
         if not body["redirect_uri"].startswith(("http://127.0.0.1:", "http://[::1]:", "http://localhost:")):
             raise reject("bad_request", "the redirect must be a loopback address (RFC 8252)", 400)
-        answer = prov.exchange(body["code"], body["code_verifier"], body["redirect_uri"])
         try:
-            return prov.verify_id_token(answer.get("id_token"), body["nonce"], now)
+            answer = prov.exchange(body["code"], body["code_verifier"], body["redirect_uri"])
+        except ProviderRefused as exc:
+            # invalid_grant: the code is spent, expired or another client's,
+            # or the PKCE verifier is not its own (RFC 6749 section 5.2)
+            raise reject("bad_code" if exc.error == "invalid_grant" else "provider_refused", str(exc)) from None
+        except (ProviderError, ConfigError) as exc:
+            raise reject("provider_unavailable", str(exc), 502) from None
+        try:
+            return prov.with_userinfo(prov.verify_id_token(answer.get("id_token"), body["nonce"], now), answer)
+        except (ProviderError, ConfigError) as exc:
+            raise reject("provider_unavailable", str(exc), 502) from None
         except AuthError as exc:
             raise reject("bad_id_token", str(exc)) from None
 
