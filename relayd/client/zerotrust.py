@@ -245,56 +245,82 @@ def renew(st: ClientState, state: dict) -> dict:
     return state
 
 
-def oidc_code(ctl: Controller, provider: str, browser=None) -> dict:
+#: How long `relayd login` waits for the provider's redirect (a person signs in).
+SIGN_IN_WAIT = 300.0
+
+
+def open_browser(url: str) -> None:
+    """The system's browser (``BROWSER`` names another) on ``url``; the URL
+    is printed too, to open by hand."""
+    import webbrowser
+
+    print(f"Opening the browser to sign in; if it does not open, visit:\n  {url}", flush=True)
+    webbrowser.open(url)
+
+
+def oidc_code(ctl: Controller, provider: str, browser=None, *, fresh: bool = False,
+              wait: float = SIGN_IN_WAIT) -> dict:
     """The Authorization Code flow with PKCE through a loopback redirect
-    (RFC 8252): the code, its verifier, the redirect and the nonce."""
+    (RFC 8252): the code, its verifier, the redirect and the nonce.
+    ``browser(url)`` shows the provider's pages (default: the system
+    browser); the loopback listener serves while it runs, since a browser
+    may return only when it is closed (a terminal browser does). ``fresh``
+    asks the provider for the password again (``prompt=login``,
+    ``max_age=0``: a step-up)."""
     import http.server
     import threading
 
     info = ctl.call("GET", "/providers").get(provider)
-    if not info or info.get("type") != "oidc":
-        raise ZtClientError("unknown_provider", f"the controller has no OpenID Connect provider {provider!r}")
+    if not info or info.get("type") != "oidc" or "authorization_endpoint" not in info:
+        raise ZtClientError("unknown_provider", f"the controller has no OpenID Connect provider {provider!r}"
+                            + (f" ({info['error']})" if info and info.get("error") else ""))
     verifier = _b64url(secrets.token_bytes(32))
     state, nonce = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     got: dict = {}
+    done = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the stdlib's name)
-            q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            got.update({k: v[0] for k, v in q.items()})
+            u = urllib.parse.urlsplit(self.path)
+            if u.path != "/callback" or done.is_set():
+                self.send_error(404)
+                return
+            got.update({k: v[0] for k, v in urllib.parse.parse_qs(u.query).items()})
+            done.set()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.end_headers()
-            self.wfile.write(b"relayd: signed in, you can close this page.\n")
+            self.wfile.write(b"relayd: you can close this page.\n")
 
         def log_message(self, *a):
             pass
 
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
     redirect = f"http://127.0.0.1:{srv.server_address[1]}/callback"
-    challenge = _b64url(hashlib.sha256(verifier.encode()).digest())
-    url = info["authorization_endpoint"] + "?" + urllib.parse.urlencode({
-        "response_type": "code", "client_id": info["client_id"], "redirect_uri": redirect, "scope": info["scopes"],
-        "state": state, "nonce": nonce, "code_challenge": challenge, "code_challenge_method": "S256"})
+    params = {"response_type": "code", "client_id": info["client_id"], "redirect_uri": redirect,
+              "scope": info["scopes"], "state": state, "nonce": nonce,
+              "code_challenge": _b64url(hashlib.sha256(verifier.encode()).digest()), "code_challenge_method": "S256"}
+    if fresh:
+        params.update(prompt="login", max_age="0")
+    url = info["authorization_endpoint"] + ("&" if "?" in info["authorization_endpoint"] else "?") \
+        + urllib.parse.urlencode(params)
+    threading.Thread(target=srv.serve_forever, args=(0.2,), daemon=True).start()
     try:
-        if browser is None:
-            import webbrowser
-
-            print(f"Opening the browser to sign in; if it does not open, visit:\n  {url}", flush=True)
-            webbrowser.open(url)
-            srv.timeout = 300
-            srv.handle_request()
-        else:
-            t = threading.Thread(target=srv.handle_request, daemon=True)
-            t.start()
-            browser(url)
-            t.join(30)
+        (browser or open_browser)(url)
+        if not done.wait(wait):
+            raise ZtClientError("timeout", f"the provider did not send the browser back within {wait:.0f} s")
     finally:
+        srv.shutdown()
         srv.server_close()
     if got.get("state") != state:
-        raise ZtClientError("bad_state", "the provider's redirect did not carry our state")
+        raise ZtClientError("bad_state", "the provider's redirect did not carry our state: refused")
+    if "iss" in got and got["iss"] != info.get("issuer"):
+        # RFC 9207: an answer from another provider than the one asked (mix-up)
+        raise ZtClientError("bad_issuer", f"the redirect comes from {got['iss'][:100]!r}, not {provider}'s issuer")
     if "code" not in got:
-        raise ZtClientError("no_code", f"the provider answered {got.get('error', 'no code')}")
+        raise ZtClientError("no_code", f"the provider answered {got.get('error', 'no code')}"
+                            + (f": {got['error_description'][:200]}" if got.get("error_description") else ""))
     return {"code": got["code"], "code_verifier": verifier, "redirect_uri": redirect, "nonce": nonce}
 
 
@@ -325,6 +351,11 @@ class Prompter:
 
     async def message(self, kind: str, message: str) -> None:
         print(f"relayd: {message}", flush=True)
+
+    def browser(self, url: str) -> None:
+        """Show an external provider's sign-in page (a step-up through it);
+        called in a worker thread."""
+        open_browser(url)
 
     def device_claims(self) -> dict:
         """The device's report collected again (after a fix-it message)."""
@@ -648,11 +679,20 @@ class Connector:
         t = r.get("type")
         p = self.prompter
         if t in ("otp", "password"):
-            cred = await (p.otp(r.get("message", "")) if t == "otp" else p.password(r.get("message", "")))
-            if cred is None:
-                return False
             ctl = Controller(self.state["url"], str(self.st.path("relay-ca.pem")), str(self.st.path("cert.pem")),
                              str(self.st.path("key.pem")))
+            if t == "password" and r.get("provider") not in (None, "local"):
+                # An external provider's password: a fresh sign-in there.
+                await p.message("info", r.get("message") or f"Sign in again at {r['provider']}")
+                try:
+                    cred = await asyncio.to_thread(oidc_code, ctl, r["provider"], p.browser, fresh=True)
+                except ZtClientError as exc:
+                    await p.message("info", f"step-up refused: {exc}")
+                    return False
+            else:
+                cred = await (p.otp(r.get("message", "")) if t == "otp" else p.password(r.get("message", "")))
+            if cred is None:
+                return False
             try:
                 reply = await asyncio.to_thread(ctl.call, "POST", "/stepup", {
                     "method": t, "suffix": r["suffix"], "provider": r.get("provider"), "credential": cred},
