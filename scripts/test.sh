@@ -3,9 +3,10 @@
 #
 #  1. Debian packages the tests need (Go and hashicorp/yamux for the interop
 #     tests, tinyproxy for the forward-proxy tests, Node.js for Microsoft's
-#     hybrid-connection clients), a .venv with relayd built from source and
-#     the test tools, and the npm clients at the versions of
-#     tests/interop/hyco/package-lock.json.
+#     hybrid-connection clients and the OpenID Connect provider), a .venv
+#     with relayd built from source and the test tools, and the npm packages
+#     at the versions of tests/interop/hyco/package-lock.json (Microsoft's
+#     clients) and tests/interop/oidc/package-lock.json (oidc-provider).
 #  2. The suite against the compiled build.
 #  3. The suite against the pure-Python twins (RELAYD_NO_EXTENSIONS=1).
 #  4. The core tests against a debug build (bounds checks, C asserts, -O0),
@@ -19,6 +20,7 @@ need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl nodejs
 command -v npm >/dev/null || need_debs npm
 setup_venv test
 setup_npm tests/interop/hyco
+setup_npm tests/interop/oidc
 
 run_pytest() {
     local label="$1"; shift
