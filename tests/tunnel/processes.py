@@ -22,6 +22,18 @@ def free_port():
     return port
 
 
+def stop_pid(p: subprocess.Popen, grace: float = 10) -> None:
+    """Stop a process this test started, by its PID: SIGTERM, then SIGKILL
+    after ``grace`` seconds."""
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
 class Proc:
     def __init__(self, args, **kw):
         # Output goes to temp files: an undrained pipe would block the process.
@@ -30,13 +42,7 @@ class Proc:
         self.p = subprocess.Popen(RELAYD + args, stdout=self.out, stderr=self.err, **kw)
 
     def stop(self):
-        if self.p.poll() is None:
-            os.kill(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.p.pid, signal.SIGKILL)
-                self.p.wait(5)
+        stop_pid(self.p)
         self.out.seek(0)
         self.err.seek(0)
         return self.out.read().decode(), self.err.read().decode()
