@@ -14,6 +14,7 @@ docs/fuzzing.md) are never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -494,6 +495,163 @@ def jws_seeds() -> dict:
     }
 
 
+# --- zero-trust ---------------------------------------------------------------------------
+
+
+def ztsession_seeds() -> dict:
+    HELLO_DONE, FLOW, JSON = 1, 2, 4
+    iid = "0123456789abcdef0123456789abcdef"
+    tok = "eyJhbGciOiJFZERTQSIsInR5cCI6InJlbGF5ZC1jbGFpbXMrand0Iiwia2lkIjoiQUFBQSJ9.e30.c2ln"
+    hello = {"type": "hello", "claims": tok, "entitlements": tok, "client": "relayd",
+             "device": {"os": {"family": "linux", "version": "6.8"}, "av": {"enabled": True}},
+             "reasons": [{"suffix": "why", "text": "ticket OPS-42", "at": 1732350000}]}
+
+    def mp(doc) -> bytes:
+        return msgpack.packb(doc, use_bin_type=True)
+
+    def js(doc) -> bytes:
+        return json.dumps(doc).encode()
+
+    deep: object = 1
+    for _ in range(8):
+        deep = {"d": deep}
+    return {
+        "hello": (0, [(mp(hello), 0)]),
+        "hello-json": (JSON, [(js(hello), 0)]),
+        "hello-no-claims": (0, [(mp({"type": "hello", "entitlements": tok}), 0)]),
+        "hello-claims-a-number": (0, [(mp(dict(hello, claims=5)), 0)]),
+        "hello-device-a-list": (0, [(mp(dict(hello, device=["x"])), 0)]),
+        "hello-device-bytes": (0, [(mp(dict(hello, device={"serial": b"\x00\xff"})), 0)]),
+        "hello-device-ext": (0, [(mp(dict(hello, device={"t": msgpack.ExtType(5, b"x")})), 0)]),
+        "hello-device-deep": (0, [(mp(dict(hello, device=deep)), 0)]),
+        "hello-33-reasons": (0, [(mp(dict(hello, reasons=hello["reasons"] * 33)), 0)]),
+        "hello-reason-newline": (0, [(mp(dict(hello, reasons=[{"suffix": "why", "text": "a\nb", "at": 1}])), 0)]),
+        "hello-reason-at-bool": (JSON, [(js(dict(hello, reasons=[{"suffix": "why", "text": "a", "at": True}])), 0)]),
+        "ping-before-hello": (0, [(mp({"type": "ping"}), 0)]),
+        "second-hello": (HELLO_DONE, [(mp(hello), 0)]),
+        "tokens-with-certificate": (HELLO_DONE, [(mp({"type": "tokens", "claims": tok, "entitlements": tok,
+                                                      "certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n"}), 0)]),
+        "tokens-none": (HELLO_DONE, [(mp({"type": "tokens"}), 0)]),
+        "claims": (HELLO_DONE | JSON, [(js({"type": "claims", "claims": tok}), 0)]),
+        "claims-a-list": (HELLO_DONE, [(mp({"type": "claims", "claims": [tok]}), 0)]),
+        "entitlements": (HELLO_DONE, [(mp({"type": "entitlements", "entitlements": tok}), 0)]),
+        "device": (HELLO_DONE | JSON, [(js({"type": "device", "claims": {"av": {"enabled": True}}}), 0)]),
+        "device-bytes-key": (HELLO_DONE, [(mp({"type": "device", "claims": {b"k": 1}}), 0)]),
+        "reason": (HELLO_DONE | JSON, [(js({"type": "reason", "interaction": iid, "suffix": "why",
+                                            "text": "restore the backup"}), 0)]),
+        "reason-control": (HELLO_DONE, [(mp({"type": "reason", "interaction": iid, "suffix": "why",
+                                             "text": "\x1b[2J\u2028x"}), 0)]),
+        "reason-long": (HELLO_DONE, [(mp({"type": "reason", "interaction": iid, "suffix": "why",
+                                          "text": "x" * 513}), 0)]),
+        "reason-no-interaction": (HELLO_DONE, [(mp({"type": "reason", "suffix": "why", "text": "x"}), 0)]),
+        "reason-bad-suffix": (HELLO_DONE, [(mp({"type": "reason", "interaction": iid, "suffix": "a b",
+                                                "text": "x"}), 0)]),
+        "ping": (HELLO_DONE, [(mp({"type": "ping"}), 0)]),
+        "unknown-type": (HELLO_DONE, [(mp({"type": "renew"}), 0)]),
+        "type-a-list": (HELLO_DONE | JSON, [(b'{"type": ["ping"]}', 0)]),
+        "not-a-map": (HELLO_DONE, [(mp(["ping"]), 0)]),
+        "not-msgpack": (0, [(b"\xc1\x00", 0)]),
+        "flow": (FLOW, [(mp({"proto": "tcp", "host": "10.20.5.9", "port": 5432}), 0)]),
+        "flow-name": (FLOW | JSON, [(js({"proto": "tcp", "host": "DB.Lab.Internal.", "port": 5432}), 0)]),
+        "flow-address-dot": (FLOW | JSON, [(js({"proto": "tcp", "host": "10.0.0.1.", "port": 1}), 0)]),
+        "flow-mapped": (FLOW, [(mp({"proto": "tcp", "host": "::ffff:127.0.0.1", "port": 65535}), 0)]),
+        "flow-zone": (FLOW, [(mp({"proto": "tcp", "host": "fe80::1%eth0", "port": 22}), 0)]),
+        "flow-port-0": (FLOW | JSON, [(js({"proto": "tcp", "host": "10.0.0.1", "port": 0}), 0)]),
+        "flow-port-bool": (FLOW | JSON, [(b'{"proto": "tcp", "host": "10.0.0.1", "port": true}', 0)]),
+        "flow-udp": (FLOW, [(mp({"proto": "udp", "host": "10.0.0.1", "port": 53}), 0)]),
+        "flow-host-nul": (FLOW, [(mp({"proto": "tcp", "host": "db\x00.lab", "port": 80}), 0)]),
+        "flow-ip-mode": (FLOW, [(mp({"proto": "ip"}), 0)]),
+    }
+
+
+#: The policy of the spec's section 5, as JSON (the admin API's form).
+POLICY = {
+    "sites": [{"id": "s-lab", "networks": ["10.20.0.0/16"]}],
+    "conditions": [{"id": "c-office-or-otp", "logic": "any",
+                    "criteria": [{"claim": "system.client_src_ip", "op": "cidr", "value": ["198.51.100.0/24"]},
+                                 {"stepup": "otp", "suffix": "lab", "provider": "totp", "max_age": "60m"}],
+                    "recheck": ["15m", "08:00"], "remedy_logic": "any",
+                    "remedies": [{"type": "otp", "provider": "totp", "suffix": "lab",
+                                  "message": "Enter your authenticator code."},
+                                 {"type": "message", "kind": "info", "message": "Or connect from the office."}]}],
+    "entitlements": [{"id": "e-lab-db", "site": "s-lab", "condition_logic": "all",
+                      "conditions": ["c-office-or-otp"], "tags": ["lab"],
+                      "actions": [{"action": "allow", "proto": "tcp", "hosts": ["10.20.5.0/24", "db.lab.internal"],
+                                   "ports": ["5432", "8000-8100"]},
+                                  {"action": "block", "proto": "tcp", "hosts": ["10.20.5.9"], "ports": ["5432"]}]}],
+    "policies": [{"id": "p-dba", "match": {"logic": "all", "criteria": [{"claim": "user.groups", "op": "contains",
+                                                                         "value": "dba"}]},
+                  "entitlements": ["e-lab-db"], "entitlement_tags": ["lab"], "stop": False}],
+}
+
+
+def policy_seeds() -> dict:
+    SITES, CONDITIONS, ENTITLEMENTS, POLICIES = range(4)
+    WHOLE, TOML = 4, 8
+    from relayd.control.policy import to_toml
+
+    def js(doc) -> bytes:
+        return json.dumps(doc, ensure_ascii=False).encode()
+
+    cond = POLICY["conditions"][0]
+    ent = POLICY["entitlements"][0]
+    nested: dict = {"claim": "device.os.family", "op": "eq", "value": "linux"}
+    for i in range(10):
+        nested = {"not": nested} if i % 2 else {"logic": "any", "criteria": [nested]}
+    return {
+        "whole": (WHOLE, [(js(POLICY), 0)]),
+        "whole-toml": (WHOLE | TOML, [(to_toml(POLICY).encode(), 0)]),
+        "whole-toml-inline": (WHOLE | TOML, [(b'[[sites]]\nid = "s"\n\n[[entitlements]]\nid = "e"\nsite = "s"\n'
+                                              b'actions = [{ action = "allow", proto = "icmp", hosts = ["10.0.0.0/8"],'
+                                              b' types = ["8", "0"] }]\n', 0)]),
+        "whole-unknown-condition": (WHOLE, [(js(dict(POLICY, conditions=[])), 0)]),
+        "whole-twice": (WHOLE, [(js(dict(POLICY, sites=POLICY["sites"] * 2)), 0)]),
+        "whole-emoji-and-controls": (WHOLE, [(js(dict(POLICY, conditions=[dict(cond, remedies=[
+            {"type": "message", "kind": "info", "message": "Office only \U0001f3e2 \x7f\x1b[0m \"quoted\" \\"}])])), 0)]),
+        "whole-not-a-table": (WHOLE, [(b"[1, 2]", 0)]),
+        "whole-not-json": (WHOLE, [(b"{sites: []", 0)]),
+        "site": (SITES, [(js(POLICY["sites"][0]), 0)]),
+        "site-bad-network": (SITES, [(js({"id": "s", "networks": ["10.0.0.0/33"]}), 0)]),
+        "site-toml": (SITES | TOML, [(b'id = "s-lab"\nnetworks = ["10.20.0.0/16", "fd00::/8"]\ngateways = ["gw:443"]\n', 0)]),
+        "condition": (CONDITIONS, [(js(cond), 0)]),
+        "condition-time-window": (CONDITIONS, [(js({"id": "c-night", "criteria": [{"time_window": {
+            "days": ["fri", "sat"], "from": "22:00", "to": "06:00", "tz": "Europe/Paris"}}]}), 0)]),
+        "condition-reason": (CONDITIONS, [(js({"id": "c-why", "criteria": [{"reason": True, "suffix": "why",
+                                                                           "max_age": 600, "min_len": 5}],
+                                               "remedies": [{"type": "reason", "suffix": "why"}]}), 0)]),
+        "condition-remedy-untested": (CONDITIONS, [(js(dict(cond, remedies=[{"type": "otp", "suffix": "other"}])), 0)]),
+        "condition-nested": (CONDITIONS, [(js({"id": "c-deep", "criteria": [nested]}), 0)]),
+        "condition-ops": (CONDITIONS, [(js({"id": "c-ops", "logic": "all", "criteria": [
+            {"claim": "device.os.version", "op": "version_ge", "value": "6.1"},
+            {"claim": "device.hostname", "op": "glob", "value": "*-LT"},
+            {"claim": "device.disk.free", "op": "gt", "value": 1.5},
+            {"claim": "user.groups", "op": "has_any", "value": ["a", 1, True]},
+            {"claim": "device.av.enabled", "op": "exists"}]}), 0)]),
+        "condition-huge-max-age-toml": (CONDITIONS | TOML, [(b'id = "c"\ncriteria = [{ stepup = "otp", suffix = "x",'
+                                                             b' max_age = ' + b"9" * 400 + b' }]\n', 0)]),
+        "condition-max-age-beyond-json": (CONDITIONS, [(js({"id": "c", "criteria": [
+            {"stepup": "otp", "suffix": "x", "max_age": "6" + "8" * 40 + "m"}]}), 0)]),
+        "condition-value-2-64-toml": (CONDITIONS | TOML, [(b'id = "c"\ncriteria = [{ claim = "device.n", op = "lt",'
+                                                           b' value = 18446744073709551616 }]\n', 0)]),
+        "condition-min-len-huge": (CONDITIONS, [(js({"id": "c", "criteria": [{"reason": True, "suffix": "why",
+                                                                             "max_age": "1h", "min_len": 2 ** 40}]}), 0)]),
+        "condition-tz-dir": (CONDITIONS, [(js({"id": "c", "criteria": [{"time_window": {
+            "from": "08:00", "to": "18:00", "tz": "America"}}]}), 0)]),
+        "entitlement": (ENTITLEMENTS, [(js(ent), 0)]),
+        "entitlement-icmp-types-a-number": (ENTITLEMENTS, [(js({"id": "e", "site": "s", "actions": [
+            {"action": "allow", "proto": "icmp", "hosts": ["10.0.0.0/8"], "types": 8}]}), 0)]),
+        "entitlement-ports-edges": (ENTITLEMENTS | TOML, [(b'id = "e"\nsite = "s"\nactions = [{ action = "alert",'
+                                                           b' proto = "udp", hosts = ["::/0", "a.b"], ports = [0, '
+                                                           b'"1-65535", 65535] }]\n', 0)]),
+        "entitlement-port-65536": (ENTITLEMENTS, [(js(dict(ent, actions=[dict(ent["actions"][0], ports=["65536"])])), 0)]),
+        "policy": (POLICIES, [(js(POLICY["policies"][0]), 0)]),
+        "policy-stop": (POLICIES | TOML, [(b'id = "p-stop"\nstop = true\nmatch = { criteria = [{ claim = "user.email",'
+                                           b' op = "glob", value = "*@old.example" }] }\n', 0)]),
+        "policy-device-claim": (POLICIES, [(js({"id": "p", "match": {"criteria": [
+            {"claim": "device.os.family", "op": "eq", "value": "linux"}]}}), 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -504,6 +662,8 @@ HARNESSES = {
     "http1": http1_seeds,
     "hcwire": hcwire_seeds,
     "jws": jws_seeds,
+    "ztsession": ztsession_seeds,
+    "policy": policy_seeds,
 }
 
 

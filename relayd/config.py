@@ -94,7 +94,10 @@ def parse_duration(value, key: str = "duration") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected a duration like '15m', got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond a float's range: no duration either
+            seconds = math.inf
     elif isinstance(value, str) and value.strip():
         text = value.strip()
         if _PLAIN_NUMBER.match(text):

@@ -63,6 +63,13 @@ MAX_ACTIONS = 64
 MAX_HOSTS = 256
 MAX_PORTS = 64
 MAX_REASON = 512
+#: How deep criteria nest (groups, ``not``); evaluation goes no deeper.
+MAX_DEPTH = 8
+#: The longest duration (max_age, recheck), and the largest number a value
+#: may hold: what every JSON reader takes exactly (the objects travel in
+#: entitlement tokens).
+MAX_DURATION = 10 * 366 * 86400
+MAX_NUMBER = 2 ** 53
 
 UNKNOWN = None
 
@@ -125,23 +132,28 @@ def _network(text: str, where: str):
 
 def _duration(v, where: str) -> int:
     try:
-        return int(parse_duration(v, where))
+        seconds = int(parse_duration(v, where))
     except ConfigError as exc:
         raise PolicyError(str(exc)) from None
+    if seconds > MAX_DURATION:
+        raise PolicyError(f"{where}: a duration is at most 10 years")
+    return seconds
 
 
 _VALUE = (str, int, float, bool, list)
 
 
-def _criterion(c, where: str) -> dict:
+def _criterion(c, where: str, depth: int) -> dict:
     if not isinstance(c, dict):
         raise PolicyError(f"{where}: expected a table")
+    if depth > MAX_DEPTH:
+        raise PolicyError(f"{where}: criteria nest at most {MAX_DEPTH} deep")
     if "logic" in c:  # a nested group
         _only(c, {"logic", "criteria"}, where)
-        return _group(c, where)
+        return _group(c, where, depth + 1)
     if "not" in c:
         _only(c, {"not"}, where)
-        return {"not": _criterion(c["not"], where + ".not")}
+        return {"not": _criterion(c["not"], where + ".not", depth + 1)}
     if "stepup" in c:
         _only(c, {"stepup", "suffix", "provider", "max_age"}, where)
         if c["stepup"] not in ("otp", "password"):
@@ -157,7 +169,7 @@ def _criterion(c, where: str) -> dict:
             raise PolicyError(f"{where}: write reason = true")
         return {"reason": True, "suffix": _suffix(c.get("suffix"), where),
                 "max_age": _duration(_need(c, "max_age", where, (str, int)), where + ".max_age"),
-                "min_len": _need(c, "min_len", where, int, 1)}
+                "min_len": _min_len(_need(c, "min_len", where, int, 1), where)}
     if "time_window" in c:
         _only(c, {"time_window"}, where)
         tw = _only(c["time_window"], {"days", "from", "to", "tz"}, where + ".time_window")
@@ -184,11 +196,22 @@ def _criterion(c, where: str) -> dict:
     out = {"claim": claim, "op": op}
     if op != "exists":
         value = _need(c, "value", where, _VALUE)
+        if not all(isinstance(x, str) or isinstance(x, (int, float)) and math.isfinite(x) and abs(x) <= MAX_NUMBER
+                   for x in (value if isinstance(value, list) else [value])) \
+                or isinstance(value, list) and len(value) > 256:
+            raise PolicyError(f"{where}: a value is a string, a number (finite, at most 2^53) or a boolean, "
+                              "or a list of them")
         if op in ("cidr", "not_cidr"):
             for n in (value if isinstance(value, list) else [value]):
                 _network(n if isinstance(n, str) else "", where)
         out["value"] = value
     return out
+
+
+def _min_len(n: int, where: str) -> int:
+    if not 0 <= n <= MAX_REASON:
+        raise PolicyError(f"{where}: min_len is 0 to {MAX_REASON} (a reason's most)")
+    return n
 
 
 def _suffix(v, where: str) -> str:
@@ -197,14 +220,14 @@ def _suffix(v, where: str) -> str:
     return v
 
 
-def _group(doc: dict, where: str) -> dict:
+def _group(doc: dict, where: str, depth: int = 0) -> dict:
     logic = doc.get("logic", "all")
     if logic not in ("all", "any"):
         raise PolicyError(f"{where}: logic is all or any")
     crit = doc.get("criteria", [])
     if not isinstance(crit, list) or len(crit) > MAX_CRITERIA:
         raise PolicyError(f"{where}: criteria is a list of at most {MAX_CRITERIA}")
-    return {"logic": logic, "criteria": [_criterion(c, f"{where}.criteria[{i}]") for i, c in enumerate(crit)]}
+    return {"logic": logic, "criteria": [_criterion(c, f"{where}.criteria[{i}]", depth) for i, c in enumerate(crit)]}
 
 
 def _tested(criteria: list, kind: str, suffix: str) -> bool:
@@ -260,7 +283,7 @@ def _action(a, where: str) -> dict:
     else:
         if "ports" in a:
             raise PolicyError(f"{where}: ports are for tcp and udp")
-        types = [str(t) for t in a.get("types", ["0-255"])]
+        types = [str(t) for t in _need(a, "types", where, list, ["0-255"])]
         for t in types:
             _range(t, where + ".types", 255)
         out["types"] = types
@@ -461,14 +484,12 @@ def to_toml(doc: dict) -> str:
 
 
 def _toml_value(v) -> str:
-    import json
-
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string accepts JSON's escapes
+        return _toml_str(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -477,9 +498,19 @@ def _toml_value(v) -> str:
 
 
 def _toml_key(k: str) -> str:
-    import json
+    return k if re.match(r"[A-Za-z0-9_-]+\Z", k) else _toml_str(k)
 
-    return k if re.match(r"[A-Za-z0-9_-]+\Z", k) else json.dumps(k)
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_str(s: str) -> str:
+    """A TOML basic string: the quote, the backslash and the control
+    characters TOML does not take raw are escaped, the rest written as it
+    is (JSON's escapes are not TOML's: a character beyond U+FFFF would be
+    a surrogate pair, which TOML refuses)."""
+    return '"' + "".join(_TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ch == "\x7f" else ch)
+                         for ch in s) + '"'
 
 
 # -- evaluation --------------------------------------------------------------------
@@ -597,7 +628,7 @@ def _in_window(tw: dict, now: float) -> bool:
 
 
 def _value(c: dict, ctx: dict, depth: int):
-    if depth > 8:
+    if depth > MAX_DEPTH:
         return UNKNOWN
     if "criteria" in c:
         return _group_value(c, ctx, depth + 1)

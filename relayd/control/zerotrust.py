@@ -742,7 +742,11 @@ def device_claims(doc) -> dict:
 
     if not isinstance(doc, dict):
         raise reject("bad_device_claims", "device claims must be an object", 400)
-    if len(orjson.dumps(doc)) > MAX_DEVICE_CLAIMS:
+    try:
+        size = len(orjson.dumps(doc))
+    except TypeError:  # orjson.JSONEncodeError: bytes, msgpack extension types, keys that are not strings
+        raise reject("bad_device_claims", "device claims must be JSON", 400) from None
+    if size > MAX_DEVICE_CLAIMS:
         raise reject("bad_device_claims", "device claims over 8 KiB", 400)
 
     def depth(v, d=0):

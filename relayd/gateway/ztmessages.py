@@ -162,10 +162,10 @@ def flow_request(m: dict) -> tuple[str, str, int, bool]:
         raise MessageError("bad_request", "port must be a number from 1 to 65535")
     if not isinstance(host, str) or not 0 < len(host) <= 253:
         raise MessageError("bad_request", "host must be an address or a host name")
+    name = host.lower().rstrip(".")
     try:
-        a = ipaddress.ip_address(host)
+        a = ipaddress.ip_address(name)  # "10.0.0.1." is that address too
     except ValueError:
-        name = host.lower().rstrip(".")
         if not pol._is_name(name):
             raise MessageError("bad_request", "host must be an address or a host name") from None
         return proto, name, port, True

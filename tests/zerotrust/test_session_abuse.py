@@ -32,6 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import msgpack
 import pyotp
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -575,6 +576,37 @@ def test_garbage_on_the_control_stream(unharmed, case):
 
     run(main())
     _refused_with(zt, kind, before)
+
+
+def test_device_claims_that_are_not_json_are_refused(unharmed):
+    """msgpack carries what JSON cannot (bytes, extension types, byte
+    keys): device claims holding them are refused, 4401 in a hello and an
+    error after it, and no handler of the relay raises."""
+    zt = unharmed
+    before = zt.rejections("bad_device_claims")
+    bad = ({"serial": MARKER.encode()}, {"t": msgpack.ExtType(5, MARKER.encode())}, {MARKER.encode(): 1})
+
+    async def main():
+        for dev in bad:
+            r = await Raw.open(zt, "mallory")
+            try:
+                await r.say_hello(zt.mallory, device=dev)
+                closed, code = await r.closed()
+                assert (closed.get("reason"), code) == ("bad_device_claims", 4401), closed
+            finally:
+                r.close()
+        r = await Raw.hello(zt, "mallory")
+        try:
+            for dev in bad:
+                await asyncio.sleep(1.05)  # device reports: at most one a second
+                await r.send({"type": "device", "claims": dev})
+                assert (await r.expect("error"))["reason"] == "bad_device_claims"
+            assert await r.alive()
+        finally:
+            r.close()
+
+    run(main())
+    assert zt.rejections("bad_device_claims") == before + 6
 
 
 # -- interaction floods ------------------------------------------------------------------------
