@@ -832,11 +832,21 @@ def test_rollback_to_the_claims_token_before_a_stepup_is_refused(unharmed):
                 r2.close()
             assert await r.alive()
             assert (await r.flow_to(zt, "otp"))["r"] == "ok"
+            # The same, sure to be within one second: a token issued in the
+            # second of the one held (here signed with the controller's
+            # key) replaces it, and the one it replaced cannot come back.
+            same_second = jws.sign(dict(zc.token_payload(new["claims"]), jti=secrets.token_hex(16)), jws.CLAIMS,
+                                   zt.signing_key())
+            zt.tokens.append(same_second)
+            await r.send({"type": "claims", "claims": same_second})
+            assert (await r.expect("accepted"))["what"] == "claims"
+            await r.send({"type": "claims", "claims": new["claims"]})
+            assert (await r.expect("error"))["reason"] == "rollback"
         finally:
             r.close()
 
     run(main())
-    assert zt.rejections("rollback") == before + 2
+    assert zt.rejections("rollback") == before + 3
     until_sync(lambda: zt.logged("rollback"), 5, "no log line names rollback")
 
 
