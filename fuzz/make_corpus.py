@@ -652,6 +652,63 @@ def policy_seeds() -> dict:
     }
 
 
+def ippacket_seeds() -> dict:
+    import ipaddress
+
+    from relayd.core.framing import frame_packet
+
+    def v4(proto, src, dst, l4, frag=0, ihl=5, total=None):
+        n = 4 * ihl + len(l4) if total is None else total
+        return (bytes([0x40 | ihl, 0]) + n.to_bytes(2, "big") + b"\0\0" + frag.to_bytes(2, "big") + bytes([64, proto])
+                + b"\0\0" + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
+                + b"\x01" * (4 * (ihl - 5)) + l4)
+
+    def v6(nh, src, dst, l4):
+        return (b"\x60\0\0\0" + len(l4).to_bytes(2, "big") + bytes([nh, 64]) + ipaddress.IPv6Address(src).packed
+                + ipaddress.IPv6Address(dst).packed + l4)
+
+    def ports(s, d):
+        return s.to_bytes(2, "big") + d.to_bytes(2, "big") + b"\0" * 16
+
+    def echo(t, ident):
+        return bytes([t, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\0\1" + b"ping"
+
+    C, S = "100.96.0.2", "10.78.0.1"
+    syn, back = v4(6, C, S, ports(40000, 443)), v4(6, S, C, ports(443, 40000))
+    req, rep = v4(1, C, S, echo(8, 7)), v4(1, S, C, echo(0, 7))
+
+    def frames(*pkts):
+        return b"".join(frame_packet(p) for p in pkts)
+
+    return {
+        "tcp-and-reply": (0, [(frames(syn, back), 0)]),
+        "tcp-split-reads": (0, [(frames(syn)[:3], 0), (frames(syn)[3:] + frames(back), 0)]),
+        "udp-dns": (0, [(frames(v4(17, C, S, ports(5353, 53)), v4(17, S, C, ports(53, 5353))), 0)]),
+        "udp-wrong-port": (0, [(frames(v4(17, C, S, ports(5353, 54))), 0)]),
+        "echo-and-reply": (0, [(frames(req, rep), 0)]),
+        "echo-reply-other-id": (0, [(frames(req, v4(1, S, C, echo(0, 8))), 0)]),
+        "icmp-error-quoting": (0, [(frames(syn, v4(1, S, C, bytes([3, 4, 0, 0, 0, 0, 5, 0x78]) + syn[:28])), 0)]),
+        "icmp-error-quoting-other": (0, [(frames(v4(1, S, C, bytes([11, 0, 0, 0, 0, 0, 0, 0]) + syn[:28])), 0)]),
+        "blocked-port": (0, [(frames(v4(6, C, "10.78.0.9", ports(1, 22))), 0)]),
+        "ipv4-options": (0, [(frames(v4(6, C, S, ports(1, 80), ihl=15)), 0)]),
+        "first-fragment": (0, [(frames(v4(6, C, S, ports(1, 80), frag=0x2000)), 0)]),
+        "later-fragment": (0, [(frames(v4(6, C, S, b"\0" * 8, frag=0x0010)), 0)]),
+        "total-beyond": (0, [(frames(v4(6, C, S, ports(1, 80), total=900)), 0)]),
+        "header-short": (0, [(frames(v4(6, C, S, ports(1, 80), ihl=4)), 0)]),
+        "no-ports": (0, [(frames(v4(6, C, S, b"\0\1")), 0)]),
+        "gre": (0, [(frames(v4(47, C, S, b"\0" * 16)), 0)]),
+        "ipv6-tcp": (0, [(frames(v6(6, "fd00::2", "fd00:1::1", ports(1, 22))), 0)]),
+        "ipv6-echo": (0, [(frames(v6(58, "fd00::2", "fd00:1::1", echo(128, 3))), 0)]),
+        "ipv6-error": (0, [(frames(v6(58, "fd00:1::1", "fd00::2", bytes([1, 4, 0, 0, 0, 0, 0, 0])
+                                     + v6(6, "fd00::2", "fd00:1::1", ports(1, 22))[:48])), 0)]),
+        "version-5": (0, [(frames(b"\x55" + bytes(39)), 0)]),
+        "zero-length-frame": (0, [(frames(syn) + b"\0\0" + frames(back), 0)]),
+        "frame-announces-more": (0, [(b"\xff\xff" + syn, 0)]),
+        "spoofed-source": (0, [(frames(v4(6, "100.96.0.3", S, ports(1, 80))), 0)]),
+        "many-flows": (0, [(frames(*(v4(6, C, S, ports(1000 + i, 80)) for i in range(80))), 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -664,6 +721,7 @@ HARNESSES = {
     "jws": jws_seeds,
     "ztsession": ztsession_seeds,
     "policy": policy_seeds,
+    "ippacket": ippacket_seeds,
 }
 
 
