@@ -45,9 +45,9 @@ from relayd.control import policy as pol
 from relayd.control.zerotrust import Controller, Refused, device_claims, reject, selector_matches, token_facts
 from relayd.core import flowfilter as ff
 from relayd.core import http1
+from relayd.core.framing import FramingError
 from relayd.core.http1 import error_reply as _error
 from relayd.core.http1 import json_reply as _json
-from relayd.core.framing import FramingError
 from relayd.core.wire import KIND_DIAL
 from relayd.gateway.ztpackets import AddressPool, TunPath, proto_name
 from relayd.core.wshandshake import Refuse, server_handshake
