@@ -196,16 +196,17 @@ class ZtStack:
             assert isinstance(json.loads(line), dict), line[:200]  # one record a line: nothing injected
 
     def stop(self, check: bool = True) -> None:
+        """Stop the processes (by PID) and the services; then, with
+        ``check``, the relay's log and the agent's."""
         errs = {}
         for name, p in (("agent", self.agent), ("relay", self.relay)):
             if p is not None:
-                if check and name == "relay":
-                    self.check_log()
                 errs[name] = p.stop()[1]
         for srv in self.echo.values():
             srv.shutdown()
             srv.server_close()
         if check:
+            self.check_log()
             assert "Traceback" not in errs.get("agent", ""), errs["agent"][-3000:]
 
 
