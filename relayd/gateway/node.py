@@ -278,6 +278,10 @@ class RelayNode:
         for r in endpoints:
             if r.host in names and (r.prefix + "/").startswith(api.PREFIX + "/"):
                 raise ConfigError(f"HTTP endpoint {r.endpoint}: {api.PREFIX} on {r.host} is the relay's own API")
+            if r.host in names and api.PREFIX.startswith(r.prefix.rstrip("/") + "/") and r.prefix.rstrip("/"):
+                # /api on the relay's own name: everything under it but /api/v1 goes to the endpoint.
+                log.warning("HTTP endpoint %s: %s on %s is the relay's own API; the endpoint gets the rest of %s",
+                            r.endpoint, api.PREFIX, r.host, r.prefix)
         # The REST API on the relay's own names only: an HTTP endpoint on
         # another name keeps its /api/v1.
         serve = buffered(self.api.serve, api.MAX_BODY, too_large=self.api.too_large)

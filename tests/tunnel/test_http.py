@@ -131,7 +131,7 @@ def with_relay(tmp_path, backends, body, agent=True, **kw):
 def test_routing_forwarded_headers_hop_by_hop_keepalive(tmp_path, backends):
     def body(relay):
         r = curl(relay, "-H", "Connection: keep-alive, X-Private", "-H", "X-Private: secret",
-                 "-H", "X-Forwarded-For: 10.9.9.9", "URL/hello?x=1", "URL/api/v1", "-w", "\n%{num_connects}")
+                 "-H", "X-Forwarded-For: 10.9.9.9", "URL/hello?x=1", "URL/api/orders", "-w", "\n%{num_connects}")
         assert r.returncode == 0, r.stderr
         out = r.stdout.decode()
         parts = out.split("\n")  # body1, "1" + body2, "0"  (write-out after each transfer)
@@ -139,12 +139,15 @@ def test_routing_forwarded_headers_hop_by_hop_keepalive(tmp_path, backends):
         b = json.loads(parts[1][1:])
         connects = [parts[1][0], parts[2]]
         assert a["who"] == "web" and a["path"] == "/hello?x=1"
-        assert b["who"] == "api" and b["path"] == "/api/v1"
+        assert b["who"] == "api" and b["path"] == "/api/orders"
         h = a["headers"]
         assert h["x-forwarded-for"] == "10.9.9.9, 127.0.0.1" and h["x-forwarded-proto"] == "https"
         assert h["forwarded"] == "for=127.0.0.1;proto=https;host=app.example:%d" % relay.https_port
         assert "x-private" not in h and "connection" not in h  # kept alive to the service
         assert connects == ["1", "0"], out  # the second request reused the kept-alive connection
+        # /api/v1 on the relay's own name is the relay's REST API, not the endpoint's.
+        r = curl(relay, "URL/api/v1/openapi.json")
+        assert r.returncode == 0 and json.loads(r.stdout)["openapi"].startswith("3.1"), r.stdout[:200]
         # Many requests on kept-alive connections: every per-request stream is freed.
         for _ in range(3):
             r = curl(relay, *(["URL/x"] * 100), "-o", "/dev/null")
