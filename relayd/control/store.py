@@ -69,7 +69,7 @@ from relayd.errors import AuthError, ConfigError, DataDirError, RevokedError, St
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 5000
 #: Spent or expired join tokens are kept this long (so that a late attempt
 #: gets "expired"/"already used" rather than "unknown"), then purged.
@@ -192,6 +192,60 @@ _MIGRATIONS: list[str] = [
     # 4: a zero-trust user can be disabled (sign-in refused) and enabled again
     """
     ALTER TABLE zt_users ADD COLUMN disabled_at REAL;
+    """,
+    # 5: the device cloud (issue 13, ../shared/specs/device-cloud.md section 7):
+    # provisioning OTPs (hashes only), devices (agents enrolled over EST: the
+    # device id is the agent id; state, address and last_seen stay in agents),
+    # the users of the device API (one per issuer and subject), owners and
+    # shares, webhooks. The node a device's tunnel is on goes in agents.node.
+    """
+    CREATE TABLE dc_otps (
+        id          TEXT PRIMARY KEY,
+        otp_sha256  TEXT NOT NULL UNIQUE,
+        device_name TEXT,
+        labels      TEXT NOT NULL DEFAULT '{}',
+        created_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        used_at     REAL,
+        revoked_at  REAL,
+        device_id   TEXT,
+        actor       TEXT NOT NULL
+    );
+    CREATE TABLE dc_users (
+        id         TEXT PRIMARY KEY,
+        iss        TEXT NOT NULL,
+        sub        TEXT NOT NULL,
+        email      TEXT,
+        created_at REAL NOT NULL,
+        UNIQUE (iss, sub)
+    );
+    CREATE TABLE dc_devices (
+        id           TEXT PRIMARY KEY REFERENCES agents(id),
+        name         TEXT NOT NULL,
+        labels       TEXT NOT NULL DEFAULT '{}',
+        owner        TEXT REFERENCES dc_users(id),
+        claim_sha256 TEXT,
+        claimed_at   REAL,
+        created_at   REAL NOT NULL
+    );
+    CREATE TABLE dc_shares (
+        device_id  TEXT NOT NULL REFERENCES dc_devices(id),
+        user_id    TEXT NOT NULL REFERENCES dc_users(id),
+        role       TEXT NOT NULL,
+        granted_at REAL NOT NULL,
+        PRIMARY KEY (device_id, user_id)
+    );
+    CREATE INDEX dc_shares_user ON dc_shares(user_id);
+    CREATE TABLE dc_webhooks (
+        id         TEXT PRIMARY KEY,
+        user_id    TEXT NOT NULL REFERENCES dc_users(id),
+        url        TEXT NOT NULL,
+        secret     TEXT NOT NULL,
+        events     TEXT NOT NULL,
+        device_ids TEXT,
+        created_at REAL NOT NULL
+    );
+    ALTER TABLE agents ADD COLUMN node TEXT;
     """,
 ]
 
