@@ -76,6 +76,12 @@ MAX_LOCK = 100 * 365 * 86400.0
 #: can ask (with one step of drift, three codes in a million pass).
 MAX_OTP_FAILURES = 5
 OTP_WINDOW = 300.0
+#: Wrong passwords of one user (sign-in and step-up) within OTP_WINDOW after
+#: which their password is refused until the window has passed. Higher than
+#: for codes: anyone who knows a user name can spend this budget and keep
+#: the user out for the window (the log line says so); an online guesser
+#: gets 10 tries in 5 minutes.
+MAX_PASSWORD_FAILURES = 10
 
 
 class Refused(AuthError):
@@ -248,8 +254,8 @@ class Controller:
         self.view.load()
         #: Called with each new revocation entry (the gateway's sessions).
         self.listeners: list = []
-        self._otp_failures: dict[tuple, list] = {}  # (provider, username) -> monotonic times
-        self._otp_lock = threading.Lock()  # the controller runs in worker threads
+        self._failures: dict[tuple, list] = {}  # (what, provider, username) -> monotonic times
+        self._failures_lock = threading.Lock()  # the controller runs in worker threads
 
     # -- users ---------------------------------------------------------------
 
@@ -265,36 +271,52 @@ class Controller:
         return secret
 
     def _password_ok(self, user: dict | None, password) -> bool:
+        """The password is the user's (the same time when there is no such
+        user); ``too_many_attempts`` after MAX_PASSWORD_FAILURES wrong ones
+        in OTP_WINDOW, right or wrong."""
+        key = ("password", LOCAL, user["username"]) if user else None
+        if key is not None:
+            self._within_budget(key, MAX_PASSWORD_FAILURES, "passwords")
         if not isinstance(password, str) or len(password) > 1024:
-            return False
-        h = user["password_hash"] if user and user.get("password_hash") else self._dummy
-        try:
-            ok = self.hasher.verify(h, password)
-        except (VerificationError, InvalidHashError):
             ok = False
-        return ok and bool(user and user.get("password_hash"))
+        else:
+            h = user["password_hash"] if user and user.get("password_hash") else self._dummy
+            try:
+                ok = self.hasher.verify(h, password)
+            except (VerificationError, InvalidHashError):
+                ok = False
+            ok = ok and bool(user and user.get("password_hash"))
+        if not ok and key is not None:
+            self._failed(key, MAX_PASSWORD_FAILURES, "passwords")
+        return ok
 
     def _totp_ok(self, provider: str, username: str, user: dict, code) -> bool:
         """The code is right and unused (then spent); ``too_many_attempts``
         after MAX_OTP_FAILURES wrong ones in OTP_WINDOW, right or wrong."""
-        key, now = (provider, username), time.monotonic()
-        with self._otp_lock:
-            recent = [t for t in self._otp_failures.pop(key, ()) if now - t < OTP_WINDOW]
-            if recent:
-                self._otp_failures[key] = recent
-            if len(recent) >= MAX_OTP_FAILURES:
-                raise reject("too_many_attempts", "too many wrong one-time codes: try again in a few minutes", 429)
+        key = ("otp", provider, username)
+        self._within_budget(key, MAX_OTP_FAILURES, "one-time codes")
         step = totp.verify(user["totp_secret"], code, self.clock(), user["totp_step"])
         ok = step is not None and self.zs.spend_totp_step(provider, username, step)
         if not ok:
-            with self._otp_lock:
-                failures = self._otp_failures.setdefault(key, [])
-                failures.append(now)
-                if len(failures) == MAX_OTP_FAILURES:
-                    log.warning("one-time codes refused for a while: too many wrong ones", extra={
-                        "user": username, "provider": provider, "seconds": OTP_WINDOW,
-                        "reason": "too_many_attempts"})
+            self._failed(key, MAX_OTP_FAILURES, "one-time codes")
         return ok
+
+    def _within_budget(self, key: tuple, limit: int, what: str) -> None:
+        now = time.monotonic()
+        with self._failures_lock:
+            recent = [t for t in self._failures.pop(key, ()) if now - t < OTP_WINDOW]
+            if recent:
+                self._failures[key] = recent
+            if len(recent) >= limit:
+                raise reject("too_many_attempts", f"too many wrong {what}: try again in a few minutes", 429)
+
+    def _failed(self, key: tuple, limit: int, what: str) -> None:
+        with self._failures_lock:
+            failures = self._failures.setdefault(key, [])
+            failures.append(time.monotonic())
+            if len(failures) == limit:
+                log.warning(f"{what} refused for a while: too many wrong ones", extra={
+                    "user": key[2], "provider": key[1], "seconds": OTP_WINDOW, "reason": "too_many_attempts"})
 
     # -- sign-in -----------------------------------------------------------------
 

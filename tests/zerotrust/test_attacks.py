@@ -193,3 +193,27 @@ def test_device_claims_limits(ctl):
     assert not condition_passes(cond, {"device": {}})  # missing: UNKNOWN, false at the top
     assert not condition_passes({"logic": "all", "criteria": [{"not": cond["criteria"][0]}]}, {"device": {}})
     assert condition_passes(cond, {"device": {"av": True}})
+
+
+def test_password_guessing_is_refused_after_ten_wrong_ones(ctl):
+    def attempt(user, password):
+        key, csr = new_key_and_csr()
+        return ctl.login({"provider": "local", "username": user, "password": password,
+                          "device_id": secrets.token_hex(16), "csr": csr, "device_claims": {}}, "127.0.0.1")
+
+    for i in range(10):
+        with pytest.raises(Refused) as e:
+            attempt("mallory", f"guess number {i}")
+        assert e.value.reason == "bad_credentials"
+    before = value("relayd_token_rejections_total", reason="too_many_attempts")
+    with pytest.raises(Refused) as e:  # the right password too, for the rest of the window
+        attempt("mallory", PASSWORD)
+    assert e.value.reason == "too_many_attempts" and e.value.status == 429
+    assert value("relayd_token_rejections_total", reason="too_many_attempts") == before + 1
+    # Another user is not affected; an unknown user name has no budget to spend.
+    ctl.add_user("trent", PASSWORD, groups=["staff"])
+    assert attempt("trent", PASSWORD)["claims_token"]
+    for _ in range(12):
+        with pytest.raises(Refused) as e:
+            attempt("nobody", "whatever it is")
+        assert e.value.reason == "bad_credentials"
