@@ -166,6 +166,8 @@ def agent_config(args: argparse.Namespace):
         cfg.proxy = args.proxy
     if args.drain is not None:
         cfg.drain = C.parse_duration(args.drain, "--drain")
+    if args.device_api:
+        cfg.device_api = C.parse_hostport(args.device_api, "--device-api", need_host=True)
     for item in args.endpoint or []:
         name, hp = C.parse_endpoint_flag(item, "--endpoint")
         cfg.endpoints[name] = hp
@@ -459,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--proxy", help="forward proxy URL")
     a.add_argument("--drain", help="on stop, let open streams finish this long after GoAway (default 10s)")
     a.add_argument("--site", metavar="SITE=CIDR[,CIDR]", help="reach these networks for a zero-trust site's users")
+    a.add_argument("--device-api", metavar="127.0.0.1:PORT",
+                   help="serve the device API (/api/v1/device/...) here, carried through the tunnel (docs/devices.md)")
     a.set_defaults(func=cmd_agent)
 
     ad = sub.add_parser("admin", help="manage a relay's data directory")

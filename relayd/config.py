@@ -304,6 +304,9 @@ class AgentConfig:
     #: The TUN device that carries the site's share of TUN-mode packets
     #: (made on the first packet stream; needs CAP_NET_ADMIN)
     site_tun: str = "relayd-site"
+    #: Where the local forwarder of the device API listens (a loopback
+    #: address; relayd.agent.deviceapi), or None.
+    device_api: tuple[str, int] | None = None
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
@@ -332,13 +335,16 @@ class AgentConfig:
             raise ConfigError("config key 'agent.reconnect_max': must be between 1s and 1h")
         if not 0.5 <= self.connect_timeout <= 300:
             raise ConfigError("config key 'agent.connect_timeout': must be between 0.5s and 5m")
+        if self.device_api is not None and self.device_api[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise ConfigError("config key 'agent.device_api': a loopback address (127.0.0.1:PORT): "
+                              "whoever reaches it speaks as this device")
         return self
 
 
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
                "http", "gateway_timeout", "drain"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain", "site",
-               "site_networks", "site_tun"}
+               "site_networks", "site_tun", "device_api"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout", "window_idle"}
 
 
@@ -553,6 +559,8 @@ def load_agent(path: Path | None) -> AgentConfig:
         cfg.site_tun = _str(a["site_tun"], "agent.site_tun")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", cfg.site_tun):
             raise ConfigError("config key 'agent.site_tun': a network device name of 1 to 15 letters, digits, . _ -")
+    if "device_api" in a:
+        cfg.device_api = parse_hostport(a["device_api"], "agent.device_api", need_host=True)
     eps = a.get("endpoints", {})
     if not isinstance(eps, dict):
         raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")

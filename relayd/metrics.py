@@ -131,3 +131,12 @@ ZT_FLOW_OPEN_SECONDS = Histogram("relayd_zt_flow_open_seconds", "From a flow's r
 # the method and the status; never an id, a key or a body.
 API_REQUESTS = Counter("relayd_api_requests_total", "Requests to the relay's REST API, by route template, method "
                        "and status", ["route", "method", "status"])
+
+# The device gateway and notifications (relayd.control.devicegw, relayd.control.webhooks).
+DEVICE_TOKENS = Counter("relayd_device_tokens_issued_total", "Device tokens pushed to devices", ["when"])
+DEVICE_API_REFUSALS = Counter("relayd_device_api_refusals_total", "Device gateway calls refused, by reason",
+                              ["reason"])
+DEVICE_NOTIFICATIONS = Counter("relayd_device_notifications_total", "Device notifications accepted, by way in",
+                               ["via"])
+WEBHOOK_DELIVERIES = Counter("relayd_webhook_deliveries_total", "Webhook delivery attempts, by result", ["result"])
+WEBHOOK_PENDING = Gauge("relayd_webhook_pending", "Webhook deliveries waiting or in flight")

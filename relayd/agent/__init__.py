@@ -77,6 +77,12 @@ class AgentNode:
         self.site_tun = None  # relayd.agent.sitetun.SiteTun, on the first packet stream
         self.control_handlers: dict = {}  # control message type -> handler (on_control)
         self._control_out = control.ControlChannel(self._open_control)  # ours to the relay (push)
+        #: The device token the relay pushed (a device only; kept in memory,
+        #: never written), its expiry (RFC 3339), and the local forwarder.
+        self.device_token: str | None = None
+        self.device_token_expires: str | None = None
+        self.control_handlers["device_token"] = self._on_device_token
+        self.device_api = None
         # Back-end TLS contexts, built once: (context, server name).
         self._backend_tls = {
             name: (b.context(), b.server_name or cfg.endpoints[name][0])
@@ -249,8 +255,13 @@ class AgentNode:
                 log.info("already enrolled with this relay; ignoring the join token",
                          extra={"agent": ident["agent_id"]})
         self.identity = ident
-        if not self.cfg.endpoints and not self.cfg.site:
+        if not self.cfg.endpoints and not self.cfg.site and not self.cfg.device_api:
             raise ConfigError("the agent serves no endpoint: give --endpoint NAME=HOST:PORT (or --site)")
+        if self.cfg.device_api is not None:
+            from relayd.agent.deviceapi import DeviceApiForwarder
+
+            self.device_api = DeviceApiForwarder(self)
+            await self.device_api.start(*self.cfg.device_api)
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
 
@@ -272,6 +283,8 @@ class AgentNode:
             self.conn.abort()
         if self.site_tun is not None:
             self.site_tun.close()
+        if self.device_api is not None:
+            self.device_api.close()
         for t in (self._task, self._renew_task):
             if t is not None:
                 try:
@@ -460,6 +473,12 @@ class AgentNode:
         except (RelaydError, asyncio.IncompleteReadError) as exc:
             log.warning("bad control stream: %s", type(exc).__name__)
             stream.reset()
+
+    def _on_device_token(self, msg: dict) -> None:
+        token = msg.get("token")
+        if isinstance(token, str) and len(token) < 8192:
+            self.device_token, self.device_token_expires = token, str(msg.get("expires_at"))[:64]
+            log.info("device token received", extra={"expires_at": self.device_token_expires})
 
     def _dispatch_control(self, kind: str, msg: dict) -> None:
         handler = self.control_handlers.get(kind)

@@ -143,6 +143,8 @@ class Request:
     client: str
     #: The write's target for the audit line (default: the path parameters).
     target: str = ""
+    #: Who the route's own ``auth`` found the caller to be (None: the admin key).
+    principal: object = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,15 @@ class Op:
     own_check: bool = False
     responses: dict = field(default_factory=dict)
     errors: tuple = ()
-    auth: bool = True
+    #: True: the admin key; False: none; or a function ``(head, cred) ->
+    #: principal`` raising ApiError (cred: ``{"cert": DER}`` of the TLS
+    #: client, or what the way in vouches for).
+    auth: bool | Callable = True
+    #: After auth, before the body is parsed: ``(principal, raw body)``,
+    #: raising ApiError (a route's own size limit, a rate).
+    admit: Callable | None = None
+    #: The OpenAPI security scheme of a route with its own ``auth``.
+    security: str = "adminKey"
     write: bool = False
     description: str = ""
 
@@ -184,6 +194,7 @@ _ERRORS = {400: "Bad request: not JSON, not an object, or a query parameter the 
            409: "The object exists already, or something still refers to it",
            413: "The body is over the limit",
            415: "The body's media type is not one the route takes",
+           429: "Too many requests: try again after Retry-After seconds",
            422: "The body or a parameter does not validate: the message says where",
            503: "The relay's database failed; try again"}
 _COMMON_ERRORS = (400, 404, 405, 413, 503)
@@ -198,6 +209,7 @@ class Api:
         self.key_ok = key_ok
         self.version = version
         self.ops: list[Op] = []
+        self.security_schemes: dict = {}
         self.schemas: dict = {"Error": {
             "type": "object", "required": ["error", "message"], "additionalProperties": False,
             "properties": {"error": {"type": "string", "description": "a stable code"},
@@ -207,7 +219,8 @@ class Api:
                      description="Readable without the admin key: it describes the routes, and holds no "
                                  "data of the relay.")])
 
-    def add(self, ops: list[Op], schemas: dict | None = None) -> None:
+    def add(self, ops: list[Op], schemas: dict | None = None, security: dict | None = None) -> None:
+        self.security_schemes.update(security or {})
         for op in ops:
             if any(o.method == op.method and o.segments == op.segments for o in self.ops):
                 raise ValueError(f"route {op.method} {op.path} twice")
@@ -252,15 +265,18 @@ class Api:
 
     async def serve(self, head, body: bytes, ex) -> http1.Reply:
         """A relayd.net.http_ingress ``buffered`` service."""
+        sslobj = ex.conn.transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         return await asyncio.to_thread(self.handle, head.method.decode("latin-1"),
-                                       head.target.decode("latin-1"), head, body, ex.client[0])
+                                       head.target.decode("latin-1"), head, body, ex.client[0], {"cert": der})
 
     def too_large(self, head, ex) -> http1.Reply:
         path = head.path.decode("latin-1")
         return self._answer(self.route_of(path), head.method.decode("latin-1"), ex.client[0],
                             ApiError(413, "too_large", f"the body is over {MAX_BODY // 1024} KiB"))
 
-    def handle(self, method: str, target: str, head, body: bytes, client: str) -> http1.Reply:
+    def handle(self, method: str, target: str, head, body: bytes, client: str, cred: dict | None = None
+               ) -> http1.Reply:
         path, _, qs = target.partition("?")
         found, template = self.match(path)
         route = template or "-"
@@ -276,10 +292,16 @@ class Api:
                                ((b"Allow", ", ".join(allow).encode()),))
             op, params = hits[0]
             query = self._query(op, qs)
-            if op.auth:
+            principal = None
+            if callable(op.auth):
+                principal = op.auth(head, cred or {})
+            elif op.auth:
                 self._authorize(head)
+            if op.admit is not None:
+                op.admit(principal, body)
             self._check_params(op, params, query)
-            req = Request(method, params, query, None, "", (head.get(b"accept") or b"").decode("latin-1"), client)
+            req = Request(method, params, query, None, "", (head.get(b"accept") or b"").decode("latin-1"), client,
+                          principal=principal)
             req.body, req.media_type = self._body(op, head, body)
             reply = op.handler(req)
         except ApiError as exc:
@@ -475,7 +497,7 @@ class Api:
                 responses[str(status)] = {"description": _ERRORS[status], "content": {
                     JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
             doc["responses"] = responses
-            doc["security"] = [{"adminKey": []}] if op.auth else []
+            doc["security"] = [{op.security if callable(op.auth) else "adminKey": []}] if op.auth else []
             item[op.method.lower()] = doc
         return {
             "openapi": "3.1.0",
@@ -488,7 +510,8 @@ class Api:
             "components": {"schemas": self.schemas, "securitySchemes": {"adminKey": {
                 "type": "http", "scheme": "bearer",
                 "description": "The relay's admin key: `admin-api.key` in its data directory after the first "
-                               "start, or the output of `relayd admin api-key rotate --data DIR`."}}},
+                               "start, or the output of `relayd admin api-key rotate --data DIR`."},
+                **self.security_schemes}},
         }
 
     def _openapi(self, req: Request) -> http1.Reply:

@@ -63,6 +63,9 @@ class AgentPort:
         #: (another process changed the data directory: `relayd admin ...`).
         self.on_revision: list = []
         self._status_writes: set[asyncio.Task] = set()
+        #: Functions called ``(session, up)`` when a link is registered
+        #: (up) and when it leaves the registry (a replaced link does not).
+        self.on_link: list = []
         self._store_closed = False
 
     # -- requests ----------------------------------------------------------------
@@ -138,6 +141,8 @@ class AgentPort:
         log.info("agent connected", extra={"agent": agent_id, "peer": peer, "endpoints": ",".join(sess.endpoints),
                                            "unknown_endpoints": ",".join(unknown)})
         self._set_status(sess, connected=True)
+        for changed in self.on_link:
+            changed(sess, True)
         return wire.ok_reply(agent_id=agent_id, unknown_endpoints=unknown, wss=self._wss()), conn
 
     def _on_link_closed(self, sess: AgentSession) -> None:
@@ -151,6 +156,8 @@ class AgentPort:
             metrics.AGENT_ONLINE.labels(sess.agent_id).set(0)
         metrics.ACTIVE_LISTENERS.set(len(self.registry))
         self._set_status(sess, connected=False)
+        for changed in self.on_link:
+            changed(sess, False)
 
     # -- control streams ---------------------------------------------------------------
 

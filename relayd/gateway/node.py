@@ -32,13 +32,15 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import api
+from relayd.control import api, devicegw
+from relayd.control.events import LocalBus
 from relayd.control.ca import CertificateAuthority, write_private
 from relayd.control.enrollment import Enrollment
 from relayd.control.store import AsyncStore, Store
 from relayd.core.wire import KIND_HTTP
 from relayd.errors import ConfigError
 from relayd.gateway.agents import AgentPort
+from relayd.gateway.devicegw import DeviceLinks
 from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.gateway.streams import StreamSeam
 from relayd.gateway.tcp import TcpEndpoints
@@ -81,6 +83,8 @@ class RelayNode:
         self.hybrid: HybridGateway | None = None  # with the HTTPS port
         self.zt: ZtGateway | None = None  # the zero-trust controller API and gateway, with the HTTPS port
         self.api: api.Api | None = None  # the REST API (/api/v1 on the relay's own names), with the HTTPS port
+        self.bus = LocalBus()  # the device cloud's events (relayd.control.events)
+        self.device_links: DeviceLinks | None = None  # device tokens and forwarded calls, with the HTTPS port
         self._listeners_timer = None
         self.stopped = asyncio.Event()
 
@@ -254,6 +258,7 @@ class RelayNode:
 
         self.api = api.Api(self.store.check_admin_key, relayd.__version__)
         self.api.add(ZtResources(controller).ops(), SCHEMAS)
+        self._device_gateway()
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:
@@ -271,6 +276,19 @@ class RelayNode:
             adm, "https", socks, hctx,
             lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout, limits),
                                      ticket=ticket, limits=limits))
+
+    def _device_gateway(self) -> None:
+        """The device routes (relayd.control.devicegw) and the device
+        tokens pushed down device tunnels (relayd.gateway.devicegw)."""
+        tokens = devicegw.DeviceTokens(devicegw.load_or_create_key(self.data))
+        gw = devicegw.DeviceGateway(self.store, self.ca, tokens, self.bus)
+        self.api.add(gw.ops(), devicegw.SCHEMAS, {"deviceToken": {
+            "type": "http", "scheme": "bearer", "bearerFormat": "JWS",
+            "description": "The device token the relay pushes down a device's tunnel (or the device's client "
+                           "certificate; or no credential through the agent's local forwarder)."}})
+        self.device_links = DeviceLinks(self.push, self.db, self.api, tokens)
+        self.agent_port.on_link.append(self.device_links.link_changed)
+        self.on_control("device_api", self.device_links.on_call)
 
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
         names = self._names()
@@ -403,6 +421,8 @@ class RelayNode:
             self._write_listeners()
         if self.zt is not None:
             self.zt.stop()
+        if self.device_links is not None:
+            self.device_links.stop()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:

@@ -280,6 +280,9 @@ def test_the_document_and_the_route_table_are_one(relay, unharmed):
     documented = {(m.upper(), p) for p, item in document["paths"].items() for m in item}
     table = Api(lambda k: False, "x")
     table.add(ZtResources(SimpleNamespace(zs=None)).ops(), SCHEMAS)
+    from relayd.control.devicegw import SCHEMAS as DEVICE_SCHEMAS, DeviceGateway
+
+    table.add(DeviceGateway(None, None, None, None).ops(), DEVICE_SCHEMAS)
     assert documented == {(op.method, API + op.path) for op in table.ops}
     # Every documented route exists on the running relay: without a key it
     # answers 401 (the document's own route: 200), never 404 or 405; a
