@@ -32,7 +32,7 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import api, devicegw
+from relayd.control import api, devicegw, webhooks
 from relayd.control.events import LocalBus
 from relayd.control.ca import CertificateAuthority, write_private
 from relayd.control.enrollment import Enrollment
@@ -85,6 +85,8 @@ class RelayNode:
         self.api: api.Api | None = None  # the REST API (/api/v1 on the relay's own names), with the HTTPS port
         self.bus = LocalBus()  # the device cloud's events (relayd.control.events)
         self.device_links: DeviceLinks | None = None  # device tokens and forwarded calls, with the HTTPS port
+        self.webhooks: webhooks.WebhookResources | None = None  # /api/v1/webhooks, with the HTTPS port
+        self.notifier: webhooks.Notifier | None = None  # events to webhooks, with the HTTPS port
         self._listeners_timer = None
         self.stopped = asyncio.Event()
 
@@ -289,6 +291,12 @@ class RelayNode:
         self.device_links = DeviceLinks(self.push, self.db, self.api, tokens)
         self.agent_port.on_link.append(self.device_links.link_changed)
         self.on_control("device_api", self.device_links.on_call)
+        hooks = webhooks.WebhookStore(self.store)
+        self.webhooks = webhooks.WebhookResources(hooks)
+        self.api.add(self.webhooks.ops(), webhooks.SCHEMAS, {"userToken": {
+            "type": "http", "scheme": "bearer", "description": "A user's token (docs/devices.md)."}})
+        self.notifier = webhooks.Notifier(hooks, self.bus)
+        self.notifier.start()
 
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
         names = self._names()
@@ -423,6 +431,8 @@ class RelayNode:
             self.zt.stop()
         if self.device_links is not None:
             self.device_links.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:

@@ -283,6 +283,9 @@ def test_the_document_and_the_route_table_are_one(relay, unharmed):
     from relayd.control.devicegw import SCHEMAS as DEVICE_SCHEMAS, DeviceGateway
 
     table.add(DeviceGateway(None, None, None, None).ops(), DEVICE_SCHEMAS)
+    from relayd.control.webhooks import SCHEMAS as HOOK_SCHEMAS, WebhookResources
+
+    table.add(WebhookResources(None).ops(), HOOK_SCHEMAS)
     assert documented == {(op.method, API + op.path) for op in table.ops}
     # Every documented route exists on the running relay: without a key it
     # answers 401 (the document's own route: 200), never 404 or 405; a
