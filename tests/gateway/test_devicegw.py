@@ -202,3 +202,18 @@ def test_device_token_checks_offline():
     assert lim.take("d") == 0.5 and lim.take("d") == 0
 
 
+
+
+def test_the_forwarder_listens_on_loopback_only(tmp_path):
+    from relayd.config import AgentConfig, load_agent
+    from relayd.errors import ConfigError
+
+    (tmp_path / "a.toml").write_text('[agent]\ndevice_api = "127.0.0.1:8089"\n')
+    assert load_agent(tmp_path / "a.toml").device_api == ("127.0.0.1", 8089)
+    for host in ("0.0.0.0", "192.0.2.1"):
+        try:
+            AgentConfig(device_api=(host, 8089)).validate()
+        except ConfigError as exc:
+            assert "loopback" in str(exc)
+        else:
+            raise AssertionError(host)
