@@ -126,9 +126,6 @@ class ZtGateway:
         four times a second, so a kill reaches live flows within a second."""
         while True:
             await asyncio.sleep(0.25)
-            for s in list(self.sessions.values()):
-                if s.tun is not None:
-                    s.tun.flush()
             try:
                 await asyncio.to_thread(self.ctl.poll)
             except RelaydError as exc:

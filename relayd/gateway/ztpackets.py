@@ -21,8 +21,8 @@ admitted flow (``ConnTrack.answers``). A recompile matches the tracked flows
 again; those no longer allowed are forgotten, audited as cut, and their
 packets dropped from then on.
 
-Counters are kept per session and added to ``relayd_zt_packets_total`` a
-few times a second (not one metric call per packet).
+Counters are kept per session and added to ``relayd_zt_packets_total``
+once per read of a stream (not one metric call per packet).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ class TunPath:
             client_st.write_eof()
             return
         client_st.send_nowait(_reply({"r": "ok", "address": addr, "mtu": mtu}))
-        self.client = PacketLink(client_st, self.from_client, "zt-client")
-        self.site = PacketLink(site_st, self.from_site, "zt-site")
+        self.client = PacketLink(client_st, self.from_client, "zt-client", self.flush)
+        self.site = PacketLink(site_st, self.from_site, "zt-site", self.flush)
         tasks = [asyncio.ensure_future(self.client.run()), asyncio.ensure_future(self.site.run())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -138,10 +138,11 @@ class TunPath:
         self.counts[k] = self.counts.get(k, 0) + 1
 
     def flush(self) -> None:
-        site = self.sess.gw.site or "-"
-        for (direction, result), n in self.counts.items():
-            metrics.ZT_PACKETS.labels(site, direction, result).inc(n)
-        self.counts.clear()
+        if self.counts:
+            site = self.sess.gw.site or "-"
+            for (direction, result), n in self.counts.items():
+                metrics.ZT_PACKETS.labels(site, direction, result).inc(n)
+            self.counts.clear()
 
     # -- packets --------------------------------------------------------------------
 

@@ -114,12 +114,14 @@ def _ip(*args: str) -> None:
 
 class PacketLink:
     """The packets of one stream: ``on_packet(bytes)`` for each arriving
-    packet; ``send(bytes)`` queues one (False when dropped: queue full or
-    link closed). ``run()`` pumps until the stream ends."""
+    packet, then ``after_read()`` (if given) once per read of the stream;
+    ``send(bytes)`` queues one (False when dropped: queue full or link
+    closed). ``run()`` pumps until the stream ends."""
 
-    def __init__(self, stream, on_packet, name: str = "packets") -> None:
+    def __init__(self, stream, on_packet, name: str = "packets", after_read=None) -> None:
         self.stream = stream
         self.on_packet = on_packet
+        self.after_read = after_read
         self.name = name
         self._out: list[bytes] = []
         self._queued = 0
@@ -152,6 +154,8 @@ class PacketLink:
                         self.on_packet(pkt)
                     except Exception as exc:  # a bug: that packet is lost, the link goes on
                         caught("packet_link", exc, link=self.name)
+                if self.after_read is not None:
+                    self.after_read()
         except FramingError:
             log.info("malformed packet stream closed", extra={"link": self.name})
             self.stream.reset()
