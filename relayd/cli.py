@@ -168,6 +168,9 @@ def agent_config(args: argparse.Namespace):
         cfg.drain = C.parse_duration(args.drain, "--drain")
     if args.device_api:
         cfg.device_api = C.parse_hostport(args.device_api, "--device-api", need_host=True)
+    for k in ("otp", "est", "pin"):
+        if getattr(args, k, None):
+            setattr(cfg, k, getattr(args, k))
     for item in args.endpoint or []:
         name, hp = C.parse_endpoint_flag(item, "--endpoint")
         cfg.endpoints[name] = hp
@@ -311,6 +314,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
             print(f"revoked {args.id}: a running relay cuts its link within a second")
         elif args.admin == "hc":
             return _admin_hc(args, d, store)
+        elif args.admin == "otp":
+            return _admin_otp(args, d, ca, store)
         elif args.admin == "api-key":
             from relayd.control.api import KEY_FILE, new_admin_key
 
@@ -324,6 +329,49 @@ def cmd_admin(args: argparse.Namespace) -> int:
             return cli_zerotrust.admin(args, d, store)
     finally:
         store.close()
+    return 0
+
+
+def _admin_otp(args: argparse.Namespace, d: Path, ca, store) -> int:
+    """`relayd admin otp create|list|revoke`: the same OTPs as
+    /api/v1/admin/otps (relayd.control.provisioning)."""
+    import orjson
+
+    from relayd.control.provisioning import Otps, Provisioning
+
+    otps = Otps(store)
+    if args.otp == "create":
+        labels = {}
+        for item in args.label or []:
+            k, eq, v = item.partition("=")
+            if not eq or not k:
+                raise ConfigError(f"--label {item!r}: KEY=VALUE")
+            labels[k] = v
+        info = _relay_info(d)
+        est_url = f"https://{info['https']}/.well-known/est" if "https" in info else None
+        if est_url is None:
+            print("this relay has no --https listener: devices cannot reach EST until it has one", file=sys.stderr)
+        body = {"ttl": args.ttl, "labels": labels, **({"device_name": args.name} if args.name else {})}
+        doc = Provisioning(otps, None, lambda: est_url, ca.pin).issue(body, "cli")
+        if args.json:
+            print(orjson.dumps(doc).decode())
+        else:
+            print(doc["otp"])
+            print(f"id {doc['otp_id']}, expires {doc['expires_at']}; on the device: relayd agent --otp {doc['otp']} "
+                  f"--est {est_url or 'https://RELAY'} --pin {doc['ca_sha256']}", file=sys.stderr)
+    elif args.otp == "list":
+        print(f"{'ID':<18} {'STATE':<8} {'EXPIRES':<20} {'NAME':<20} DEVICE")
+        for r in otps.list():
+            exp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["expires_at"]))
+            print(f"{r['otp_id']:<18} {r['state']:<8} {exp:<20} {(r['device_name'] or '-')[:20]:<20} "
+                  f"{r['device_id'] or '-'}")
+    else:
+        done = otps.revoke(args.id)
+        if done is None:
+            return _fail(f"no OTP {args.id!r}", 1)
+        if done is False:
+            return _fail(f"OTP {args.id} enrolled a device already: revoke the device instead", 1)
+        print(f"revoked {args.id}")
     return 0
 
 
@@ -463,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--site", metavar="SITE=CIDR[,CIDR]", help="reach these networks for a zero-trust site's users")
     a.add_argument("--device-api", metavar="127.0.0.1:PORT",
                    help="serve the device API (/api/v1/device/...) here, carried through the tunnel (docs/devices.md)")
+    a.add_argument("--otp", help="enroll this device over EST with a provisioning OTP (first start only; with --est)")
+    a.add_argument("--est", metavar="https://HOST[:PORT]", help="the relay's EST address (with --otp)")
+    a.add_argument("--pin", metavar="SHA256", help="the relay CA's SHA-256 that came with the OTP")
     a.set_defaults(func=cmd_agent)
 
     ad = sub.add_parser("admin", help="manage a relay's data directory")
@@ -511,6 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--secondary", action="store_true", help="with the rule's secondary key")
     cs.add_argument("--host", help="HOST[:PORT] to name (default: the relay's HTTPS address)")
     for each in (c, hl, hd, cs):
+        each.add_argument("--data", required=True)
+    op = asub.add_parser("otp", help="device provisioning OTPs (docs/devices.md)")
+    osub = op.add_subparsers(dest="otp", required=True)
+    oc = osub.add_parser("create", help="print a new OTP for one device (its details on stderr)")
+    oc.add_argument("--name", help="the device's name")
+    oc.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label of the device (repeatable)")
+    oc.add_argument("--ttl", default="24h", help="lifetime, at most 7d (default 24h)")
+    oc.add_argument("--json", action="store_true", help="print the whole answer as JSON, as the API gives it")
+    ol = osub.add_parser("list", help="list OTPs and their state (never the codes)")
+    orv = osub.add_parser("revoke", help="revoke an unused OTP")
+    orv.add_argument("id")
+    for each in (oc, ol, orv):
         each.add_argument("--data", required=True)
     ak = asub.add_parser("api-key", help="the admin API key (docs/api.md)")
     aks = ak.add_subparsers(dest="api_key", required=True)

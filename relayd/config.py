@@ -195,6 +195,8 @@ class ServeConfig:
     hybrid_clock_skew: float = CLOCK_SKEW
     #: [zerotrust]: the controller and this relay's gateway (relayd.control.zerotrust.ZtConfig)
     zerotrust: object = None
+    #: The networks OTPs are issued to (relayd.control.provisioning); empty: any.
+    admin_allow: list = field(default_factory=list)
     log_level: str = "info"
 
     @property
@@ -307,6 +309,11 @@ class AgentConfig:
     #: Where the local forwarder of the device API listens (a loopback
     #: address; relayd.agent.deviceapi), or None.
     device_api: tuple[str, int] | None = None
+    #: Device enrollment over EST (relayd.agent.est): the OTP, the relay's
+    #: EST base (https://HOST[:PORT]) and the CA pin that came with the OTP.
+    otp: str | None = None
+    est: str | None = None
+    pin: str | None = None
     log_level: str = "info"
 
     def validate(self) -> "AgentConfig":
@@ -335,6 +342,10 @@ class AgentConfig:
             raise ConfigError("config key 'agent.reconnect_max': must be between 1s and 1h")
         if not 0.5 <= self.connect_timeout <= 300:
             raise ConfigError("config key 'agent.connect_timeout': must be between 0.5s and 5m")
+        if (self.otp is None) != (self.est is None):
+            raise ConfigError("config keys 'agent.otp' and 'agent.est' go together (--otp OTP --est https://HOST)")
+        if self.otp is not None and self.join is not None:
+            raise ConfigError("enroll with a join token (--join) or an OTP over EST (--otp, --est), not both")
         if self.device_api is not None and self.device_api[0] not in ("127.0.0.1", "::1", "localhost"):
             raise ConfigError("config key 'agent.device_api': a loopback address (127.0.0.1:PORT): "
                               "whoever reaches it speaks as this device")
@@ -342,9 +353,9 @@ class AgentConfig:
 
 
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
-               "http", "gateway_timeout", "drain"}
+               "http", "gateway_timeout", "drain", "admin_allow"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain", "site",
-               "site_networks", "site_tun", "device_api"}
+               "site_networks", "site_tun", "device_api", "otp", "est", "pin"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout", "window_idle"}
 
 
@@ -522,6 +533,8 @@ def load_serve(path: Path | None) -> ServeConfig:
         cfg.gateway_timeout = parse_duration(s["gateway_timeout"], "serve.gateway_timeout")
     if "drain" in s:
         cfg.drain = parse_duration(s["drain"], "serve.drain")
+    if "admin_allow" in s:
+        cfg.admin_allow = parse_networks(s["admin_allow"], "serve.admin_allow")
     tcp = s.get("tcp", {})
     if not isinstance(tcp, dict):
         raise ConfigError("config key 'serve.tcp': expected a table of NAME = \"HOST:PORT\"")
@@ -561,6 +574,9 @@ def load_agent(path: Path | None) -> AgentConfig:
             raise ConfigError("config key 'agent.site_tun': a network device name of 1 to 15 letters, digits, . _ -")
     if "device_api" in a:
         cfg.device_api = parse_hostport(a["device_api"], "agent.device_api", need_host=True)
+    for k in ("otp", "est", "pin"):
+        if k in a:
+            setattr(cfg, k, _str(a[k], f"agent.{k}"))
     eps = a.get("endpoints", {})
     if not isinstance(eps, dict):
         raise ConfigError("config key 'agent.endpoints': expected a table of NAME = \"HOST:PORT\"")

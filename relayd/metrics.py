@@ -136,6 +136,10 @@ API_REQUESTS = Counter("relayd_api_requests_total", "Requests to the relay's RES
 DEVICE_TOKENS = Counter("relayd_device_tokens_issued_total", "Device tokens pushed to devices", ["when"])
 DEVICE_API_REFUSALS = Counter("relayd_device_api_refusals_total", "Device gateway calls refused, by reason",
                               ["reason"])
+OTPS_ISSUED = Counter("relayd_otps_issued_total", "Provisioning OTPs issued, by way in (api, prov-admin, cli)",
+                      ["via"])
+EST_REQUESTS = Counter("relayd_est_requests_total", "EST requests answered, by operation and status",
+                       ["op", "status"])
 DEVICE_NOTIFICATIONS = Counter("relayd_device_notifications_total", "Device notifications accepted, by way in",
                                ["via"])
 WEBHOOK_DELIVERIES = Counter("relayd_webhook_deliveries_total", "Webhook delivery attempts, by result", ["result"])

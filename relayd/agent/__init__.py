@@ -20,10 +20,12 @@ connection, so traffic never stops for it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import hmac
 import logging
 import random
+import ssl
 import time
 from pathlib import Path
 
@@ -142,13 +144,12 @@ class AgentNode:
         """Dial the relay as --transport says: tls, wss, or auto (TLS first,
         then the WebSocket link when TLS to the agents port fails)."""
         mode = self.cfg.transport
-        if mode == "wss" or (mode == "auto" and tls_addr is None):
+        # A device enrolled over EST knows only the HTTPS port: the WebSocket link.
+        if mode == "wss" or tls_addr is None:
             if wss_addr is None:
                 raise ConfigError("--transport wss: this agent knows no WebSocket address of the relay "
                                   "(enroll with a token from `relayd admin join-token --transport wss`)")
             return await self._dial(factory, wss_addr, ctx, server_hostname, True)
-        if tls_addr is None:
-            raise ConfigError("--transport tls: this agent knows only the relay's WebSocket address")
         try:
             return await self._dial(factory, tls_addr, ctx, server_hostname, False)
         except (OSError, asyncio.TimeoutError) as exc:
@@ -206,10 +207,70 @@ class AgentNode:
             ca_der = x509.load_pem_x509_certificate(ca_pem.encode()).public_bytes(Encoding.DER)
         except ValueError:
             raise EnrollmentError("the relay sent an unreadable CA certificate") from None
-        if not hmac.compare_digest(pin_of(ca_der), token.pin):
+        self._check_pin(ca_der, token.pin, token.address, "token")
+        ca_file = self._save_ca(ca_pem)
+        # 2. Key pair here, secret + CSR over TLS verified against that CA.
+        key_pem, csr_pem = generate_key_and_csr("relayd-agent")
+        ctx = tls.client_context(str(ca_file))
+        reply = await ask(ctx, wire.EnrollRequest(token.token_id, token.secret, csr_pem.decode()))
+        ident = {"agent_id": reply["agent_id"], "relay": tls_addr, "wss": wss_addr or reply.get("wss"),
+                 "server_hostname": host}
+        return self._save_identity(ident, key_pem, reply["cert"].encode(), token.address, "join token")
+
+    async def enroll_est(self, otp: str, url: str, pin: str | None) -> dict:
+        """Enroll as a device over EST (relayd.agent.est): the relay's CA
+        from ``cacerts`` (checked against ``pin`` when given; else the TLS
+        connection must verify by the system's trust store), a key pair
+        made here, the OTP and a CSR to ``simpleenroll``. The agent link
+        then runs over the same HTTPS port (a WebSocket), the one address a
+        device was given."""
+        from relayd.agent import est
+
+        host, _, _ = est.parse_base(url)
+        relay = est.address(url)
+        try:
+            if pin:
+                want = pin.strip().lower()
+                want = want if want.startswith("sha256:") else "sha256:" + want
+                body = await est.call(url, "cacerts", tls.unverified_client_context(),
+                                      timeout=self.cfg.connect_timeout)
+            else:
+                want = None
+                body = await est.call(url, "cacerts", ssl.create_default_context(), timeout=self.cfg.connect_timeout)
+            cas = [c for c in est.read_certs(body) if _is_ca(c)]
+            if not cas:
+                raise EnrollmentError("the relay's cacerts holds no CA certificate")
+            ca = cas[0]
+            if want is not None:
+                match = [c for c in cas if hmac.compare_digest(pin_of(c.public_bytes(Encoding.DER)), want)]
+                if not match:
+                    self._check_pin(ca.public_bytes(Encoding.DER), want, relay, "OTP")
+                ca = match[0]
+            ca_file = self._save_ca(ca.public_bytes(Encoding.PEM).decode())
+            key_pem, csr_pem = generate_key_and_csr("relayd-agent")
+            csr_b64 = base64.b64encode(x509.load_pem_x509_csr(csr_pem).public_bytes(Encoding.DER))
+            body = await est.call(url, "simpleenroll", tls.client_context(str(ca_file)), body=csr_b64,
+                                  authorization=est.basic(otp), timeout=self.cfg.connect_timeout)
+            cert = next((c for c in est.read_certs(body) if not _is_ca(c)), None)
+        except est.EstUnavailable as exc:
+            raise EnrollmentUnavailable(f"{exc}; the OTP was not used: try again later") from None
+        except est.EstRefused as exc:
+            raise EnrollmentError(f"enrollment refused: {exc}") from None
+        if cert is None:
+            raise EnrollmentError("the relay's simpleenroll answer holds no certificate")
+        cert_pem = cert.public_bytes(Encoding.PEM)
+        info = cert_info(cert_pem)
+        ident = {"agent_id": info["agent_id"] or info["common_name"], "relay": None, "wss": relay,
+                 "server_hostname": host, "est": url}
+        return self._save_identity(ident, key_pem, cert_pem, relay, "OTP")
+
+    def _check_pin(self, ca_der: bytes, pin: str, relay: str, what: str) -> None:
+        if not hmac.compare_digest(pin_of(ca_der), pin):
             raise EnrollmentError(
-                f"CA pin mismatch: the relay at {token.address} is not the one that issued this token "
+                f"CA pin mismatch: the relay at {relay} is not the one that issued this {what} "
                 "(or something is intercepting the connection); refusing to enroll")
+
+    def _save_ca(self, ca_pem: str) -> Path:
         ca_file = self.data / "ca.crt"
         try:
             # Before the secret is sent: a directory we cannot write must not
@@ -219,21 +280,18 @@ class AgentNode:
             ca_file.write_text(ca_pem)
         except OSError as exc:
             raise ConfigError(f"cannot write the agent data directory {self.data}: {exc.strerror}") from None
-        # 2. Key pair here, secret + CSR over TLS verified against that CA.
-        key_pem, csr_pem = generate_key_and_csr("relayd-agent")
-        ctx = tls.client_context(str(ca_file))
-        reply = await ask(ctx, wire.EnrollRequest(token.token_id, token.secret, csr_pem.decode()))
-        ident = {"agent_id": reply["agent_id"], "relay": tls_addr, "wss": wss_addr or reply.get("wss"),
-                 "server_hostname": host}
+        return ca_file
+
+    def _save_identity(self, ident: dict, key_pem: bytes, cert_pem: bytes, relay: str, secret: str) -> dict:
         try:
             write_private(self.data / "agent.key", key_pem)
-            (self.data / "agent.crt").write_text(reply["cert"])
+            (self.data / "agent.crt").write_bytes(cert_pem)
             self._id_file.write_bytes(orjson.dumps(ident))
         except OSError as exc:
             raise ConfigError(f"enrolled as {ident['agent_id']} but cannot store the identity in {self.data}: "
-                              f"{exc.strerror}; the join token is spent: revoke {ident['agent_id']} and "
-                              "enroll with a new token") from None
-        log.info("enrolled", extra={"agent": ident["agent_id"], "relay": token.address})
+                              f"{exc.strerror}; the {secret} is spent: revoke {ident['agent_id']} and "
+                              f"enroll with a new {secret}") from None
+        log.info("enrolled", extra={"agent": ident["agent_id"], "relay": relay})
         return ident
 
     # -- running ------------------------------------------------------------------
@@ -241,9 +299,15 @@ class AgentNode:
     async def start(self) -> None:
         ident = self.load_identity()
         if ident is None:
-            if not self.cfg.join:
-                raise ConfigError(f"{self.data} holds no agent identity: enroll once with --join TOKEN")
-            ident = await self.enroll(self.cfg.join)
+            if self.cfg.otp:
+                ident = await self.enroll_est(self.cfg.otp, self.cfg.est, self.cfg.pin)
+            elif not self.cfg.join:
+                raise ConfigError(f"{self.data} holds no agent identity: enroll once with --join TOKEN "
+                                  "(or --otp OTP --est https://HOST)")
+            else:
+                ident = await self.enroll(self.cfg.join)
+        elif self.cfg.otp:
+            log.info("already enrolled; ignoring the OTP", extra={"agent": ident["agent_id"]})
         elif self.cfg.join:
             token = JoinToken.decode(self.cfg.join)
             if token.address not in (ident.get("relay"), ident.get("wss")) or token.pin != self._stored_pin():
@@ -506,14 +570,38 @@ class AgentNode:
                 await asyncio.sleep(min(30.0, max(1.0, (na - time.time()) / 10)))
 
     async def renew(self) -> None:
+        """A new key and certificate: over the agent link's preamble, or by
+        EST simplereenroll for a device enrolled over EST."""
         key_pem, csr_pem = generate_key_and_csr("relayd-agent")
-        transport, reply = await self._ask_relay(ClientPreamble(wire.RenewRequest(csr_pem.decode())))
-        transport.close()
-        wire.check_reply(reply)
+        if self.identity.get("est"):
+            cert_pem = await self._renew_est(csr_pem)
+        else:
+            transport, reply = await self._ask_relay(ClientPreamble(wire.RenewRequest(csr_pem.decode())))
+            transport.close()
+            wire.check_reply(reply)
+            cert_pem = reply["cert"].encode()
         # Key first, then certificate: a crash in between leaves a pair that
         # fails loudly at the next TLS setup rather than a silent mismatch.
         write_private(self.data / "agent.key.new", key_pem)
-        (self.data / "agent.crt.new").write_text(reply["cert"])
+        (self.data / "agent.crt.new").write_bytes(cert_pem)
         (self.data / "agent.key.new").replace(self.data / "agent.key")
         (self.data / "agent.crt.new").replace(self.data / "agent.crt")
         log.info("certificate renewed", extra={"agent": self.identity["agent_id"]})
+
+    async def _renew_est(self, csr_pem: bytes) -> bytes:
+        from relayd.agent import est
+
+        csr_b64 = base64.b64encode(x509.load_pem_x509_csr(csr_pem).public_bytes(Encoding.DER))
+        body = await est.call(self.identity["est"], "simplereenroll", self._tls(), body=csr_b64,
+                              timeout=self.cfg.connect_timeout)
+        cert = next((c for c in est.read_certs(body) if not _is_ca(c)), None)
+        if cert is None:
+            raise est.EstRefused("the relay's simplereenroll answer holds no certificate")
+        return cert.public_bytes(Encoding.PEM)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False

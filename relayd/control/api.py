@@ -171,7 +171,7 @@ class Op:
     errors: tuple = ()
     #: True: the admin key; False: none; or a function ``(head, cred) ->
     #: principal`` raising ApiError (cred: ``{"cert": DER}`` of the TLS
-    #: client, or what the way in vouches for).
+    #: client, or what the way in vouches for; ``"client"``: its address).
     auth: bool | Callable = True
     #: After auth, before the body is parsed: ``(principal, raw body)``,
     #: raising ApiError (a route's own size limit, a rate).
@@ -189,6 +189,7 @@ class Op:
 #: The error answers every route may give, and those a route adds.
 _ERRORS = {400: "Bad request: not JSON, not an object, or a query parameter the route does not take",
            401: "No admin key, or the wrong one",
+           403: "Not from here: the caller's network (or role) may not use this route",
            404: "No such route or object",
            405: "The route does not take this method",
            409: "The object exists already, or something still refers to it",
@@ -294,7 +295,7 @@ class Api:
             query = self._query(op, qs)
             principal = None
             if callable(op.auth):
-                principal = op.auth(head, cred or {})
+                principal = op.auth(head, {"client": client, **(cred or {})})
             elif op.auth:
                 self._authorize(head)
             if op.admit is not None:

@@ -38,7 +38,7 @@ import secrets
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relayd.errors import AuthError, ConfigError
@@ -54,6 +54,9 @@ __all__ = [
 
 #: SAN URI prefix that names an agent in its client certificate.
 AGENT_URI_PREFIX = "relayd:agent:"
+#: SAN URI prefix that names a device (an agent enrolled over EST).
+DEVICE_URI_PREFIX = "urn:relayd:device:"
+DEVICE_KEYS = "ECDSA P-256 or P-384, Ed25519, or RSA 2048-4096"
 
 KEY_FILE = "ca.key"
 CERT_FILE = "ca.crt"
@@ -424,29 +427,27 @@ class CertificateAuthority:
         )
         return cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem, _key_pem(key)
 
-    def sign_agent_csr(self, csr_pem: bytes, agent_id: str, *, days: int) -> bytes:
+    def sign_agent_csr(self, csr_pem: bytes, agent_id: str, *, days: float, device: bool = False) -> bytes:
         """Sign an agent's CSR as a client certificate for ``agent_id`` (PEM).
 
         Only the CSR's public key is used, after checking the CSR's signature
-        (proof of possession); its subject and extensions are ignored.
+        (proof of possession); its subject and extensions are ignored. A
+        ``device`` (enrolled over EST, relayd.control.est) also gets the SAN
+        URI ``urn:relayd:device:<id>`` and may bring the keys devices' own
+        tools make: ECDSA P-256 or P-384, Ed25519, RSA 2048-4096.
         """
         if not isinstance(agent_id, str) or not _AGENT_ID_RE.match(agent_id):
             raise ConfigError("invalid agent id")
         public_key = _csr_key(csr_pem)
-        p256 = isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(
-            public_key.curve, ec.SECP256R1
-        )
-        if not (p256 or isinstance(public_key, ed25519.Ed25519PublicKey)):
-            raise AuthError("certificate request key must be ECDSA P-256 or Ed25519")
+        if not key_allowed(public_key, device):
+            raise AuthError("certificate request key must be " + (DEVICE_KEYS if device else "ECDSA P-256 or Ed25519"))
+        uris = [x509.UniformResourceIdentifier(AGENT_URI_PREFIX + agent_id)]
+        if device:
+            uris.append(x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + agent_id))
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, agent_id)])
         cert = (
             self._leaf(subject, public_key, days)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(AGENT_URI_PREFIX + agent_id)]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName(uris), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(self._key, hashes.SHA256())
         )
@@ -491,6 +492,16 @@ class CertificateAuthority:
             return True
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return False
+
+
+def key_allowed(public_key, device: bool = False) -> bool:
+    """Whether a CSR's key may get a client certificate: P-256 or Ed25519;
+    for a device also P-384 and RSA of 2048 to 4096 bits."""
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return True
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return isinstance(public_key.curve, ec.SECP256R1) or (device and isinstance(public_key.curve, ec.SECP384R1))
+    return device and isinstance(public_key, rsa.RSAPublicKey) and 2048 <= public_key.key_size <= 4096
 
 
 def _csr_key(csr_pem: bytes):

@@ -32,11 +32,12 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import api, devicegw, webhooks
+from relayd.control import api, devicegw, est, provisioning, webhooks
 from relayd.control.events import LocalBus
 from relayd.control.ca import CertificateAuthority, write_private
 from relayd.control.enrollment import Enrollment
 from relayd.control.store import AsyncStore, Store
+from relayd.core import http1
 from relayd.core.wire import KIND_HTTP
 from relayd.errors import ConfigError
 from relayd.gateway.agents import AgentPort
@@ -85,6 +86,8 @@ class RelayNode:
         self.api: api.Api | None = None  # the REST API (/api/v1 on the relay's own names), with the HTTPS port
         self.bus = LocalBus()  # the device cloud's events (relayd.control.events)
         self.device_links: DeviceLinks | None = None  # device tokens and forwarded calls, with the HTTPS port
+        self.provisioning: provisioning.Provisioning | None = None  # OTPs, with the HTTPS port
+        self.est: est.EstServer | None = None  # /.well-known/est, with the HTTPS port
         self.webhooks: webhooks.WebhookResources | None = None  # /api/v1/webhooks, with the HTTPS port
         self.notifier: webhooks.Notifier | None = None  # events to webhooks, with the HTTPS port
         self._listeners_timer = None
@@ -261,6 +264,7 @@ class RelayNode:
         self.api = api.Api(self.store.check_admin_key, relayd.__version__)
         self.api.add(ZtResources(controller).ops(), SCHEMAS)
         self._device_gateway()
+        self._provisioning()
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
         except (OSError, ValueError) as exc:
@@ -298,6 +302,29 @@ class RelayNode:
         self.notifier = webhooks.Notifier(hooks, self.bus)
         self.notifier.start()
 
+    def _provisioning(self) -> None:
+        """OTPs (relayd.control.provisioning: the /api/v1/admin/otps routes
+        and NVIDIA's GET /admin/api/otp, /api/otp) and EST
+        (relayd.control.est), both on the relay's own names only."""
+        otps = provisioning.Otps(self.store)
+        self.provisioning = provisioning.Provisioning(
+            otps, self.store.check_admin_key, lambda: f"https://{self.wss_address}{est.PREFIX}", self.ca.pin,
+            tuple(self.cfg.admin_allow))
+        self.api.add(self.provisioning.ops(), provisioning.SCHEMAS)
+        self.est = est.EstServer(self.store, self.ca, otps, self.cfg.agent_cert_ttl)
+
+    async def _est_serve(self, head, body: bytes, ex):
+        sslobj = ex.conn.transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        return await asyncio.to_thread(self.est.handle, head.method.decode("latin-1"), head.target.decode("latin-1"),
+                                       head, body, ex.client[0], der)
+
+    async def _nvidia_otp(self, head, body: bytes, ex):
+        path = head.path.decode("latin-1").partition("?")[0]
+        if path not in provisioning.NVIDIA_PATHS:
+            return http1.error_reply(404, "not_found", "no such route")
+        return await asyncio.to_thread(self.provisioning.nvidia, head.method.decode("latin-1"), head, ex.client[0])
+
     def _http_routes(self, cfg: ServeConfig) -> list[Route]:
         names = self._names()
         endpoints = [parse_route(name, r) for name, r in cfg.http.items()]
@@ -311,8 +338,13 @@ class RelayNode:
         # The REST API on the relay's own names only: an HTTP endpoint on
         # another name keeps its /api/v1.
         serve = buffered(self.api.serve, api.MAX_BODY, too_large=self.api.too_large)
-        return ([self._agent_route] + self.hybrid.routes() + self.zt.routes()
-                + [Route("api", host, api.PREFIX, serve=serve) for host in names] + endpoints)
+        # EST and NVIDIA's OTP paths on the relay's own names too: never an agent's.
+        est_serve = buffered(self._est_serve, est.MAX_BODY, too_large=self.est.too_large)
+        otp_serve = buffered(self._nvidia_otp, 4096)
+        own = [Route("api", host, api.PREFIX, serve=serve) for host in names]
+        own += [Route("est", host, est.PREFIX, serve=est_serve) for host in names]
+        own += [Route("otp", host, p, serve=otp_serve) for host in names for p in provisioning.NVIDIA_PATHS]
+        return [self._agent_route] + self.hybrid.routes() + self.zt.routes() + own + endpoints
 
     def _names(self) -> list[str]:
         """The relay's own host names: its certificate's, where its hybrid
