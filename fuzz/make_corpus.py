@@ -495,6 +495,62 @@ def jws_seeds() -> dict:
     }
 
 
+def est_seeds() -> dict:
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.x509.oid import NameOID
+
+    from fuzz.fuzz_est import GOOD, KEY, good_csr
+
+    AUTH, CTYPE = 1, 2
+    PLAIN, NO_TYPE, AFTER_GOOD = 0, 1, 4
+    der = base64.b64decode(GOOD)
+
+    def csr_with(key, algorithm=None) -> bytes:
+        ec_key = isinstance(key, ec.EllipticCurvePrivateKey)
+        csr = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz")])).sign(
+            key, algorithm, **({"ecdsa_deterministic": True} if ec_key else {}))
+        return base64.b64encode(csr.public_bytes(serialization.Encoding.DER))
+
+    bad_sig = bytearray(der)
+    bad_sig[-3] ^= 0x55
+    wrapped = b"\n".join(GOOD[i:i + 64] for i in range(0, len(GOOD), 64)) + b"\n"
+    pem = (b"-----BEGIN CERTIFICATE REQUEST-----\n" + wrapped + b"-----END CERTIFICATE REQUEST-----\n")
+    basic = b"Basic " + base64.b64encode(b"cam:0123456789ABCDEFGHJKMNPQRS")
+    return {
+        "good": (PLAIN, [(GOOD, 0)]),
+        "good-wrapped-64": (PLAIN, [(wrapped, 0)]),
+        "good-pem": (PLAIN, [(pem, 0)]),
+        "good-basic": (PLAIN, [(basic, AUTH), (GOOD, 0)]),
+        "good-bearer": (PLAIN, [(b"Bearer 0123456789ABCDEFGHJKMNPQRS", AUTH), (GOOD, 0)]),
+        "basic-no-colon": (PLAIN, [(b"Basic " + base64.b64encode(b"justuser"), AUTH), (GOOD, 0)]),
+        "basic-not-base64": (PLAIN, [(b"Basic %%%", AUTH), (GOOD, 0)]),
+        "basic-not-utf8": (PLAIN, [(b"Basic " + base64.b64encode(b"a:\xff\xfe"), AUTH), (GOOD, 0)]),
+        "bearer-not-ascii": (PLAIN, [(b"Bearer \xc3\xa9t\xc3\xa9", AUTH), (GOOD, 0)]),
+        "digest": (PLAIN, [(b'Digest username="a"', AUTH), (GOOD, 0)]),
+        "type-with-params": (PLAIN, [(b"Application/PKCS10; charset=x", CTYPE), (GOOD, 0)]),
+        "type-json": (PLAIN, [(b"application/json", CTYPE), (GOOD, 0)]),
+        "no-type": (NO_TYPE, [(GOOD, 0)]),
+        "bad-signature": (PLAIN, [(base64.b64encode(bytes(bad_sig)), 0)]),
+        "truncated": (PLAIN, [(base64.b64encode(der[:len(der) // 2]), 0)]),
+        "garbage": (PLAIN, [(b"\x00\xff garbage \x01", 0)]),
+        "not-a-csr": (PLAIN, [(base64.b64encode(b"\x30\x03\x02\x01\x00"), 0)]),
+        "empty": (PLAIN, [(b"", 0)]),
+        "whitespace": (PLAIN, [(b" \r\n\t ", 0)]),
+        "ed25519": (PLAIN, [(csr_with(ed25519.Ed25519PrivateKey.from_private_bytes(bytes(32))), 0)]),
+        "p521-refused": (PLAIN, [(csr_with(ec.derive_private_key(7, ec.SECP521R1()), hashes.SHA256()), 0)]),
+        "p384": (PLAIN, [(csr_with(ec.derive_private_key(7, ec.SECP384R1()), hashes.SHA384()), 0)]),
+        "no-password": (PLAIN, [(csr_with(KEY, hashes.SHA256()), 0)]),
+        "empty-password": (PLAIN, [(good_csr(""), 0)]),
+        "after-good-junk": (AFTER_GOOD, [(b"====", 0)]),
+        "pem-broken": (PLAIN, [(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n", 0)]),
+    }
+
+
 # --- zero-trust ---------------------------------------------------------------------------
 
 
@@ -719,6 +775,7 @@ HARNESSES = {
     "http1": http1_seeds,
     "hcwire": hcwire_seeds,
     "jws": jws_seeds,
+    "est": est_seeds,
     "ztsession": ztsession_seeds,
     "policy": policy_seeds,
     "ippacket": ippacket_seeds,

@@ -127,21 +127,20 @@ def credential(authorization: bytes | None, csr: x509.CertificateSigningRequest 
     request; (None, "missing") without one. Never raises for hostile
     input: whatever does not decode is no credential."""
     if authorization:
+        # A header that carries no usable OTP is passed over, as a missing
+        # one is: the CSR's challengePassword may still hold it.
         scheme, _, rest = authorization.strip().partition(b" ")
         scheme = scheme.lower()
         rest = rest.strip()
         if scheme == b"basic":
             try:
-                user_pass = base64.b64decode(rest, validate=True).decode("utf-8")
+                _, colon, password = base64.b64decode(rest, validate=True).decode("utf-8").partition(":")
             except (binascii.Error, ValueError):
-                return None, "missing"
-            _, colon, password = user_pass.partition(":")
-            return (password, "basic") if colon and password else (None, "missing")
-        if scheme == b"bearer" and rest:
-            try:
-                return rest.decode("ascii"), "bearer"
-            except UnicodeDecodeError:
-                return None, "missing"
+                colon = password = ""
+            if colon and password:
+                return password, "basic"
+        elif scheme == b"bearer" and rest and rest.isascii():
+            return rest.decode("ascii"), "bearer"
     if csr is not None:
         try:
             value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value

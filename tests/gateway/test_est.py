@@ -199,6 +199,17 @@ def test_otps_and_enrollment_with_curl(tmp_path, caplog):
             status, _, body = await curl(relay, EST + "/simpleenroll", "-H", f"Authorization: Bearer {otp_bearer}",
                                          *ct, "--data-binary", f"@{b64}")
             assert status == 200, body
+            # the OTP in the CSR's challengePassword (openssl req), no Authorization header
+            otp_challenge = (await new_otp(relay, key))["otp"]
+            (tmp_path / "req.cnf").write_text("[req]\nprompt = no\ndistinguished_name = dn\nattributes = attrs\n"
+                                              f"[dn]\nCN = chal\n[attrs]\nchallengePassword = {otp_challenge}\n")
+            chal = str(tmp_path / "chal.der")
+            assert (await sh("openssl", "req", "-new", "-key", str(tmp_path / "one.key"), "-config",
+                             str(tmp_path / "req.cnf"), "-outform", "DER", "-out", chal))[0] == 0
+            assert (await sh("openssl", "base64", "-in", chal, "-out", chal + ".b64"))[0] == 0
+            status, _, body = await curl(relay, EST + "/simpleenroll", *ct, "--data-binary", f"@{chal}.b64")
+            assert status == 200, body
+            device_of(issued(body))
             spaced = "-".join(otp_lower[i:i + 4] for i in range(0, 26, 4)).lower()
             status, _, body = await curl(relay, EST + "/simpleenroll", "-u", f"x:{spaced}", *ct,
                                          "--data-binary", f"@{b64}")
@@ -248,7 +259,7 @@ def test_otps_and_enrollment_with_curl(tmp_path, caplog):
             assert await keep, "the bystander stream was disturbed"
             assert await echo_ok(relay.tcp_ports["echo"])
             await by.stop()
-        for otp in (otp_basic, otp_bearer, expired, revoked, good["otp"], key):
+        for otp in (otp_basic, otp_bearer, otp_challenge, expired, revoked, good["otp"], key):
             assert otp not in caplog.text
         assert "garbage" not in caplog.text
         assert value("relayd_est_requests_total", op="simpleenroll", status="200") >= 4
