@@ -32,8 +32,8 @@ Answers are one unbroken line of base64 (strongSwan 5.9's client cannot
 read wrapped lines) with ``Content-Transfer-Encoding: base64``. Every answer
 is counted in ``relayd_est_requests_total{op, status}``, every refusal also
 in ``relayd_bad_input_total{where="est", kind}``, and logged (rate limited)
-with its operation, status, reason and client: never an OTP, a header or a
-body.
+with its operation, status, reason and client (rate limited per reason):
+never an OTP, a header or a body.
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ class EstServer:
     def refuse(self, op: str, method: str, client: str, exc: EstError) -> http1.Reply:
         metrics.EST_REQUESTS.labels(op, str(exc.status)).inc()
         metrics.BAD_INPUT.labels("est", exc.reason).inc()
-        _LOG.log(logging.WARNING if exc.status >= 500 else logging.INFO, "est request refused",
+        # One budget per reason (a bounded set): a flood of one kind cannot hide another.
+        _LOG.log(logging.WARNING if exc.status >= 500 else logging.INFO, "est request refused: " + exc.reason,
                  extra={"op": op, "status": exc.status, "reason": exc.reason, "client": client})
         headers = [(b"Allow", b"POST" if op.endswith("enroll") else b"GET, HEAD")] if exc.status == 405 else []
         if exc.status == 401:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import math
 import secrets
 import time
@@ -40,9 +41,12 @@ import time
 import orjson
 
 from relayd import metrics
-from relayd.control.api import JSON, ApiError, Op, Request, no_content, not_found, ok, rfc3339
+from relayd.control.api import JSON, ApiError, Op, Request, audit_log, no_content, not_found, ok, rfc3339
 from relayd.core import http1
 from relayd.errors import ConfigError
+from relayd.log import RateLimitedLog
+
+_LOG = RateLimitedLog(logging.getLogger("relayd.provisioning"))
 
 DEFAULT_TTL = 24 * 3600
 MAX_TTL = 7 * 24 * 3600
@@ -302,13 +306,20 @@ class Provisioning:
         """``GET /admin/api/otp`` and ``GET /api/otp``: the bare code, or
         JSON to ``Accept: application/json``."""
         try:
-            if method not in ("GET", "HEAD"):
-                raise ApiError(405, "method_not_allowed", "this route takes GET", ((b"Allow", b"GET, HEAD"),))
+            # GET only: each call makes an OTP, and a HEAD would make one nobody sees.
+            if method != "GET":
+                raise ApiError(405, "method_not_allowed", "this route takes GET", ((b"Allow", b"GET"),))
             self.admin(head, client)
             doc = self.issue({}, "prov-admin")
         except ApiError as exc:
+            _LOG.info("otp request refused", extra={"route": "/admin/api/otp", "status": exc.status,
+                                                    "error": exc.code, "client": client})
             return http1.error_reply(exc.status, exc.code, str(exc), exc.headers)
+        except ConfigError as exc:  # not expected without a body; the same answer as the API's
+            return http1.error_reply(422, "invalid", str(exc))
         metrics.OTPS_ISSUED.labels("prov-admin").inc()
+        audit_log.info("admin api write", extra={"actor": "prov-admin", "action": "createOtp", "target": doc["otp_id"],
+                                                 "client": client, "status": 200})
         if JSON in (head.get(b"accept") or b"").decode("latin-1"):
             return ok(doc, 200, ((b"Cache-Control", b"no-store"),))
         return http1.Reply(200, doc["otp"].encode(), b"text/plain; charset=utf-8", ((b"Cache-Control", b"no-store"),))

@@ -156,6 +156,7 @@ def test_otps_and_enrollment_with_curl(tmp_path, caplog):
             status, h, _ = await curl(relay, "/admin/api/otp", *(["-H", f"Authorization: {auth}"] if auth else []))
             assert status == 401 and "www-authenticate" in h
             assert bad_input("provisioning", "bad_key") + bad_input("provisioning", "no_key") == before + 1
+        assert (await curl(relay, "/admin/api/otp", "-I", "-H", f"Authorization: PROV-ADMIN {key}"))[0] == 405
         assert (await https(relay, "POST", OTPS, b'{"ttl": "8d"}', {"Content-Type": "application/json",
                                                                    "Authorization": f"Bearer {key}"}))[0] == 422
         # the admin networks: 403 from anywhere else, before the key is looked at
@@ -262,6 +263,8 @@ def test_otps_and_enrollment_with_curl(tmp_path, caplog):
         for otp in (otp_basic, otp_bearer, otp_challenge, expired, revoked, good["otp"], key):
             assert otp not in caplog.text
         assert "garbage" not in caplog.text
+        refused = [r for r in caplog.records if r.getMessage().startswith("est request refused")]
+        assert {r.reason for r in refused} >= {"bad_otp", "no_otp", "bad_signature", "media_type", "too_large"}
         assert value("relayd_est_requests_total", op="simpleenroll", status="200") >= 4
         await relay.stop()
 
