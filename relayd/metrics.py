@@ -136,6 +136,10 @@ API_REQUESTS = Counter("relayd_api_requests_total", "Requests to the relay's RES
 DEVICE_TOKENS = Counter("relayd_device_tokens_issued_total", "Device tokens pushed to devices", ["when"])
 DEVICE_API_REFUSALS = Counter("relayd_device_api_refusals_total", "Device gateway calls refused, by reason",
                               ["reason"])
+DEVICE_PROXY_TOKENS = Counter("relayd_device_proxy_tokens_issued_total",
+                              "Proxy tokens issued (POST /api/v1/token), for all of a user's devices or one", ["scope"])
+DEVICE_PROXY_REQUESTS = Counter("relayd_device_proxy_requests_total",
+                                "Device proxy requests: admitted, or refused and failed by reason", ["result"])
 OTPS_ISSUED = Counter("relayd_otps_issued_total", "Provisioning OTPs issued, by way in (api, prov-admin, cli)",
                       ["via"])
 EST_REQUESTS = Counter("relayd_est_requests_total", "EST requests answered, by operation and status",

@@ -167,6 +167,8 @@ class Op:
     body: dict | None = None
     body_types: tuple = (JSON,)
     own_check: bool = False
+    #: The body may be left out (the handler gets None).
+    body_optional: bool = False
     responses: dict = field(default_factory=dict)
     errors: tuple = ()
     #: True: the admin key; False: none; or a function ``(head, cred) ->
@@ -365,6 +367,8 @@ class Api:
             if body:
                 raise ApiError(400, "bad_request", "this route takes no body")
             return None, ""
+        if not body and op.body_optional:
+            return None, ""
         media = (head.get(b"content-type") or b"").split(b";", 1)[0].strip().lower().decode("latin-1")
         if media not in op.body_types:
             raise ApiError(415, "unsupported_media_type", f"send the body as {' or '.join(op.body_types)}")
@@ -482,7 +486,8 @@ class Api:
             if params:
                 doc["parameters"] = params
             if op.body is not None:
-                doc["requestBody"] = {"required": True, "content": {t: {"schema": op.body} for t in op.body_types}}
+                doc["requestBody"] = {"required": not op.body_optional,
+                                      "content": {t: {"schema": op.body} for t in op.body_types}}
             responses = {}
             for status, (text, schema, types) in op.responses.items():
                 r = {"description": text}

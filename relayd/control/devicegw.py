@@ -66,9 +66,10 @@ RATE, BURST = 5.0, 20.0
 SKEW = 30
 
 
-def load_or_create_key(data: Path) -> Ed25519PrivateKey:
-    """The data directory's device signing key, made at the first start."""
-    path = data / KEY_FILE
+def load_or_create_key(data: Path, name: str = KEY_FILE) -> Ed25519PrivateKey:
+    """The data directory's device signing key (or another Ed25519 key of
+    the data directory: ``name``), made at the first start."""
+    path = data / name
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), None)
     except FileNotFoundError:

@@ -32,7 +32,7 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import api, devicegw, est, provisioning, webhooks
+from relayd.control import api, devicegw, deviceproxy, est, provisioning, webhooks
 from relayd.control.events import LocalBus
 from relayd.control.ca import CertificateAuthority, write_private
 from relayd.control.enrollment import Enrollment
@@ -42,6 +42,7 @@ from relayd.core.wire import KIND_HTTP
 from relayd.errors import ConfigError
 from relayd.gateway.agents import AgentPort
 from relayd.gateway.devicegw import DeviceLinks
+from relayd.gateway.deviceproxy import DeviceProxy
 from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.gateway.streams import StreamSeam
 from relayd.gateway.tcp import TcpEndpoints
@@ -56,6 +57,8 @@ from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
 log = logging.getLogger("relayd.relay")
 #: The hybrid connections' listeners now, in the data directory (`relayd admin hc list`).
 LISTENERS_FILE = "hybrid-listeners.json"
+#: The device proxy's token keys (a JWK set), on the relay's own names.
+JWKS_PATH = "/.well-known/jwks.json"
 
 
 class RelayNode:
@@ -89,6 +92,8 @@ class RelayNode:
         self.provisioning: provisioning.Provisioning | None = None  # OTPs, with the HTTPS port
         self.est: est.EstServer | None = None  # /.well-known/est, with the HTTPS port
         self.webhooks: webhooks.WebhookResources | None = None  # /api/v1/webhooks, with the HTTPS port
+        self.device_proxy: deviceproxy.ProxyResources | None = None  # POST /api/v1/token, with the HTTPS port
+        self.proxy_gate: DeviceProxy | None = None  # /api/v1/devices/{id}/proxy/..., with the HTTPS port
         self.notifier: webhooks.Notifier | None = None  # events to webhooks, with the HTTPS port
         self._listeners_timer = None
         self.stopped = asyncio.Event()
@@ -301,6 +306,25 @@ class RelayNode:
             "type": "http", "scheme": "bearer", "description": "A user's token (docs/devices.md)."}})
         self.notifier = webhooks.Notifier(hooks, self.bus)
         self.notifier.start()
+        self._device_proxy()
+
+    def _device_proxy(self) -> None:
+        """POST /api/v1/token and the JWK set (relayd.control.deviceproxy),
+        and the proxy's gate (relayd.gateway.deviceproxy)."""
+        tokens = deviceproxy.ProxyTokens(devicegw.load_or_create_key(self.data, deviceproxy.KEY_FILE),
+                                         lambda: f"https://{self.wss_address}")
+        self.device_proxy = deviceproxy.ProxyResources(self.store, tokens)
+        self.api.add(self.device_proxy.ops(), deviceproxy.SCHEMAS, {"proxyToken": {
+            "type": "http", "scheme": "bearer", "bearerFormat": "JWS",
+            "description": "A proxy token from POST /api/v1/token (EdDSA; keys at /.well-known/jwks.json)."}})
+        self.proxy_gate = DeviceProxy(tokens, functools.partial(deviceproxy.role_now, self.store),
+                                      self.registry.get, self.seam.open)
+
+    async def _jwks(self, head, body: bytes, ex):
+        if head.method not in (b"GET", b"HEAD"):
+            return http1.error_reply(405, "method_not_allowed", "this route takes GET, HEAD",
+                                     ((b"Allow", b"GET, HEAD"),))
+        return http1.json_reply(200, self.device_proxy.tokens.jwks(), ((b"Cache-Control", b"max-age=300"),))
 
     def _provisioning(self) -> None:
         """OTPs (relayd.control.provisioning: the /api/v1/admin/otps routes
@@ -335,6 +359,11 @@ class RelayNode:
                 # /api on the relay's own name: everything under it but /api/v1 goes to the endpoint.
                 log.warning("HTTP endpoint %s: %s on %s is the relay's own API; the endpoint gets the rest of %s",
                             r.endpoint, api.PREFIX, r.host, r.prefix)
+        # The device proxy and its key set on the relay's own names (the proxy
+        # takes only /api/v1/devices/{id}/proxy/...; the API has the rest).
+        jwks = buffered(self._jwks, 0)
+        endpoints = [Route("device-proxy", host, "/api/v1/devices", gate=self.proxy_gate) for host in names] \
+            + [Route("jwks", host, JWKS_PATH, serve=jwks) for host in names] + endpoints
         # The REST API on the relay's own names only: an HTTP endpoint on
         # another name keeps its /api/v1.
         serve = buffered(self.api.serve, api.MAX_BODY, too_large=self.api.too_large)

@@ -1,6 +1,6 @@
 """The one place a stream to an agent is opened.
 
-Every way in (public TCP endpoints, HTTP endpoints; next the hybrid
+Every way in (public TCP endpoints, HTTP endpoints, the hybrid
 connections, the zero-trust gateway and the device proxy) asks here, and
 nothing else opens a stream toward an agent. The seam:
 
@@ -92,12 +92,20 @@ class StreamSeam:
         registry.on_added.append(self._agent_added)
 
     def open(self, endpoint: str, client: str, ready: Ready, kind: str = KIND_TCP,
-             identity: str = "", dest: str = "") -> Opening | None:
+             identity: str = "", dest: str = "", agent: str = "") -> Opening | None:
         """Open a stream of ``kind`` to an agent serving ``endpoint`` for
         ``client`` (who is ``identity``, if known; ``dest``: where a dial
-        stream goes)."""
+        stream goes). ``agent``: that agent's own ``endpoint`` (one it
+        offered; the device proxy), now or never: no grace period."""
         if self.allow is not None and not self.allow(endpoint, client):
             self._refuse(endpoint, client, "denied", ready)
+            return None
+        if agent:
+            sess = self.registry.get(agent)
+            if sess is None or not sess.conn.accepting_streams or endpoint not in sess.offered:
+                self._refuse(endpoint, client, "no_agent", ready)
+            else:
+                self._open_on(sess, endpoint, client, ready, kind, identity, dest)
             return None
         sess = self.registry.pick(endpoint)
         if sess is not None:

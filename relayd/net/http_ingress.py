@@ -56,6 +56,19 @@ class Route:
     * ``local``: a service that takes the connection over (an upgrade):
       ``local(head, transport, rest)`` gets the head, the transport and the
       bytes after the head.
+    * ``gate``: a way in that decides each request itself and then proxies
+      it to an agent like an endpoint (the device proxy,
+      relayd.gateway.deviceproxy). ``gate.claims(path)``: whether the route
+      takes this path at all (the others under its prefix go to the next
+      best route); ``gate.admit(req, client, answer)`` checks the request
+      (at once or later; it returns an object with ``cancel()`` while it
+      works, else None) and calls ``answer`` once with a refusal (a
+      relayd.core.http1.Reply, written with Connection: close) or with
+      ``(key, head, open)``: the stream key (a kept-alive stream is reused
+      by the next request with the same key), the head the service gets
+      instead of the framing's, and ``open(ready)``, the stream seam's open
+      for this request. ``gate.error(status, text)`` is the Reply of the
+      adapter's own errors (502, 503, 504) for its requests.
     """
 
     endpoint: str
@@ -63,6 +76,7 @@ class Route:
     prefix: str = "/"
     local: object = None
     serve: object = None
+    gate: object = None
 
 
 def parse_route(name: str, text: str) -> Route:
@@ -100,7 +114,7 @@ def pick_route(routes: list[Route], host: str, path: str) -> Route | None:
     for r in routes:
         p = r.prefix
         if (r.host == host or r.host == "*") and (p == "/" or path == p or path.startswith(p + "/")):
-            if best is None or len(p) > len(best.prefix):
+            if (best is None or len(p) > len(best.prefix)) and (r.gate is None or r.gate.claims(path)):
                 best = r
     return best
 
@@ -151,6 +165,7 @@ class HttpConnection:
         self.deferred = 0  # credit held back while the client's transport is full
         self.reading_paused = False
         self.local = None  # the LocalExchange of a streaming local service in flight
+        self.gated = None  # (request, head, open) of a gate route's admitted request in flight
         self.last_host = self.last_path = self.last_route = None  # the last routing decision
         self.last_gen = -1
         # One deadline at a time (waiting for a response, or idle between
@@ -252,6 +267,9 @@ class HttpConnection:
             if req.complete:
                 self._hand_over(req)
             return
+        if route.gate is not None:
+            self._gate(req)
+            return
         if req.expect_continue and not req.complete:
             self.transport.write(h1proxy.CONTINUE)
         if self.stream is not None and self.stream_endpoint != route.endpoint:
@@ -263,6 +281,54 @@ class HttpConnection:
             self.opening = self.open_stream(route.endpoint, self.client, self._stream_ready)
             return
         self._send(self.framing.request_bytes(False))
+
+    def _gate(self, req) -> None:
+        """A gate route's request: admitted (then sent as an endpoint's
+        would be, on a stream the gate opens) or refused."""
+        self.gated = None
+        state = [False]
+
+        def answer(verdict) -> None:
+            state[0] = True
+            self.opening = None
+            if self.closed or self.framing.active is not req:
+                return
+            if isinstance(verdict, http1.Reply):
+                self.refuse(verdict)
+                return
+            key, head, opener = verdict
+            self.gated = (req, head, opener, key)
+            if req.expect_continue and not req.complete:
+                self.transport.write(h1proxy.CONTINUE)
+            if self.stream is not None and self.stream_endpoint != key:
+                self._drop_stream()
+            if self.stream is None:
+                self.opening = opener(self._stream_ready)
+                return
+            self._send(self._request_bytes(False))
+
+        try:
+            handle = req.route.gate.admit(req, self.client, answer)
+        except Exception as exc:  # a bug: the error of this exchange only
+            caught("http_gate", exc, client=self.client)
+            self.error(500, "the relay failed")
+            return
+        if not state[0]:
+            self.opening = handle
+
+    def _request_bytes(self, fresh: bool) -> bytes:
+        """The request in flight for its stream: the framing's bytes, with
+        a gate's head in place of the framing's."""
+        data = self.framing.request_bytes(fresh)
+        g = self.gated
+        req = self.framing.active
+        if g is not None and g[0] is req and data.startswith(req.upstream_head):
+            data = g[1] + data[len(req.upstream_head):]
+        return data
+
+    def _stream_key(self, req) -> str:
+        g = self.gated
+        return g[3] if g is not None and g[0] is req else req.route.endpoint
 
     def _route(self, req):
         table = self.routes
@@ -290,9 +356,9 @@ class HttpConnection:
             self.error(503, f"no agent can take a stream for endpoint {req.route.endpoint!r} ({reason})")
             return
         self.stream = stream
-        self.stream_endpoint = req.route.endpoint
+        self.stream_endpoint = self._stream_key(req)
         stream.attach(self)  # the stream's events come straight here
-        self._send(self.framing.request_bytes(True))
+        self._send(self._request_bytes(True))
         self._resume_reading()
 
     def _retry(self, req) -> None:
@@ -306,6 +372,10 @@ class HttpConnection:
         self.pending.clear()
         if st is not None:
             st.reset()
+        g = self.gated
+        if g is not None and g[0] is req:
+            self.opening = g[2](self._stream_ready)
+            return
         self.opening = self.open_stream(req.route.endpoint, self.client, self._stream_ready)
 
     def _send(self, data: bytes) -> None:
@@ -453,7 +523,29 @@ class HttpConnection:
         metrics.HTTP_RESPONSES.labels(str(status)).inc()
         _LOG.info("http %d", status, extra={"client": self.client, "reason": text[:120]})
         if not self.framing.resp_started:
-            self.transport.write(http1.response(status, (text + "\n").encode("utf-8", "replace")))
+            active = self.framing.active
+            gate = active.route.gate if active is not None and active.route is not None else None
+            if gate is not None:
+                r = gate.error(status, text)
+                self.transport.write(http1.response(r.status, r.body, r.content_type, headers=list(r.headers)))
+            else:
+                self.transport.write(http1.response(status, (text + "\n").encode("utf-8", "replace")))
+        self._shut()
+
+    def refuse(self, r: http1.Reply) -> None:
+        """A whole answer of the relay's own instead of the service's (a
+        gate's refusal); the connection closes after it, since the request's
+        body may still be coming."""
+        if self.closed:
+            return
+        if not self.framing.resp_started:
+            data = http1.response(r.status, r.body, r.content_type, headers=list(r.headers))
+            if self.framing.active is not None and self.framing.active.head_only:
+                data = data[:len(data) - len(r.body)]
+            self.transport.write(data)
+        self._shut()
+
+    def _shut(self) -> None:
         if self.stream is not None:
             self.stream.reset()
             self.stream = None

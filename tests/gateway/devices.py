@@ -50,12 +50,16 @@ async def https(relay, method: str, path: str, body: bytes = b"", headers: dict 
     return await http_request("127.0.0.1", relay.https_port, method, path, body, hdrs, ctx, timeout)
 
 
-async def http_request(host, port, method, path, body, headers, ctx=None, timeout: float = 10):
+async def http_request(host, port, method, path, body, headers, ctx=None, timeout: float = 10, pieces=()):
+    """``pieces``: more of the body, each written once the connection drains."""
     async def go():
         r, w = await asyncio.open_connection(host, port, ssl=ctx,
                                              server_hostname="127.0.0.1" if ctx else None)
         head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         w.write(head.encode() + body)
+        for piece in pieces:
+            w.write(piece)
+            await w.drain()
         raw = await r.read()
         w.close()
         h, _, b = raw.partition(b"\r\n\r\n")

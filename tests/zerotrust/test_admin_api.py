@@ -289,6 +289,9 @@ def test_the_document_and_the_route_table_are_one(relay, unharmed):
     from relayd.control.provisioning import SCHEMAS as OTP_SCHEMAS, Otps, Provisioning
 
     table.add(Provisioning(Otps(None), None, lambda: "", "").ops(), OTP_SCHEMAS)
+    from relayd.control.deviceproxy import SCHEMAS as PROXY_SCHEMAS, ProxyResources
+
+    table.add(ProxyResources(None, None).ops(), PROXY_SCHEMAS)
     assert documented == {(op.method, API + op.path) for op in table.ops}
     # Every documented route exists on the running relay: without a key it
     # answers 401 (the document's own route: 200), never 404 or 405; a
