@@ -91,6 +91,8 @@ def serve_config(args: argparse.Namespace):
         cfg.public = C.parse_hostport(args.public, "--public")
     if args.hostname:
         cfg.hostname = args.hostname
+    if args.redis:
+        cfg.redis = C.check_redis_url(args.redis, "--redis")
     if args.metrics:
         cfg.metrics = C.parse_hostport(args.metrics, "--metrics")
     if args.https:
@@ -489,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--agents", help="HOST:PORT where agents dial in (TLS)")
     s.add_argument("--public", help="agent address written into join tokens (default: --agents)")
     s.add_argument("--hostname", help="name on the relay's TLS certificate")
+    s.add_argument("--redis", metavar="URL", help="share device events and presence with other relays through "
+                   "this Redis (redis://HOST:PORT[/DB]); default: in this process only")
     s.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics")
     s.add_argument("--tcp", action="append", metavar="NAME=HOST:PORT", help="public TCP endpoint (repeatable)")
     s.add_argument("--https", help="HOST:PORT of the HTTPS listener (HTTP endpoints; agents over WebSocket)")

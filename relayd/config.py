@@ -197,6 +197,11 @@ class ServeConfig:
     zerotrust: object = None
     #: The networks OTPs are issued to (relayd.control.provisioning); empty: any.
     admin_allow: list = field(default_factory=list)
+    #: The event bus shared by relays (relayd.control.redisbus): a redis://
+    #: or rediss:// URL; None: events stay in this process.
+    redis: str | None = None
+    #: Seconds a device's presence key lives without a refresh.
+    redis_presence_ttl: float = 30.0
     log_level: str = "info"
 
     @property
@@ -353,7 +358,7 @@ class AgentConfig:
 
 
 _SERVE_KEYS = {"data", "agents", "public", "hostname", "metrics", "https", "certs", "grace", "agent_cert_ttl", "tcp",
-               "http", "gateway_timeout", "drain", "admin_allow"}
+               "http", "gateway_timeout", "drain", "admin_allow", "redis", "redis_presence_ttl"}
 _AGENT_KEYS = {"data", "join", "transport", "proxy", "reconnect_max", "connect_timeout", "endpoints", "drain", "site",
                "site_networks", "site_tun", "device_api", "otp", "est", "pin"}
 _DURATION_MUX = {"ping_interval", "ping_timeout", "open_timeout", "window_idle"}
@@ -376,6 +381,13 @@ def _known(table, allowed: set[str], prefix: str) -> dict:
         if k not in allowed:
             raise ConfigError(f"config key '{prefix}.{k}' is not known (expected one of: {', '.join(sorted(allowed))})")
     return table
+
+
+def check_redis_url(value, key: str) -> str:
+    """A redis://, rediss:// or unix:// URL (the Redis event bus)."""
+    if not isinstance(value, str) or not re.match(r"(rediss?|unix)://\S+\Z", value):
+        raise ConfigError(f"config key '{key}': a redis://HOST:PORT[/DB] (or rediss://, unix://) URL")
+    return value
 
 
 def _str(value, key: str) -> str:
@@ -511,6 +523,12 @@ def load_serve(path: Path | None) -> ServeConfig:
             setattr(cfg, k, parse_hostport(s[k], f"serve.{k}"))
     if "hostname" in s:
         cfg.hostname = _str(s["hostname"], "serve.hostname")
+    if "redis" in s:
+        cfg.redis = check_redis_url(s["redis"], "serve.redis")
+    if "redis_presence_ttl" in s:
+        cfg.redis_presence_ttl = parse_duration(s["redis_presence_ttl"], "serve.redis_presence_ttl")
+        if not 1 <= cfg.redis_presence_ttl <= 3600:
+            raise ConfigError("config key 'serve.redis_presence_ttl': between 1s and 1h")
     if "grace" in s:
         cfg.grace = parse_duration(s["grace"], "serve.grace")
     if "agent_cert_ttl" in s:

@@ -148,3 +148,11 @@ DEVICE_NOTIFICATIONS = Counter("relayd_device_notifications_total", "Device noti
                                ["via"])
 WEBHOOK_DELIVERIES = Counter("relayd_webhook_deliveries_total", "Webhook delivery attempts, by result", ["result"])
 WEBHOOK_PENDING = Gauge("relayd_webhook_pending", "Webhook deliveries waiting or in flight")
+# the device registry, users and claim codes (relayd.control.devices)
+USER_AUTH_REFUSALS = Counter("relayd_user_auth_refusals_total", "Device API user tokens refused, by reason",
+                             ["reason"])
+DEVICE_CLAIMS = Counter("relayd_device_claims_total", "Claim attempts, by result", ["result"])
+CLAIM_CODES = Counter("relayd_claim_codes_total", "Claim codes pushed to devices and acknowledged", ["event"])
+DEVICE_EVENTS = Counter("relayd_device_events_total", "Device events published by this node, by type", ["type"])
+EVENT_BUS_ERRORS = Counter("relayd_event_bus_errors_total", "Event bus failures (Redis unreachable...), by operation",
+                           ["op"])

@@ -23,6 +23,10 @@ from typing import Callable, Protocol
 DEVICE_CONNECTED = "device.connected"
 DEVICE_DISCONNECTED = "device.disconnected"
 DEVICE_NOTIFICATION = "device.notification"
+#: Between relays only (no webhook gets them): a device was claimed (its
+#: relay tells the agent) or deleted (its relay cuts the tunnel).
+DEVICE_CLAIMED = "device.claimed"
+DEVICE_DELETED = "device.deleted"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,13 @@ class Bus(Protocol):
 
     async def stop(self) -> None: ...
 
+    def present(self, device_id: str, node: str) -> None:
+        """The device's tunnel is up on ``node`` (presence, kept fresh
+        until ``absent``)."""
+        ...
+
+    def absent(self, device_id: str) -> None: ...
+
 
 class LocalBus:
     """Events within this process. ``publish`` may be called from any
@@ -77,6 +88,12 @@ class LocalBus:
 
     async def stop(self) -> None:
         self._subs.clear()
+
+    def present(self, device_id: str, node: str) -> None:
+        pass  # one node: the registry is the presence
+
+    def absent(self, device_id: str) -> None:
+        pass
 
 
 def _deliver(handler: Handler, event: Event) -> None:

@@ -646,6 +646,22 @@ class Store:
             self._bump(db)
         return True
 
+    def register_device(self, agent_id: str, name: str | None = None, labels: dict | None = None) -> None:
+        """Make an enrolled agent a device (a dc_devices row: relayd.control.devices):
+        its tunnel then publishes device events and gets a claim code.
+        ConfigError if the agent is unknown or a device already."""
+        if labels is not None and (not isinstance(labels, dict)
+                                   or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+            raise ConfigError("device labels map names to strings")
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
+                raise ConfigError(f"unknown agent {agent_id}")
+            try:
+                db.execute("INSERT INTO dc_devices (id, name, labels, created_at) VALUES (?, ?, ?, ?)",
+                           (agent_id, name or agent_id, json.dumps(labels or {}), time.time()))
+            except sqlite3.IntegrityError:
+                raise ConfigError(f"agent {agent_id} is a device already") from None
+
     def is_revoked(self, agent_id: str, cert_serial: int) -> bool:
         """Whether a certificate must be refused.
 

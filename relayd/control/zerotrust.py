@@ -406,6 +406,27 @@ class Controller:
             out["onboarding_secret"] = new_secret
         return out
 
+    def check_local_user(self, username, password, otp=None) -> dict:
+        """A user of relayd's own directory proving who they are without a
+        session (the device API's password grant, relayd.control.devices):
+        the same checks, limits and refusals as a local sign-in (password,
+        then the one-time code if the user has an authenticator, then
+        disabled or locked). Returns the user."""
+        if not isinstance(username, str) or not _LOCAL_NAME.match(username):
+            self._password_ok(None, "x" * 8)  # same time as a wrong password
+            raise reject("bad_credentials", "wrong username or password")
+        user = self.zs.get_user(LOCAL, username)
+        if not self._password_ok(user, password):
+            raise reject("bad_credentials", "wrong username or password")
+        self._not_locked({"provider": LOCAL, "username": username, "device": None}, int(self.clock()))
+        self._not_disabled(user)
+        if user["totp_secret"]:
+            if otp is None:
+                raise reject("otp_required", "this user needs a one-time code (otp)")
+            if not self._totp_ok(LOCAL, username, user, otp):
+                raise reject("bad_otp", "wrong or already used one-time code")
+        return user
+
     def _oidc(self, prov: Provider, body: dict, now: int) -> dict:
         for k in ("code", "code_verifier", "redirect_uri", "nonce"):
             if not isinstance(body.get(k), str) or not 0 < len(body[k]) <= 2048:
