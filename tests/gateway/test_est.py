@@ -39,9 +39,12 @@ needs_tools = pytest.mark.skipif(not (shutil.which("curl") and shutil.which("ope
                                  reason="curl and openssl (scripts/test.sh installs them)")
 
 
-async def sh(*args, stdin: bytes = b"", timeout: float = 20, env=None) -> tuple[int, bytes, bytes]:
-    p = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                             stderr=asyncio.subprocess.PIPE, env=env)
+async def sh(*args, stdin: bytes | None = None, timeout: float = 20, env=None) -> tuple[int, bytes, bytes]:
+    # No stdin pipe unless there is input: uvloop raises when communicate()
+    # writes to a pipe the process already closed by exiting.
+    p = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     try:
         out, err = await asyncio.wait_for(p.communicate(stdin), timeout)
     except asyncio.TimeoutError:
