@@ -25,6 +25,7 @@ import ipaddress
 import hmac
 import logging
 import random
+import re
 import ssl
 import time
 from pathlib import Path
@@ -84,6 +85,8 @@ class AgentNode:
         self.device_token: str | None = None
         self.device_token_expires: str | None = None
         self.control_handlers["device_token"] = self._on_device_token
+        self.control_handlers["claim_code"] = self._on_claim_code
+        self.control_handlers["claimed"] = self._on_claimed
         self.device_api = None
         # Back-end TLS contexts, built once: (context, server name).
         self._backend_tls = {
@@ -543,6 +546,34 @@ class AgentNode:
         if isinstance(token, str) and len(token) < 8192:
             self.device_token, self.device_token_expires = token, str(msg.get("expires_at"))[:64]
             log.info("device token received", extra={"expires_at": self.device_token_expires})
+
+    @property
+    def claim_code_file(self) -> Path:
+        """Where an unclaimed device keeps the claim code the relay pushed
+        (mode 0600) until someone claims it."""
+        return self.data / "claim_code"
+
+    def _on_claim_code(self, msg: dict) -> None:
+        code = msg.get("code")
+        if not isinstance(code, str) or not re.fullmatch(r"[0-9A-Z]{4}(-[0-9A-Z]{4}){3}", code):
+            log.warning("claim code refused: not XXXX-XXXX-XXXX-XXXX")
+            return
+        try:
+            write_private(self.claim_code_file, code.encode() + b"\n")  # atomic, 0600
+        except OSError as exc:
+            log.error("cannot store the claim code: %s", exc.strerror, extra={"file": str(self.claim_code_file)})
+            return
+        log.info("claim code stored", extra={"file": str(self.claim_code_file)})
+        asyncio.get_running_loop().create_task(self.push("ack", of="claim_code"))
+
+    def _on_claimed(self, msg: dict) -> None:
+        try:
+            self.claim_code_file.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove the claim code: %s", exc.strerror)
+        log.info("device claimed: claim code removed")
 
     def _dispatch_control(self, kind: str, msg: dict) -> None:
         handler = self.control_handlers.get(kind)

@@ -32,8 +32,9 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import api, devicegw, deviceproxy, est, provisioning, webhooks
+from relayd.control import api, devicegw, deviceproxy, devices, est, provisioning, webhooks
 from relayd.control.events import LocalBus
+from relayd.control.redisbus import RedisBus
 from relayd.control.ca import CertificateAuthority, write_private
 from relayd.control.enrollment import Enrollment
 from relayd.control.store import AsyncStore, Store
@@ -42,6 +43,7 @@ from relayd.core.wire import KIND_HTTP
 from relayd.errors import ConfigError
 from relayd.gateway.agents import AgentPort
 from relayd.gateway.devicegw import DeviceLinks
+from relayd.gateway.devicereg import DeviceRegistry
 from relayd.gateway.deviceproxy import DeviceProxy
 from relayd.gateway.registry import AgentRegistry, AgentSession
 from relayd.gateway.streams import StreamSeam
@@ -87,7 +89,10 @@ class RelayNode:
         self.hybrid: HybridGateway | None = None  # with the HTTPS port
         self.zt: ZtGateway | None = None  # the zero-trust controller API and gateway, with the HTTPS port
         self.api: api.Api | None = None  # the REST API (/api/v1 on the relay's own names), with the HTTPS port
-        self.bus = LocalBus()  # the device cloud's events (relayd.control.events)
+        # the device cloud's events (relayd.control.events): this process, or shared through Redis
+        self.bus = LocalBus() if not cfg.redis else RedisBus(cfg.redis, "", cfg.redis_presence_ttl)
+        self.devices: DeviceRegistry | None = None  # connection events, presence, claim codes
+        self.user_auth: devices.UserAuth | None = None  # the device API's users, with the HTTPS port
         self.device_links: DeviceLinks | None = None  # device tokens and forwarded calls, with the HTTPS port
         self.provisioning: provisioning.Provisioning | None = None  # OTPs, with the HTTPS port
         self.est: est.EstServer | None = None  # /.well-known/est, with the HTTPS port
@@ -225,6 +230,8 @@ class RelayNode:
             for sock in bound:
                 sock.close()
             raise
+        self._device_registry()
+        await self.bus.start()
         adm = self.admission = admission.Admission(self.cfg.admission)
         preamble = functools.partial(ServerPreamble, self.agent_port.on_request,
                                      timeout=self.cfg.admission.preamble_timeout)
@@ -269,6 +276,7 @@ class RelayNode:
         self.api = api.Api(self.store.check_admin_key, relayd.__version__)
         self.api.add(ZtResources(controller).ops(), SCHEMAS)
         self._device_gateway()
+        self._user_api(controller)
         self._provisioning()
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
@@ -287,6 +295,36 @@ class RelayNode:
             adm, "https", socks, hctx,
             lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout, limits),
                                      ticket=ticket, limits=limits))
+
+    @property
+    def node_name(self) -> str:
+        """This relay among others (device events, presence): its name and agents port."""
+        import socket
+
+        return f"{self.cfg.hostname or socket.gethostname()}:{self.agents_port}"
+
+    def _device_registry(self) -> None:
+        """Device connection events, presence and claim codes
+        (relayd.gateway.devicereg), on every link."""
+        if isinstance(self.bus, RedisBus):
+            self.bus.node = self.node_name
+        self.devices = DeviceRegistry(self.db, self.bus, self.push, self.registry, self.node_name,
+                                      devices.load_or_create_secret(self.data, devices.CLAIM_KEY_FILE))
+        self.devices.start()
+        self.agent_port.on_link.append(self.devices.link_changed)
+        self.on_control("ack", self.devices.on_ack)
+
+    def _user_api(self, controller) -> None:
+        """The device API's users and devices (relayd.control.devices); its
+        user authentication is the webhooks' and the device proxy's too."""
+        store = devices.DeviceStore(self.store)
+        providers = (self.cfg.zerotrust.providers if self.cfg.zerotrust is not None else {})
+        self.user_auth = devices.UserAuth(store, providers,
+                                          devicegw.load_or_create_key(self.data, devices.USER_KEY_FILE))
+        res = devices.DeviceResources(store, self.user_auth, self.bus.publish, controller.check_local_user)
+        self.api.add(res.ops(), devices.SCHEMAS)
+        self.webhooks.user_auth = self.user_auth
+        self.device_proxy.user_auth = self.user_auth
 
     def _device_gateway(self) -> None:
         """The device routes (relayd.control.devicegw) and the device
@@ -494,6 +532,8 @@ class RelayNode:
             self.device_links.stop()
         if self.notifier is not None:
             self.notifier.stop()
+        if self.devices is not None:
+            self.devices.stop()
         for lst in self._listeners:
             lst.close()
         for s in self._servers:
@@ -521,6 +561,7 @@ class RelayNode:
                 pass
         if self.tcp is not None:
             await self.tcp.wait_closed()
+        await self.bus.stop()
         if self.store is not None:
             await self.agent_port.flush_status()
             self.store.close()
