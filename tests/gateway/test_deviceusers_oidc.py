@@ -15,21 +15,24 @@ from tests.gateway.test_devicereg import call, enrolled_device
 from tests.metric import value
 from tests.tunnel.util import echo_ok, echo_service
 from tests.waiting import until
-from tests.zerotrust.test_oidc import authorize, idp, wire  # noqa: F401 (fixtures)
+from tests.zerotrust import test_oidc
+from tests.zerotrust.test_oidc import authorize
 
 pytestmark = pytest.mark.interop
+provider_fixture = test_oidc.idp  # the real provider, one per module
 
 
-def id_token(idp, username: str, client: str = "relayd", issuer: str | None = None) -> str:
+def id_token(idp_, username: str, client: str = "relayd", issuer: str | None = None) -> str:
     from relayd.control.oidc import Provider
 
-    acc = idp.accounts[username]
-    got = authorize(issuer or idp.issuer, client, (username, acc["password"]))
-    prov = Provider("p", issuer or idp.issuer, client, idp.clients[client])
+    acc = idp_.accounts[username]
+    got = authorize(issuer or idp_.issuer, client, (username, acc["password"]))
+    prov = Provider("p", issuer or idp_.issuer, client, idp_.clients[client])
     return prov.exchange(got["code"], got["code_verifier"], got["redirect_uri"])["id_token"]
 
 
-def test_a_user_of_the_provider_claims_a_device(tmp_path, idp):
+def test_a_user_of_the_provider_claims_a_device(tmp_path, provider_fixture):
+    idp = provider_fixture
     users = sorted(idp.accounts)
     assert len(users) >= 2
 
