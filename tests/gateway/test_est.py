@@ -112,14 +112,15 @@ def device_of(cert: x509.Certificate) -> str:
     return cn
 
 
-async def bystander(port: int, seconds: float) -> bool:
+async def bystander(port: int, seconds: float, stop: asyncio.Event | None = None) -> bool:
     """A stream through the tunnel that stays open while the hostile
-    requests go on: every echoed byte must come back intact."""
+    requests go on (``seconds``, or until ``stop``, at most 60 s): every
+    echoed byte must come back intact."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
     h_out, h_in = hashlib.sha256(), hashlib.sha256()
     try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        end = time.monotonic() + (60 if stop is not None else seconds)
+        while time.monotonic() < end and not (stop is not None and stop.is_set()):
             chunk = os.urandom(8192)
             h_out.update(chunk)
             w.write(chunk)
@@ -281,6 +282,19 @@ def test_strongswan_pki_estca_est_and_reenroll(tmp_path):
         key = admin_key(tmp_path)
         url = f"https://127.0.0.1:{relay.https_port}"
         tls_ca = str(relay.ca_path)
+        async with echo_service() as svc:
+            by = await start_agent(tmp_path, "by", join_token(relay), {"echo": ("127.0.0.1", svc)})
+            done = asyncio.Event()
+            keep = asyncio.ensure_future(bystander(relay.tcp_ports["echo"], 0, done))
+            try:
+                await pki_flow(relay, key, url, tls_ca)
+            finally:
+                done.set()
+            assert await keep, "the bystander stream was disturbed"
+            await by.stop()
+        await relay.stop()
+
+    async def pki_flow(relay, key, url, tls_ca):
         rc, out, err = await sh("pki", "--estca", "--url", url, "--cacert", tls_ca, "--caout", str(tmp_path / "ca"),
                                 "--outform", "pem")
         assert rc == 0, (out, err)
@@ -333,7 +347,6 @@ def test_strongswan_pki_estca_est_and_reenroll(tmp_path):
         rc, _, _ = await sh("pki", "--est", "--url", url, "--in", str(tmp_path / "req.der"), "--cacert", tls_ca,
                             "--cert", str(tmp_path / "dev.pem"), "--key", k, "--outform", "pem", timeout=30)
         assert rc != 0 and bad_input("est", "revoked") == before + 1
-        await relay.stop()
 
     run(main())
 
