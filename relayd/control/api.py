@@ -195,6 +195,7 @@ _ERRORS = {400: "Bad request: not JSON, not an object, or a query parameter the 
            404: "No such route or object",
            405: "The route does not take this method",
            409: "The object exists already, or something still refers to it",
+           412: "The object is not in the state the operation needs (a device that must be online)",
            413: "The body is over the limit",
            415: "The body's media type is not one the route takes",
            429: "Too many requests: try again after Retry-After seconds",
@@ -227,6 +228,14 @@ class Api:
         for op in ops:
             if any(o.method == op.method and o.segments == op.segments for o in self.ops):
                 raise ValueError(f"route {op.method} {op.path} twice")
+            if set(op.errors) - set(_ERRORS):
+                # Found at start, not as a 500 from GET /openapi.json.
+                raise ValueError(f"route {op.method} {op.path}: error status {sorted(set(op.errors) - set(_ERRORS))}"
+                                 " has no description in api._ERRORS")
+        for name, schema in (schemas or {}).items():
+            if self.schemas.get(name, schema) != schema:
+                # One name, two schemas: the last would silently describe both modules' answers.
+                raise ValueError(f"schema {name!r} given twice, differently")
         self.ops += ops
         self.schemas.update(schemas or {})
 

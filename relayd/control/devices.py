@@ -379,10 +379,10 @@ class ClaimLimiter:
 _ID = {"type": "string", "minLength": 1, "maxLength": 128}
 _LABELS = {"type": "object", "maxProperties": 32, "additionalProperties": {"type": "string", "maxLength": 256}}
 SCHEMAS = {
-    "User": {"type": "object", "required": ["id", "sub", "iss", "created_at"], "properties": {
+    "UserProfile": {"type": "object", "required": ["id", "sub", "iss", "created_at"], "properties": {
         "id": {"type": "string"}, "sub": {"type": "string"}, "iss": {"type": "string"},
         "email": {"type": ["string", "null"]}, "created_at": {"type": "string", "format": "date-time"}}},
-    "Device": {"type": "object", "required": ["id", "name", "state", "claimed", "role"], "properties": {
+    "EdgeDevice": {"type": "object", "required": ["id", "name", "state", "claimed", "role"], "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "labels": {"type": "object"},
         "state": {"enum": ["online", "offline"]}, "last_seen": {"type": ["string", "null"]},
         "claimed": {"type": "boolean"}, "role": {"enum": ["owner", *ROLES]},
@@ -433,7 +433,7 @@ class DeviceResources:
         dev = {"id": _ID}
         return [
             Op("GET", "/users/me", self.me, "getMe", "The caller's profile (made at the first request)",
-               responses={200: ("The profile", _ref("User"), (JSON,))}, **common),
+               responses={200: ("The profile", _ref("UserProfile"), (JSON,))}, **common),
             Op("POST", "/users/token", self.password_grant, "createUserToken",
                "A user token of relayd's own user directory", TAG, body=_ref("PasswordGrant"), auth=False,
                responses={200: ("The token (one hour)", _ref("UserToken"), (JSON,))}, errors=(401, 403, 429),
@@ -441,16 +441,16 @@ class DeviceResources:
                            "when the user has an authenticator; the same limits as a sign-in. Users of an "
                            "OpenID Connect provider use that provider's token instead."),
             Op("GET", "/devices", self.list, "listDevices", "The devices the caller owns or has a share of",
-               responses={200: ("The devices", {"type": "array", "items": _ref("Device")}, (JSON,))}, **common),
+               responses={200: ("The devices", {"type": "array", "items": _ref("EdgeDevice")}, (JSON,))}, **common),
             Op("POST", "/devices/claim", self.claim, "claimDevice", "Claim a device with its claim code",
                body=_ref("ClaimRequest"), responses={200: ("Claimed: the caller owns it", _ref("Claimed"), (JSON,))},
                errors=(409, 412, 422, 429), write=True, **common,
                description="404 unknown_code, 409 already_claimed, 412 device_offline (the device must be "
                            "online); 429 after 10 failed attempts of the user within a minute."),
             Op("GET", "/devices/{id}", self.get, "getDevice", "One device", params=dev,
-               responses={200: ("The device", _ref("Device"), (JSON,))}, **common),
+               responses={200: ("The device", _ref("EdgeDevice"), (JSON,))}, **common),
             Op("PATCH", "/devices/{id}", self.patch, "patchDevice", "Rename or relabel a device (owner, admin)",
-               params=dev, body=_ref("DevicePatch"), responses={200: ("The device", _ref("Device"), (JSON,))},
+               params=dev, body=_ref("DevicePatch"), responses={200: ("The device", _ref("EdgeDevice"), (JSON,))},
                errors=(403, 422), write=True, **common),
             Op("DELETE", "/devices/{id}", self.delete, "deleteDevice",
                "Remove a device: its certificate revoked, its tunnel cut (owner, admin)", params=dev,
