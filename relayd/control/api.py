@@ -189,7 +189,8 @@ class Op:
 
 
 #: The error answers every route may give, and those a route adds.
-_ERRORS = {400: "Bad request: not JSON, not an object, or a query parameter the route does not take",
+_ERRORS = {400: "Bad request: not JSON, not an object, or a query parameter the route does not take; as text/plain, "
+                "a path the HTTPS front door refuses before the API sees it (an encoded slash, a climb above the root)",
            401: "No admin key, or the wrong one",
            403: "Not from here: the caller's network (or role) may not use this route",
            404: "No such route or object",
@@ -509,8 +510,11 @@ class Api:
             if op.query:
                 errors.add(422)
             for status in sorted(errors):
-                responses[str(status)] = {"description": _ERRORS[status], "content": {
-                    JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                content = {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}
+                if status == 400:
+                    # The front door's own refusals come before the API (docs/api.md).
+                    content["text/plain"] = {"schema": {"type": "string"}}
+                responses[str(status)] = {"description": _ERRORS[status], "content": content}
             doc["responses"] = responses
             doc["security"] = [{op.security if callable(op.auth) else "adminKey": []}] if op.auth else []
             item[op.method.lower()] = doc
