@@ -422,10 +422,11 @@ class ZtResources:
                params={"group": _GROUP}, responses={200: ("The group", _ref("Group"), (JSON,))}),
             Op("PUT", f"{A}/groups/{{group}}/members/{{provider}}/{{username}}", self.add_member, "add_member",
                "Put a user in a group (effective at their next renewal)", "users", params=member, write=True,
-               responses={204: ("The user is a member", None, ())}),
+               responses={204: ("The user is a member", None, ())}, errors=(422,),
+               description="422: a group name the directory refuses (unprintable characters)."),
             Op("DELETE", f"{A}/groups/{{group}}/members/{{provider}}/{{username}}", self.remove_member,
                "remove_member", "Take a user out of a group (effective at their next renewal)", "users",
-               params=member, write=True, responses={204: ("The user is not a member", None, ())}),
+               params=member, write=True, responses={204: ("The user is not a member", None, ())}, errors=(422,)),
         ]
         for kind in KINDS:
             out += self._kind_ops(kind)
