@@ -63,14 +63,13 @@ from pathlib import Path
 import orjson
 
 from relayd import metrics
-from relayd.control import jws
+from relayd.control import crockford, jws
 from relayd.control.api import JSON, ApiError, Op, Request, no_content, ok, rfc3339
 from relayd.control.events import DEVICE_CLAIMED, DEVICE_DELETED, Event
 from relayd.errors import AuthError, ConfigError
 
 TAG = "devices"
-USER_TOKEN = "relayd-user+jwt"
-jws.MAX_SIZE.setdefault(USER_TOKEN, 8 * 1024)
+USER_TOKEN = jws.USER
 USER_AUDIENCE = "relayd-device-api"
 USER_KEY_FILE = "user-signing.key"
 USER_TOKEN_TTL = 3600
@@ -80,8 +79,6 @@ CLAIM_FAILURES, CLAIM_WINDOW = 10, 60.0
 ROLES = ("viewer", "operator", "admin")
 _RANK = {"viewer": 1, "operator": 2, "admin": 3, "owner": 4}
 MAX_TOKEN = 16 * 1024
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DECODE = {c: c for c in _CROCKFORD} | {"I": "1", "L": "1", "O": "0"}
 
 
 # -- claim codes ------------------------------------------------------------------------------------
@@ -102,31 +99,17 @@ def load_or_create_secret(data: Path, name: str) -> bytes:
     return key
 
 
-def crockford(raw: bytes) -> str:
-    n, bits = int.from_bytes(raw, "big"), len(raw) * 8
-    return "".join(_CROCKFORD[(n >> (bits - 5 * (i + 1))) & 31] for i in range(bits // 5))
-
-
 def claim_code(key: bytes, device_id: str) -> str:
     """The device's claim code: XXXX-XXXX-XXXX-XXXX (80 bits)."""
-    raw = crockford(hmac.new(key, b"relayd claim code\0" + device_id.encode(), hashlib.sha256).digest()[:10])
+    mac = hmac.new(key, b"relayd claim code\0" + device_id.encode(), hashlib.sha256).digest()
+    raw = crockford.encode_bytes(mac[:10])
     return "-".join(raw[i:i + 4] for i in range(0, 16, 4))
 
 
 def normalize_code(text) -> str | None:
     """A code as people type it (any case, hyphens or spaces, I/L for 1, O
     for 0) in its canonical 16 characters; None if it cannot be one."""
-    if not isinstance(text, str) or len(text) > 64:
-        return None
-    out = []
-    for c in text.upper():
-        if c in "- ":
-            continue
-        d = _DECODE.get(c)
-        if d is None:
-            return None
-        out.append(d)
-    return "".join(out) if len(out) == 16 else None
+    return crockford.normalize(text, 16)
 
 
 def code_hash(code: str) -> str:

@@ -34,8 +34,11 @@ ADMIN = "relayd-admin+jwt"
 DEVICE = "relayd-device+jwt"
 #: A user's token for the device proxy (relayd.control.deviceproxy).
 PROXY = "relayd-proxy+jwt"
+#: A user of relayd's own directory, for the device API (relayd.control.devices).
+USER = "relayd-user+jwt"
 #: Largest tokens accepted, by type.
-MAX_SIZE = {CLAIMS: 16 * 1024, ENTITLEMENTS: 256 * 1024, ADMIN: 16 * 1024, DEVICE: 4 * 1024, PROXY: 16 * 1024}
+MAX_SIZE = {CLAIMS: 16 * 1024, ENTITLEMENTS: 256 * 1024, ADMIN: 16 * 1024, DEVICE: 4 * 1024, PROXY: 16 * 1024,
+            USER: 8 * 1024}
 MAX_DEPTH = 8
 _B64URL = re.compile(r"[A-Za-z0-9_-]*\Z")
 _TIMES = ("iat", "nbf", "exp")

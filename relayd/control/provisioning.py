@@ -41,6 +41,7 @@ import time
 import orjson
 
 from relayd import metrics
+from relayd.control import crockford
 from relayd.control.api import JSON, ApiError, Op, Request, audit_log, no_content, not_found, ok, rfc3339
 from relayd.core import http1
 from relayd.errors import ConfigError
@@ -51,9 +52,6 @@ _LOG = RateLimitedLog(logging.getLogger("relayd.provisioning"))
 DEFAULT_TTL = 24 * 3600
 MAX_TTL = 7 * 24 * 3600
 OTP_LENGTH = 26
-#: Crockford's base32 alphabet (no I, L, O, U) and what people type for it.
-ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DECODE = {c: c for c in ALPHABET} | {"O": "0", "I": "1", "L": "1"}
 ADMIN_REALM = b'Bearer realm="relayd", PROV-ADMIN realm="relayd"'
 #: OTP requests per admin client: a bucket of BURST refilled at RATE a second.
 RATE, BURST = 2.0, 60.0
@@ -64,24 +62,13 @@ NVIDIA_PATHS = ("/admin/api/otp", "/api/otp")
 
 def new_otp() -> str:
     """128 random bits as 26 Crockford base32 characters."""
-    n = secrets.randbits(128)
-    return "".join(ALPHABET[(n >> (5 * i)) & 31] for i in reversed(range(OTP_LENGTH)))
+    return crockford.encode(secrets.randbits(128), OTP_LENGTH)
 
 
 def canonical(text: str) -> str | None:
     """An OTP as typed, in its one spelling (upper case, no hyphens or
     spaces, O/I/L read as 0/1); None if it cannot be one."""
-    if not isinstance(text, str) or len(text) > 64:
-        return None
-    out = []
-    for c in text.upper():
-        if c in "- ":
-            continue
-        d = _DECODE.get(c)
-        if d is None:
-            return None
-        out.append(d)
-    return "".join(out) if len(out) == OTP_LENGTH else None
+    return crockford.normalize(text, OTP_LENGTH)
 
 
 def otp_hash(text: str) -> str | None:

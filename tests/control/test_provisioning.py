@@ -20,7 +20,8 @@ from cryptography.x509.oid import AttributeOID, NameOID
 
 from relayd.config import load_serve
 from relayd.control import est
-from relayd.control.provisioning import ALPHABET, MAX_TTL, Otps, canonical, new_otp, parse_ttl
+from relayd.control.crockford import ALPHABET
+from relayd.control.provisioning import MAX_TTL, Otps, canonical, new_otp, parse_ttl
 from relayd.control.store import Store, open_data_dir
 from relayd.errors import ConfigError
 
