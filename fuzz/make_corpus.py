@@ -765,6 +765,52 @@ def ippacket_seeds() -> dict:
     }
 
 
+def usertoken_seeds() -> dict:
+    HEADER, CODES, BEARER, AFTER_GOOD = 0, 1, 2, 4
+    import base64
+    import json
+
+    from fuzz.fuzz_usertoken import AUTH, GOOD, KEY, NOW
+    from relayd.control import jws
+    from relayd.control.devices import USER_AUDIENCE, USER_TOKEN
+
+    def b64(obj) -> str:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def signed(typ=USER_TOKEN, **claims) -> bytes:
+        body = {"iss": AUTH.issuer, "aud": USER_AUDIENCE, "sub": "bob", "iat": NOW, "nbf": NOW, "exp": NOW + 60,
+                **claims}
+        return jws.sign(body, typ, KEY).encode()
+
+    h, p, sig = GOOD.split(".")
+    return {
+        "good": (BEARER, [(GOOD.encode(), 0)]),
+        "good-bare": (HEADER, [(GOOD.encode(), 0)]),
+        "good-then-junk": (AFTER_GOOD | BEARER, [(b"x", 0)]),
+        "lower-case-bearer": (HEADER, [(b"bearer " + GOOD.encode(), 0)]),
+        "basic": (HEADER, [(b"Basic YWxpY2U6cHc=", 0)]),
+        "empty": (HEADER, [(b"", 0)]),
+        "spaces": (BEARER, [(b"   ", 0)]),
+        "expired": (BEARER, [(signed(exp=NOW - 1), 0)]),
+        "not-yet": (BEARER, [(signed(nbf=NOW + 3600), 0)]),
+        "other-audience": (BEARER, [(signed(aud="relayd-device-proxy"), 0)]),
+        "proxy-typ": (BEARER, [(signed(typ=jws.PROXY), 0)]),
+        "no-subject": (BEARER, [(signed(sub=""), 0)]),
+        "foreign-issuer": (BEARER, [(f"{h}.{b64({'iss': 'https://idp.example.test', 'sub': 'x'})}.{sig}".encode(), 0)]),
+        "changed-subject": (BEARER, [(f"{h}.{b64({**json.loads(base64.urlsafe_b64decode(p + '==')), 'sub': 'eve'})}"
+                                      f".{sig}".encode(), 0)]),
+        "non-ascii": (BEARER, [("é.é.é".encode(), 0)]),
+        "huge": (BEARER, [(b"a." + b"b" * 9000 + b".c", 0)]),
+        "claim-code": (CODES, [(b"7k3m-q9xa-lo1i-zzzz", 0)]),
+        "claim-code-spaced": (CODES, [(b" 7K3M Q9XA 0011 ZZZZ ", 0)]),
+        "claim-code-u": (CODES, [(b"7K3M-Q9XA-UUUU-ZZZZ", 0)]),
+        "otp": (CODES, [(b"5NKY-0000-1111-2222-3333-4444-AB", 0)]),
+        "code-too-long": (CODES, [(b"-" * 70, 0)]),
+        "issuer-peek": (CODES, [(f"x.{b64({'iss': 'a' * 600})}.y".encode(), 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -779,6 +825,7 @@ HARNESSES = {
     "ztsession": ztsession_seeds,
     "policy": policy_seeds,
     "ippacket": ippacket_seeds,
+    "usertoken": usertoken_seeds,
 }
 
 
