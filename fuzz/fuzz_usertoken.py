@@ -53,7 +53,8 @@ _DIR = Path(tempfile.mkdtemp(prefix="relayd-fuzz-usertoken-"))
 atexit.register(shutil.rmtree, _DIR, True)
 STORE = Store(_DIR / "relayd.db")
 AUTH = devices.UserAuth(devices.DeviceStore(STORE), {}, KEY, clock=lambda: NOW)
-GOOD = AUTH.issue("alice", "alice@example.test")[0]
+GOOD = jws.sign({"iss": AUTH.issuer, "aud": devices.USER_AUDIENCE, "sub": "alice", "iat": NOW, "nbf": NOW,
+                 "exp": NOW + devices.USER_TOKEN_TTL, "jti": "fuzz", "email": "alice@example.test"}, devices.USER_TOKEN, KEY)
 
 
 class Head(dict):

@@ -801,7 +801,6 @@ def usertoken_seeds() -> dict:
         "changed-subject": (BEARER, [(f"{h}.{b64({**json.loads(base64.urlsafe_b64decode(p + '==')), 'sub': 'eve'})}"
                                       f".{sig}".encode(), 0)]),
         "non-ascii": (BEARER, [("é.é.é".encode(), 0)]),
-        "huge": (BEARER, [(b"a." + b"b" * 9000 + b".c", 0)]),
         "claim-code": (CODES, [(b"7k3m-q9xa-lo1i-zzzz", 0)]),
         "claim-code-spaced": (CODES, [(b" 7K3M Q9XA 0011 ZZZZ ", 0)]),
         "claim-code-u": (CODES, [(b"7K3M-Q9XA-UUUU-ZZZZ", 0)]),
