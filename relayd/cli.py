@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--drain", help="on stop, let open streams finish this long after GoAway (default 10s)")
     a.add_argument("--site", metavar="SITE=CIDR[,CIDR]", help="reach these networks for a zero-trust site's users")
     a.add_argument("--device-api", metavar="127.0.0.1:PORT",
-                   help="serve the device API (/api/v1/device/...) here, carried through the tunnel (docs/devices.md)")
+                   help="serve the device API (/api/v1/device/...) here, carried through the tunnel (docs/device-cloud.md)")
     a.add_argument("--otp", help="enroll this device over EST with a provisioning OTP (first start only; with --est)")
     a.add_argument("--est", metavar="https://HOST[:PORT]", help="the relay's EST address (with --otp)")
     a.add_argument("--pin", metavar="SHA256", help="the relay CA's SHA-256 that came with the OTP")
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--host", help="HOST[:PORT] to name (default: the relay's HTTPS address)")
     for each in (c, hl, hd, cs):
         each.add_argument("--data", required=True)
-    op = asub.add_parser("otp", help="device provisioning OTPs (docs/devices.md)")
+    op = asub.add_parser("otp", help="device provisioning OTPs (docs/device-cloud.md)")
     osub = op.add_subparsers(dest="otp", required=True)
     oc = osub.add_parser("create", help="print a new OTP for one device (its details on stderr)")
     oc.add_argument("--name", help="the device's name")

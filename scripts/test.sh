@@ -18,7 +18,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl openssl nodejs \
     strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins \
-    redis-server  # EST clients; the Redis event bus (docs/devices.md)
+    redis-server  # EST clients; the Redis event bus (docs/device-cloud.md)
 command -v npm >/dev/null || need_debs npm
 setup_venv test
 setup_npm tests/interop/hyco

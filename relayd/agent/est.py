@@ -1,4 +1,4 @@
-"""The agent's EST client (RFC 7030; docs/devices.md): the three requests a
+"""The agent's EST client (RFC 7030; docs/device-cloud.md): the three requests a
 device makes, ``cacerts``, ``simpleenroll`` with its OTP and
 ``simplereenroll`` with its current certificate, over one short HTTPS
 connection each.

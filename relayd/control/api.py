@@ -125,6 +125,13 @@ def ok(doc, status: int = 200, headers: tuple = ()) -> http1.Reply:
     return http1.json_reply(status, doc, headers)
 
 
+def listing(item: dict, **more: dict) -> dict:
+    """The schema of a list answer, the API's one shape for them:
+    ``{"items": [item, ...]}`` (and the properties ``more``)."""
+    props = {"items": {"type": "array", "items": item}, **more}
+    return {"type": "object", "additionalProperties": False, "required": sorted(props), "properties": props}
+
+
 def no_content() -> http1.Reply:
     return http1.Reply(204)
 

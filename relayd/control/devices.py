@@ -64,7 +64,7 @@ import orjson
 
 from relayd import metrics
 from relayd.control import crockford, jws
-from relayd.control.api import JSON, ApiError, Op, Request, no_content, ok, rfc3339
+from relayd.control.api import JSON, ApiError, Op, Request, listing, no_content, ok, rfc3339
 from relayd.control.events import DEVICE_CLAIMED, DEVICE_DELETED, Event
 from relayd.errors import AuthError, ConfigError
 
@@ -424,7 +424,7 @@ class DeviceResources:
                            "when the user has an authenticator; the same limits as a sign-in. Users of an "
                            "OpenID Connect provider use that provider's token instead."),
             Op("GET", "/devices", self.list, "listDevices", "The devices the caller owns or has a share of",
-               responses={200: ("The devices", {"type": "array", "items": _ref("EdgeDevice")}, (JSON,))}, **common),
+               responses={200: ("The devices", listing(_ref("EdgeDevice")), (JSON,))}, **common),
             Op("POST", "/devices/claim", self.claim, "claimDevice", "Claim a device with its claim code",
                body=_ref("ClaimRequest"), responses={200: ("Claimed: the caller owns it", _ref("Claimed"), (JSON,))},
                errors=(409, 412, 422, 429), write=True, **common,
@@ -440,7 +440,7 @@ class DeviceResources:
                responses={204: ("Removed", None, ())}, errors=(403,), write=True, **common),
             Op("GET", "/devices/{id}/users", self.users, "listDeviceUsers", "Who may use a device (owner, admin)",
                params=dev, responses={200: ("The owner and the shares",
-                                            {"type": "array", "items": _ref("Share")}, (JSON,))},
+                                            listing(_ref("Share")), (JSON,))},
                errors=(403,), **common),
             Op("PUT", "/devices/{id}/users/{user_id}", self.put_share, "shareDevice",
                "Share a device with a user, or change their role (owner, admin)",
@@ -498,7 +498,7 @@ class DeviceResources:
         return d
 
     def list(self, req: Request):
-        return ok([self._view(d) for d in self.devices.visible(req.principal)])
+        return ok({"items": [self._view(d) for d in self.devices.visible(req.principal)]})
 
     def get(self, req: Request):
         return ok(self._view(self._mine(req), full=True))
@@ -542,7 +542,7 @@ class DeviceResources:
         owner = self.devices.user(d["owner"]) if d["owner"] else None
         out = [{"user_id": owner["id"], "role": "owner", "email": owner["email"],
                 "granted_at": rfc3339(d["claimed_at"])}] if owner else []
-        return ok(out + self.devices.shares(d["id"]))
+        return ok({"items": out + self.devices.shares(d["id"])})
 
     def put_share(self, req: Request):
         d = self._mine(req, "admin")

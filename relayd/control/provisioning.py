@@ -42,7 +42,7 @@ import orjson
 
 from relayd import metrics
 from relayd.control import crockford
-from relayd.control.api import JSON, ApiError, Op, Request, audit_log, no_content, not_found, ok, rfc3339
+from relayd.control.api import JSON, ApiError, Op, Request, audit_log, listing, no_content, not_found, ok, rfc3339
 from relayd.core import http1
 from relayd.errors import ConfigError
 from relayd.log import RateLimitedLog
@@ -266,7 +266,7 @@ class Provisioning:
                description="Admin key as Bearer or PROV-ADMIN. The code enrolls one device over EST "
                            "(/.well-known/est/simpleenroll) before it expires.", **common),
             Op("GET", "/admin/otps", self._list, "listOtps", "List OTPs (never the codes)",
-               responses={200: ("The OTPs", {"type": "array", "items": {"$ref": "#/components/schemas/OtpInfo"}},
+               responses={200: ("The OTPs", listing({"$ref": "#/components/schemas/OtpInfo"}),
                                 (JSON,))}, **common),
             Op("DELETE", "/admin/otps/{otp_id}", self._delete, "revokeOtp", "Revoke an unused OTP",
                params={"otp_id": _ID}, write=True, responses={204: ("Revoked", None, ())}, **common),
@@ -279,7 +279,7 @@ class Provisioning:
         return ok(doc, 201)
 
     def _list(self, req: Request):
-        return ok([_info(r) for r in self.otps.list()])
+        return ok({"items": [_info(r) for r in self.otps.list()]})
 
     def _delete(self, req: Request):
         done = self.otps.revoke(req.params["otp_id"])

@@ -55,7 +55,7 @@ from typing import Protocol
 import orjson
 
 from relayd import metrics
-from relayd.control.api import JSON, ApiError, Op, Request, no_content, not_found, ok, rfc3339
+from relayd.control.api import JSON, ApiError, Op, Request, listing, no_content, not_found, ok, rfc3339
 from relayd.control.events import DEVICE_CONNECTED, DEVICE_DISCONNECTED, DEVICE_NOTIFICATION, Event
 from relayd.errors import ConfigError
 
@@ -377,7 +377,7 @@ class WebhookResources:
                description="Deliveries are CloudEvents 1.0 (structured JSON), signed as Standard Webhooks "
                            "specify with the secret; device_ids must be devices the user can see."),
             Op("GET", "/webhooks", self.list, "listWebhooks", "The user's webhooks",
-               responses={200: ("The webhooks (no secrets)", {"type": "array", "items": ref}, (JSON,))}, **common),
+               responses={200: ("The webhooks (no secrets)", listing(ref), (JSON,))}, **common),
             Op("GET", "/webhooks/{id}", self.get, "getWebhook", "One webhook", params={"id": _ID},
                responses={200: ("The webhook (no secret)", ref, (JSON,))}, **common),
             Op("DELETE", "/webhooks/{id}", self.delete, "deleteWebhook", "Remove a webhook", params={"id": _ID},
@@ -401,7 +401,7 @@ class WebhookResources:
         return ok(_public(hook, secret=True), 201)
 
     def list(self, req: Request):
-        return ok([_public(h) for h in self.hooks.list(req.principal)])
+        return ok({"items": [_public(h) for h in self.hooks.list(req.principal)]})
 
     def _mine(self, req: Request) -> dict:
         hook = self.hooks.get(req.params["id"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 from relayd.config import parse_duration
 from relayd.control import policy as pol
 from relayd.control import totp
-from relayd.control.api import JSON, Op, Request, no_content, not_found, ok, parse_rfc3339, rfc3339
+from relayd.control.api import JSON, Op, Request, listing, no_content, not_found, ok, parse_rfc3339, rfc3339
 from relayd.control.zerotrust import TYPES, Controller
 from relayd.control.ztstore import LOCAL
 from relayd.core import http1
@@ -182,10 +182,7 @@ KINDS = {"sites": ("Site", "site"), "conditions": ("Condition", "condition"),
 
 
 def _items(schema: dict, pv: bool = False) -> dict:
-    props = {"items": _list(schema, 1_000_000)}
-    if pv:
-        props["pv"] = {"type": "integer"}
-    return {"type": "object", "additionalProperties": False, "required": sorted(props), "properties": props}
+    return listing(schema, **({"pv": {"type": "integer"}} if pv else {}))
 
 
 def _written(name: str) -> dict:

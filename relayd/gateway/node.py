@@ -341,7 +341,7 @@ class RelayNode:
         hooks = webhooks.WebhookStore(self.store)
         self.webhooks = webhooks.WebhookResources(hooks)
         self.api.add(self.webhooks.ops(), webhooks.SCHEMAS, {"userToken": {
-            "type": "http", "scheme": "bearer", "description": "A user's token (docs/devices.md)."}})
+            "type": "http", "scheme": "bearer", "description": "A user's token (docs/device-cloud.md)."}})
         self.notifier = webhooks.Notifier(hooks, self.bus)
         self.notifier.start()
         self._device_proxy()

@@ -1,5 +1,5 @@
 """The device registry, its connection events and claim codes, and the
-user API (issue 13 items 3-4; docs/devices.md), on an in-process relay with
+user API (issue 13 items 3-4; docs/device-cloud.md), on an in-process relay with
 real agents over loopback: the events on the in-process bus, the claim
 flow end to end with a user of relayd's own directory (the agent's
 claim_code file, the claim, the file gone), sharing and roles, and hostile
@@ -108,7 +108,7 @@ def test_claim_flow_events_sharing_and_hostile_calls(tmp_path, caplog):
                 ids = {}
                 for n, t in (("bob", bob), ("carol", carol), ("mallory", mallory)):
                     ids[n] = (await call(relay, "GET", "/users/me", t))[1]["id"]
-                assert (await call(relay, "GET", "/devices", alice)) == (200, [])
+                assert (await call(relay, "GET", "/devices", alice)) == (200, {"items": []})
 
                 # hostile inputs, each refused with its status and metric; the bystander stays intact
                 bad_before = value("relayd_user_auth_refusals_total", reason="signature")
@@ -164,7 +164,7 @@ def test_claim_flow_events_sharing_and_hostile_calls(tmp_path, caplog):
                 status, doc = await call(relay, "POST", "/devices/claim", bob, {"claim_code": code})
                 assert status == 404 and doc["error"] == "unknown_code"  # erased on success
                 status, lst = await call(relay, "GET", "/devices", alice)
-                assert status == 200 and [(d["id"], d["state"], d["claimed"], d["role"]) for d in lst] == [
+                assert status == 200 and [(d["id"], d["state"], d["claimed"], d["role"]) for d in lst["items"]] == [
                     (did, "online", True, "owner")]
                 status, d = await call(relay, "GET", f"/devices/{did}", alice)
                 assert d["labels"] == {"site": "lab"} and d["owner"] == me["id"] and d["node"] == relay.node_name
@@ -193,7 +193,7 @@ def test_claim_flow_events_sharing_and_hostile_calls(tmp_path, caplog):
                                                                                "labels": {"floor": "1"}})
                 assert status == 200 and d["name"] == "front door" and d["labels"] == {"floor": "1"}
                 status, users = await call(relay, "GET", f"/devices/{did}/users", alice)
-                assert sorted((u["user_id"], u["role"]) for u in users) == sorted(
+                assert sorted((u["user_id"], u["role"]) for u in users["items"]) == sorted(
                     [(me["id"], "owner"), (ids["bob"], "admin"), (ids["carol"], "operator")])
                 assert (await call(relay, "GET", f"/devices/{did}/users", carol))[0] == 403
                 assert (await call(relay, "DELETE", f"/devices/{did}", carol))[0] == 403
@@ -208,7 +208,7 @@ def test_claim_flow_events_sharing_and_hostile_calls(tmp_path, caplog):
                 await until(lambda: relay.registry.get(did) is None, 5, "tunnel cut")
                 assert relay.store.is_revoked(did, agent.identity.get("cert_serial", -1)) or True
                 assert (await call(relay, "GET", f"/devices/{did}", alice))[0] == 404
-                assert (await call(relay, "GET", "/devices", alice)) == (200, [])
+                assert (await call(relay, "GET", "/devices", alice)) == (200, {"items": []})
                 assert await echo_ok(relay.tcp_ports["echo"])  # the bystander kept serving
                 await agent.stop()
                 await bystander.stop()

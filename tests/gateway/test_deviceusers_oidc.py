@@ -62,7 +62,7 @@ def test_a_user_of_the_provider_claims_a_device(tmp_path, provider_fixture):
                 assert (status, doc) == (200, {"device_id": did, "role": "owner"})
                 await until(lambda: not agent.claim_code_file.exists(), 10, "claim code removed")
                 status, lst = await call(relay, "GET", "/devices", token)
-                assert [(d["id"], d["role"]) for d in lst] == [(did, "owner")]
+                assert [(d["id"], d["role"]) for d in lst["items"]] == [(did, "owner")]
                 # another user of the provider sees nothing until shared
                 token2 = await asyncio_thread(id_token, idp, users[1])
                 other = (await call(relay, "GET", "/users/me", token2))[1]

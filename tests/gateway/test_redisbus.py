@@ -1,4 +1,4 @@
-"""The Redis event bus (relayd serve --redis URL; docs/devices.md) against
+"""The Redis event bus (relayd serve --redis URL; docs/device-cloud.md) against
 a real redis-server from Debian, started here on a loopback port and
 stopped by its PID: two relays on one Redis see each other's device
 events, a device's presence key lives while its tunnel does and expires

@@ -122,6 +122,7 @@ def test_signed_cloudevents_retries_and_visibility(tmp_path):
             assert st == 422 and err["error"] == "invalid"
             assert (await api("POST", "/webhooks", None, {"url": "https://example.com/"}))[0] == 401
             st, listed = await api("GET", "/webhooks", "u1")
+            listed = listed["items"]
             assert st == 200 and {h["id"] for h in listed} == {h1["id"], h3["id"]}
             assert all("secret" not in h for h in listed)
             assert (await api("GET", f"/webhooks/{h1['id']}", "u2"))[0] == 404
