@@ -6,6 +6,10 @@ each a map with a ``type``. Each side keeps at most one control stream of its
 own to the peer per link (``ControlChannel``, opened on first use) and reads
 the peer's with ``receive``. The relay pushes claim codes, device tokens and
 step-up prompts this way; the agent reports back.
+
+A control stream lives as long as its link: it is a background stream of the
+mux, which a drain (GoAway, then waiting for the open streams) does not wait
+for; else every planned stop of a device would last the whole drain time.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class ControlChannel:
             st = self._stream = self._open()
             if st is None:
                 return False
+            st.set_background()
         try:
             await st.write(control_message(type_, **fields))
         except RelaydError:
@@ -48,5 +53,6 @@ async def receive(stream, dispatch: Callable[[str, dict], None]) -> None:
     until the stream ends. Raises WireError/FramingError (a message without a
     type, not a map, too large) or IncompleteReadError (cut mid-message): the
     caller resets the stream and counts it."""
+    stream.set_background()
     async for msg in stream.messages():
         dispatch(control_type(msg), msg)

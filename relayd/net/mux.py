@@ -103,7 +103,7 @@ class MuxStream:
     __slots__ = (
         "_conn", "stream_id", "_chunks", "_buffered", "_eof", "_reset", "_local_closed",
         "_read_waiter", "_write_waiter", "_accepted", "_sink", "opened_at", "meter",
-        "__weakref__",
+        "background", "__weakref__",
     )
 
     def __init__(self, conn: "MuxConnection", stream_id: int) -> None:
@@ -123,9 +123,19 @@ class MuxStream:
         # ``sent(n)`` (toward the peer), ``received(n)``, ``ended()`` (once).
         # Set by whoever opened the stream (the gateway's stream seam).
         self.meter = None
+        # A stream that lives as long as the link (a control stream): no
+        # drain waits for it (``MuxConnection.drained``).
+        self.background = False
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self._conn.session.stream_state(self.stream_id)}>"
+
+    def set_background(self) -> None:
+        """This stream lives as long as the link (a control stream): the
+        connection's ``drained`` no longer waits for it."""
+        self.background = True
+        if self._conn._idle_waiters:
+            self._conn._wake_if_idle()
 
     # -- events from the connection ----------------------------------------------
 
@@ -620,7 +630,18 @@ class MuxConnection(asyncio.Protocol):
         if moved - self._trim_mark >= TRIM_AFTER_BYTES and st is not None:
             self._trim_mark = moved
             _HEAP_TRIM.request(self._loop)
-        if not self._streams and self._idle_waiters:
+        if self._idle_waiters:
+            self._wake_if_idle()
+
+    def _busy(self) -> bool:
+        """Some stream that a drain waits for is open (any but background)."""
+        for st in self._streams.values():
+            if not st.background:
+                return True
+        return False
+
+    def _wake_if_idle(self) -> None:
+        if not self._busy():
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
                 if not w.done():
@@ -671,8 +692,10 @@ class MuxConnection(asyncio.Protocol):
 
     async def drained(self, timeout: float) -> bool:
         """Wait until no stream is left (or the link is gone); False if
-        ``timeout`` passed first."""
-        if not self._streams or self._closed:
+        ``timeout`` passed first. Background streams do not count: a
+        control stream lives as long as the link, so waiting for it would
+        make every drain last its whole time."""
+        if self._closed or not self._busy():
             return True
         fut = self._loop.create_future()
         self._idle_waiters.append(fut)
@@ -680,7 +703,7 @@ class MuxConnection(asyncio.Protocol):
             await asyncio.wait_for(asyncio.shield(fut), timeout)
             return True
         except asyncio.TimeoutError:
-            return not self._streams
+            return not self._busy()
 
     async def open_stream(self) -> MuxStream:
         """Open a stream; it may be written to at once (yamux needs no wait).

@@ -5,8 +5,11 @@ agents meanwhile."""
 
 import asyncio
 import os
+import time
 
 from relayd.net import run
+from tests.gateway.devices import relay_with_https
+from tests.gateway.test_devicereg import enrolled_device
 from tests.tunnel.util import echo_service, join_token, start_agent, start_relay
 from tests.waiting import until
 
@@ -89,5 +92,47 @@ def test_a_draining_agent_gets_no_new_streams(tmp_path):
             await asyncio.wait_for(draining, 5)
             await b.stop()
         await relay.stop()
+
+    run(main())
+
+
+def test_control_streams_hold_no_drain(tmp_path):
+    """A device's link carries a control stream each way for as long as it
+    lives (the relay's pushes: device token, claim code; the agent's acks).
+    A planned stop waits for traffic, not for them: it used to last the
+    whole drain time (SIGTERM to a device agent took 10 s)."""
+    async def main():
+        relay = await relay_with_https(tmp_path)
+        try:
+            async with echo_service() as svc:
+                dev = await enrolled_device(tmp_path, relay, "cam", {"echo": ("127.0.0.1", svc)})
+                await until(dev.claim_code_file.exists, 10, "claim code")
+                link = relay.sessions[dev.identity["agent_id"]].conn
+                # both control streams are open: the relay's, and the agent's own (the ack)
+                await until(lambda: dev.conn.stream_count() == 2 and link.stream_count() == 2, 10,
+                            lambda: f"control streams: {dev.conn.stream_count()}, {link.stream_count()}")
+                r, w = await asyncio.open_connection("127.0.0.1", relay.tcp_ports["echo"])
+                assert await echo_once(r, w)
+                started = time.monotonic()
+                stopping = asyncio.ensure_future(dev.stop(drain=60.0))
+                await until(lambda: not link.accepting_streams, 5, "the agent sent no GoAway")
+                assert await echo_once(r, w)  # the data stream holds the drain
+                assert not stopping.done()
+                w.write_eof()
+                assert await asyncio.wait_for(r.read(), 5) == b""
+                w.close()
+                await asyncio.wait_for(stopping, 5)  # then the control streams do not
+                assert time.monotonic() - started < 5
+                # the relay's side: a stop with a device connected and idle ends at once
+                dev2 = await enrolled_device(tmp_path, relay, "cam2", {"echo": ("127.0.0.1", svc)})
+                await until(dev2.claim_code_file.exists, 10, "claim code")
+                link2 = relay.sessions[dev2.identity["agent_id"]].conn
+                await until(lambda: link2.stream_count() == 2, 10, "control streams")
+                started = time.monotonic()
+                await asyncio.wait_for(relay.stop(drain=60.0), 5)
+                assert time.monotonic() - started < 5
+                await dev2.stop()
+        finally:
+            await relay.stop()
 
     run(main())
