@@ -26,7 +26,7 @@ from relayd.control.jointoken import JoinToken
 from relayd.control.store import open_data_dir
 from relayd.net import run
 from tests.gateway.devices import relay_with_https
-from tests.gateway.test_devicereg import enrolled_device
+from tests.gateway.test_devicereg import call, enrolled_device, local_token
 from tests.metric import value
 from tests.tunnel.processes import free_port, stop_pid
 from tests.tunnel.util import FAST_MUX, echo_ok, echo_service
@@ -167,5 +167,51 @@ def test_redis_down_costs_events_never_tunnels(tmp_path, redis_url, caplog):
         finally:
             await relay.stop()
         assert "event bus: redis" in caplog.text
+
+    run(main())
+
+
+def test_a_claim_and_a_delete_on_one_relay_reach_the_device_on_another(tmp_path, redis_url):
+    """Two relays of one data directory (one store) on one Redis: a device's
+    tunnel ends at relay a; its owner claims it, and later deletes it, through
+    relay b's API. The claim reaches the device (a pushes it down the tunnel:
+    the agent removes its claim code file) and the delete cuts its tunnel at
+    a, through Redis; a bystander device on a keeps its stream."""
+    url, _ = redis_url
+
+    async def main():
+        a = await relay_with_https(tmp_path, redis=url)
+        b = await relay_with_https(tmp_path, redis=url)
+        assert a.data == b.data and a.node_name != b.node_name
+        seen_b = []
+        b.bus.subscribe(seen_b.append)
+        await until(lambda: a.bus.subscribed.is_set() and b.bus.subscribed.is_set(), 10, "subscribed")
+        a.zt.ctl.add_user("alice", "pw-alice-0123456789", email="alice@example.com")
+        try:
+            async with echo_service() as port:
+                bystander = await enrolled_device(tmp_path, a, "bystander", {"echo": ("127.0.0.1", port)})
+                dev = await enrolled_device(tmp_path, a, "cam", {"cam": ("127.0.0.1", port)})
+                did = dev.identity["agent_id"]
+                await until(dev.claim_code_file.exists, 10, "claim code file")
+                code = dev.claim_code_file.read_text().strip()
+                await until(lambda: [e for e in seen_b if e.type == DEVICE_CONNECTED and e.subject == did], 10,
+                            "b sees the device come up at a")
+                alice = await local_token(b, "alice", "pw-alice-0123456789")
+                status, doc = await call(b, "POST", "/devices/claim", alice, {"claim_code": code})
+                assert (status, doc) == (200, {"device_id": did, "role": "owner"})
+                await until(lambda: not dev.claim_code_file.exists(), 10, "claim pushed by relay a")
+                status, lst = await call(b, "GET", "/devices", alice)
+                assert [(d["id"], d["state"], d["role"]) for d in lst["items"]] == [(did, "online", "owner")]
+                # the delete at b cuts the tunnel at a, and the device cannot come back
+                long = asyncio.ensure_future(echo_ok(a.tcp_ports["echo"], size=4_000_000))
+                assert (await call(b, "DELETE", f"/devices/{did}", alice))[0] == 204
+                await until(lambda: not dev.connected.is_set(), 10, "tunnel cut at relay a")
+                assert await long and await echo_ok(a.tcp_ports["echo"])
+                assert (await call(a, "GET", f"/devices/{did}", alice))[0] == 404
+                await dev.stop()
+                await bystander.stop()
+        finally:
+            await a.stop()
+            await b.stop()
 
     run(main())
