@@ -39,8 +39,10 @@ run_pytest() {
 }
 
 "$VENV/bin/relayd" version
-run_pytest "compiled build" -p no:cacheprovider "$@"
-RELAYD_NO_EXTENSIONS=1 run_pytest "pure-Python twins (RELAYD_NO_EXTENSIONS=1)" -p no:cacheprovider "$@"
+run_pytest "compiled build" -p no:cacheprovider --durations=15 "$@"
+# Tests marked "once" (operations: the image, ACME, the console...) do not depend on the build.
+RELAYD_NO_EXTENSIONS=1 run_pytest "pure-Python twins (RELAYD_NO_EXTENSIONS=1)" -p no:cacheprovider --durations=15 \
+    -m "not once" "$@"
 
 log "debug build of the extensions"
 RELAYD_DEBUG_BUILD=1 "$PY" setup.py -q build_ext --inplace --force >/dev/null 2>&1 \
