@@ -97,6 +97,27 @@ async def curl(relay, path: str, *args: str) -> tuple[int, dict, bytes]:
     return int(lines[0].split()[1]), {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}, body
 
 
+async def pki_request(tmp_path, name: str) -> tuple[str, str]:
+    """An ECDSA P-256 key and a PKCS#10 request for CN=``name``, both made
+    by strongSwan's pki (DER): (key path, request path)."""
+    rc, key, err = await sh("pki", "--gen", "--type", "ecdsa", "--size", "256", "--outform", "der")
+    assert rc == 0, err
+    (tmp_path / f"{name}.key.der").write_bytes(key)
+    rc, req, err = await sh("pki", "--req", "--in", str(tmp_path / f"{name}.key.der"), "--type", "ecdsa",
+                            "--dn", f"CN={name}", "--outform", "der")
+    assert rc == 0, err
+    (tmp_path / f"{name}.req.der").write_bytes(req)
+    return str(tmp_path / f"{name}.key.der"), str(tmp_path / f"{name}.req.der")
+
+
+async def pki_est(url: str, tls_ca: str, req: str, *auth: str) -> tuple[int, bytes, bytes]:
+    """strongSwan's EST client: `pki --est` of the request ``req`` at the
+    relay ``url`` (TLS verified by ``tls_ca``), with ``auth`` (--userpass,
+    or --cert and --key to re-enroll); stdout: the certificate (PEM)."""
+    return await sh("pki", "--est", "--url", url, "--in", req, "--cacert", tls_ca, *auth, "--outform", "pem",
+                    timeout=30)
+
+
 def issued(body: bytes) -> x509.Certificate:
     assert b"\n" not in body.strip() and b"\r" not in body  # one unbroken base64 line
     certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
@@ -302,24 +323,16 @@ def test_strongswan_pki_estca_est_and_reenroll(tmp_path):
         assert got, out
         assert x509.load_pem_x509_certificate((tmp_path / got[0]).read_bytes()).public_bytes(
             serialization.Encoding.DER) == relay.ca.cert_der
-        # enroll with the OTP as Basic password (--userpass), RSA key as pki makes by default
-        k = str(tmp_path / "dev.der")
-        assert (await sh("pki", "--gen", "--type", "ecdsa", "--size", "256", "--outform", "der"))[0] == 0
-        rc, keyder, err = await sh("pki", "--gen", "--type", "ecdsa", "--size", "256", "--outform", "der")
-        (tmp_path / "dev.der").write_bytes(keyder)
-        rc, req, err = await sh("pki", "--req", "--in", k, "--type", "ecdsa", "--dn", "CN=cam-pki", "--outform", "der")
-        assert rc == 0, err
-        (tmp_path / "req.der").write_bytes(req)
+        # enroll with the OTP as Basic password (--userpass), an ECDSA key made by pki
+        k, req = await pki_request(tmp_path, "cam-pki")
         otp = (await new_otp(relay, key, device_name="pki-cam"))["otp"]
-        rc, out, err = await sh("pki", "--est", "--url", url, "--in", str(tmp_path / "req.der"), "--cacert", tls_ca,
-                                "--userpass", f"cam:{otp}", "--outform", "pem", timeout=30)
+        rc, out, err = await pki_est(url, tls_ca, req, "--userpass", f"cam:{otp}")
         assert rc == 0, (out, err)
         cert = x509.load_pem_x509_certificate(out)
         dev = device_of(cert)
         assert relay.store.query("SELECT name FROM dc_devices WHERE id = ?", (dev,)) == [("pki-cam",)]
         # the same OTP again: refused
-        rc, _, _ = await sh("pki", "--est", "--url", url, "--in", str(tmp_path / "req.der"), "--cacert", tls_ca,
-                            "--userpass", f"cam:{otp}", "--outform", "pem", timeout=30)
+        rc, _, _ = await pki_est(url, tls_ca, req, "--userpass", f"cam:{otp}")
         assert rc != 0
         # the OTP in the CSR's challengePassword (pki --req --password), an RSA key
         rc, rsakey, err = await sh("pki", "--gen", "--type", "rsa", "--size", "2048", "--outform", "der", timeout=60)
@@ -329,14 +342,12 @@ def test_strongswan_pki_estca_est_and_reenroll(tmp_path):
                                  "CN=cam-rsa", "--password", otp2, "--outform", "der")
         assert rc == 0, err
         (tmp_path / "req2.der").write_bytes(req2)
-        rc, out2, err = await sh("pki", "--est", "--url", url, "--in", str(tmp_path / "req2.der"), "--cacert", tls_ca,
-                                 "--outform", "pem", timeout=30)
+        rc, out2, err = await pki_est(url, tls_ca, str(tmp_path / "req2.der"))
         assert rc == 0, (out2, err)
         device_of(x509.load_pem_x509_certificate(out2))
         # re-enroll by the current certificate (TLS client auth, no Authorization)
         (tmp_path / "dev.pem").write_bytes(out)
-        rc, out3, err = await sh("pki", "--est", "--url", url, "--in", str(tmp_path / "req.der"), "--cacert", tls_ca,
-                                 "--cert", str(tmp_path / "dev.pem"), "--key", k, "--outform", "pem", timeout=30)
+        rc, out3, err = await pki_est(url, tls_ca, req, "--cert", str(tmp_path / "dev.pem"), "--key", k)
         assert rc == 0, (out3, err)
         renewed = x509.load_pem_x509_certificate(out3)
         assert device_of(renewed) == dev and renewed.serial_number != cert.serial_number
@@ -344,8 +355,7 @@ def test_strongswan_pki_estca_est_and_reenroll(tmp_path):
         # a revoked device cannot re-enroll
         relay.store.revoke_agent(dev)
         before = bad_input("est", "revoked")
-        rc, _, _ = await sh("pki", "--est", "--url", url, "--in", str(tmp_path / "req.der"), "--cacert", tls_ca,
-                            "--cert", str(tmp_path / "dev.pem"), "--key", k, "--outform", "pem", timeout=30)
+        rc, _, _ = await pki_est(url, tls_ca, req, "--cert", str(tmp_path / "dev.pem"), "--key", k)
         assert rc != 0 and bad_input("est", "revoked") == before + 1
 
     run(main())
