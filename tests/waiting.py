@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -41,6 +41,20 @@ async def until(pred: Callable[[], T], timeout: float = 10, what: str | Callable
         if loop.time() > deadline:
             raise _fail(what, timeout)
         await asyncio.sleep(INTERVAL)
+    return v
+
+
+async def until_checked(check: Callable[[], Awaitable[T]], timeout: float = 10,
+                        what: str | Callable[[], str] = "condition not reached", interval: float = 0.05) -> T:
+    """``until`` for a condition that takes I/O to observe (a request, a
+    Redis read): ``check`` is a coroutine function, awaited until it
+    returns a true value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (v := await check()):
+        if loop.time() > deadline:
+            raise _fail(what, timeout)
+        await asyncio.sleep(interval)
     return v
 
 
