@@ -6,7 +6,9 @@ from its own enrollment table."""
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from relayd.core import http1
@@ -41,8 +43,11 @@ INTERNAL_ERRORS = Counter("relayd_internal_errors_total",
                           "stream or connection was closed, the rest went on)", ["where"])
 
 
-async def serve_metrics(sock) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.1 endpoint for ``GET /metrics`` on a bound socket."""
+async def serve_metrics(sock, health: Callable[[], tuple[bool, dict]] | None = None) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.1 endpoint for ``GET /metrics`` on a bound socket,
+    and ``GET /healthz`` when ``health`` is given: 200 or 503 with its JSON
+    (the answer comes from the node's own event loop, so a wedged loop fails
+    it too)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -54,6 +59,9 @@ async def serve_metrics(sock) -> asyncio.AbstractServer:
             else:
                 if head.method == b"GET" and head.path == b"/metrics":
                     writer.write(http1.response(200, generate_latest(), CONTENT_TYPE_LATEST.encode()))
+                elif head.method == b"GET" and head.path == b"/healthz" and health is not None:
+                    ok, detail = health()
+                    writer.write(http1.response(200 if ok else 503, orjson.dumps(detail) + b"\n", b"application/json"))
                 else:
                     writer.write(http1.response(404, b"not found\n"))
             await writer.drain()

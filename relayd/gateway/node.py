@@ -101,6 +101,7 @@ class RelayNode:
         self.proxy_gate: DeviceProxy | None = None  # /api/v1/devices/{id}/proxy/..., with the HTTPS port
         self.notifier: webhooks.Notifier | None = None  # events to webhooks, with the HTTPS port
         self._listeners_timer = None
+        self._stopping = False
         self.stopped = asyncio.Event()
 
     @property
@@ -245,7 +246,7 @@ class RelayNode:
             await self.tcp.listen(name, socks)
         if metrics_socks is not None:
             for sock in metrics_socks:
-                self._servers.append(await metrics.serve_metrics(sock))
+                self._servers.append(await metrics.serve_metrics(sock, self.health))
             self.metrics_port = metrics_socks[0].getsockname()[1]
         self._tasks += self.agent_port.start()
         if self.zt is not None:
@@ -516,10 +517,29 @@ class RelayNode:
         log.info("certificates reloaded", extra={"names": ",".join(sorted(names))})
         return True
 
+    def health(self) -> tuple[bool, dict]:
+        """Whether this node serves (``GET /healthz`` on the metrics
+        listener; the container image's HEALTHCHECK): started, not stopping,
+        its database open and every TLS listener accepting (not closed, not
+        paused for want of file descriptors)."""
+        problems = []
+        if self._stopping:
+            problems.append("stopping")
+        if self.store is None:
+            problems.append("database closed")
+        if not self._listeners:
+            problems.append("not started")
+        problems += [f"{lst.name}: not accepting" for lst in self._listeners if not lst.serving]
+        detail = {"status": "unavailable" if problems else "ok", "agents": len(self.sessions)}
+        if problems:
+            detail["problems"] = problems
+        return not problems, detail
+
     async def stop(self, drain: float = 0.0) -> None:
         """Stop accepting, send every agent link GoAway, let open streams
         finish for up to ``drain`` seconds, then close; what is still open
         then is cut (reset)."""
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         self.seam.close()

@@ -356,6 +356,11 @@ class TlsListener:
     def port(self) -> int:
         return self.socks[0].getsockname()[1]
 
+    @property
+    def serving(self) -> bool:
+        """Accepting now: not closed, not paused for want of file descriptors."""
+        return not self._closed and self._paused is None
+
     def _accept(self, lsock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
