@@ -69,7 +69,7 @@ from relayd.errors import AuthError, ConfigError, DataDirError, RevokedError, St
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Store", "open_data_dir"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 5000
 #: Spent or expired join tokens are kept this long (so that a late attempt
 #: gets "expired"/"already used" rather than "unknown"), then purged.
@@ -247,13 +247,20 @@ _MIGRATIONS: list[str] = [
     );
     ALTER TABLE agents ADD COLUMN node TEXT;
     """,
+    # 6: join tokens can be revoked before use, and remember the agent they
+    # enrolled (the admin API lists them: docs/api.md)
+    """
+    ALTER TABLE join_tokens ADD COLUMN revoked_at REAL;
+    ALTER TABLE join_tokens ADD COLUMN agent_id TEXT;
+    """,
 ]
 
 #: The options of a hybrid connection kept in hc_connections.options (JSON).
 _HC_OPTIONS = ("requires_client_auth", "websocket", "http", "response_timeout", "control_threshold",
                "max_listeners")
 
-_TOKEN_SQL = "SELECT secret_sha256, endpoints, expires_at, used_at FROM join_tokens WHERE id = ?"
+_TOKEN_SQL = "SELECT secret_sha256, endpoints, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?"
+_TOKEN_COLUMNS = "id, endpoints, created_at, expires_at, used_at, revoked_at, agent_id"
 
 _AGENT_COLUMNS = (
     "id, endpoints, created_at, revoked_at, cert_serial, cert_not_after,"
@@ -283,14 +290,24 @@ def _usable_token(row: tuple | None, secret: str, now: float) -> list[str]:
     nobody learns whether the token is spent or expired."""
     if row is None:
         raise AuthError("unknown join token")
-    stored_hash, endpoints, expires_at, used_at = row
+    stored_hash, endpoints, expires_at, used_at, revoked_at = row
     if not hmac.compare_digest(stored_hash, _hash_secret(secret)):
         raise AuthError("join token secret does not match")
     if used_at is not None:
         raise AuthError("join token already used")
+    if revoked_at is not None:
+        raise AuthError("join token revoked")
     if now >= expires_at:
         raise AuthError("join token expired")
     return json.loads(endpoints)
+
+
+def _token_row(row: tuple, now: float) -> dict[str, Any]:
+    d = dict(zip(("id", "endpoints", "created_at", "expires_at", "used_at", "revoked_at", "agent_id"), row))
+    d["endpoints"] = json.loads(d["endpoints"])
+    d["state"] = ("used" if d["used_at"] is not None else "revoked" if d["revoked_at"] is not None
+                  else "expired" if d["expires_at"] <= now else "pending")
+    return d
 
 
 def _token_args(token_id: object, secret: object) -> None:
@@ -513,6 +530,33 @@ class Store:
         rows = self._read(_TOKEN_SQL, (token_id,))
         return _usable_token(rows[0] if rows else None, secret, time.time() if now is None else now)
 
+    def list_join_tokens(self, *, now: float | None = None) -> list[dict[str, Any]]:
+        """Every join token kept (spent and dead ones for TOKEN_RETENTION),
+        oldest first; never a secret or its hash. Keys: id, endpoints,
+        created_at, expires_at, used_at, revoked_at, agent_id (the agent it
+        enrolled) and state (pending, used, expired, revoked)."""
+        now = time.time() if now is None else now
+        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM join_tokens ORDER BY created_at, id")
+        return [_token_row(r, now) for r in rows]
+
+    def get_join_token(self, token_id: str, *, now: float | None = None) -> dict[str, Any] | None:
+        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM join_tokens WHERE id = ?", (token_id,))
+        return _token_row(rows[0], time.time() if now is None else now) if rows else None
+
+    def revoke_join_token(self, token_id: str, *, now: float | None = None) -> bool | None:
+        """Refuse a join token from now on: True (revoked now or before),
+        False if it enrolled an agent already (revoke the agent), None if
+        unknown."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = db.execute("SELECT used_at FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0] is not None:
+                return False
+            db.execute("UPDATE join_tokens SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (now, token_id))
+        return True
+
     def redeem_join_token(self, token_id: str, secret: str, *, now: float | None = None) -> list[str]:
         """Spend a join token; returns its endpoints, AuthError if refused.
 
@@ -556,6 +600,7 @@ class Store:
         with self._write() as db:
             endpoints = self._spend_token(db, token_id, secret, now)
             self._insert_agent(db, agent_id, _endpoints_json(endpoints), serial, cert_not_after, now)
+            db.execute("UPDATE join_tokens SET agent_id = ? WHERE id = ?", (agent_id, token_id))
             self._bump(db)
         return endpoints
 

@@ -98,7 +98,27 @@ def test_token_stored_hashed(db_path, store):
     for f in db_path.parent.iterdir():  # the database and its -wal, -shm files
         assert secret.encode() not in f.read_bytes()
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
-    assert row[3:] == (1000.0, 1900.0, None)
+    assert row[3:] == (1000.0, 1900.0, None, None, None)  # used_at, revoked_at, agent_id
+
+
+def test_join_tokens_listed_revoked_and_linked_to_their_agent(store):
+    a, sa = store.create_join_token(["web"], 900, now=1000.0)
+    b, sb = store.create_join_token([], 900, now=1001.0)
+    c, _ = store.create_join_token([], 10, now=1002.0)
+    store.enroll_agent(a, sa, "ag-1", 7, 2e9, now=1003.0)
+    assert store.revoke_join_token(b, now=1004.0) is True
+    assert store.revoke_join_token(b) is True  # again: still revoked, at its first time
+    assert store.revoke_join_token(a) is False  # it enrolled an agent: revoke the agent
+    assert store.revoke_join_token("nope-nope") is None
+    rows = {t["id"]: t for t in store.list_join_tokens(now=1100.0)}
+    assert [rows[t]["state"] for t in (a, b, c)] == ["used", "revoked", "expired"]
+    assert rows[a]["agent_id"] == "ag-1" and rows[a]["endpoints"] == ["web"] and rows[b]["revoked_at"] == 1004.0
+    assert not any(s in repr(rows) for s in (sa, sb))
+    assert store.get_join_token(b, now=1100.0) == rows[b] and store.get_join_token("nope-nope") is None
+    with pytest.raises(AuthError, match="revoked"):
+        store.redeem_join_token(b, sb, now=1005.0)
+    with pytest.raises(AuthError, match="does not match"):  # the secret first: the state stays unsaid
+        store.redeem_join_token(b, "x" * 43, now=1005.0)
 
 
 def test_redeem_once(store):
