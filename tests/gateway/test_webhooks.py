@@ -184,6 +184,7 @@ def test_a_revoked_share_stops_queued_retries(tmp_path):
         relay = await relay_with_https(tmp_path)
         relay.webhooks.user_auth = fake_user_auth
         relay.notifier.limits.first_retry = 0.2
+        relay.notifier.limits.max_retry = 0.5  # the retry after the revocation comes soon, however many came before
         users(relay, "u1", "u2")
         async with echo_service() as svc:
             dev = await start_device(tmp_path, relay, "d1", {"echo": ("127.0.0.1", svc)})
@@ -203,7 +204,8 @@ def test_a_revoked_share_stops_queued_retries(tmp_path):
             hidden = value("relayd_webhook_deliveries_total", result="not_visible")
             with relay.store.transaction() as db:
                 db.execute("DELETE FROM dc_shares WHERE user_id = 'u2'")
-            await until(lambda: value("relayd_webhook_deliveries_total", result="not_visible") == hidden + 1, 10)
+            # at least one: a reconnect under load can queue the device's connection events too
+            await until(lambda: value("relayd_webhook_deliveries_total", result="not_visible") >= hidden + 1, 10)
             n = len(r.got)
             await until(lambda: relay.notifier.pending == 0, 5)
             assert len(r.got) == n
