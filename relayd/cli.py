@@ -11,13 +11,10 @@ import signal
 import sqlite3
 import ssl
 import sys
-import time
 from pathlib import Path
 
-import orjson
-
 import relayd
-from relayd import _build, cli_zerotrust
+from relayd import _build, cli_admin, cli_zerotrust
 from relayd.errors import AuthError, ConfigError, RelaydError, TemporaryError
 
 #: Exit status of a failure that may pass (sysexits' EX_TEMPFAIL): the relay
@@ -259,211 +256,10 @@ def cmd_hc(args: argparse.Namespace) -> int:
 # -- admin ---------------------------------------------------------------------------
 
 
-def _open_relay_data(data: str):
-    from relayd.control.store import open_data_dir
-
-    d = Path(data)
-    if not (d / "relay.json").is_file() or not (d / "ca" / "ca.crt").is_file():
-        raise ConfigError(f"{d} is not a relay data directory: start `relayd serve --data {d}` once first")
-    ca, store = open_data_dir(d, create=False)
-    return d, ca, store
-
-
-def _relay_info(d: Path) -> dict:
-    """relay.json: what the running relay wrote about its addresses."""
-    path = d / "relay.json"
-    try:
-        info = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError:
-        info = None
-    if not isinstance(info, dict) or not isinstance(info.get("advertised"), str):
-        raise ConfigError(f"{path} is damaged: start `relayd serve --data {d}` again to rewrite it")
-    return info
-
-
 def cmd_admin(args: argparse.Namespace) -> int:
-    from relayd.config import parse_duration
-    from relayd.control.jointoken import JoinToken
-
-    d, ca, store = _open_relay_data(args.data)
-    try:
-        if args.admin == "join-token":
-            info = _relay_info(d)
-            ttl = parse_duration(args.ttl, "--ttl")
-            if ttl <= 0:
-                raise ConfigError("--ttl must be positive")
-            address = info["advertised"]
-            if args.transport == "wss":
-                if "https" not in info:
-                    raise ConfigError("this relay has no --https listener: agents cannot use --transport wss")
-                address = info["https"]
-            token_id, secret = store.create_join_token(args.endpoint or [], ttl)
-            print(JoinToken(address, ca.pin, token_id, secret).encode())
-        elif args.admin == "ca-cert":
-            sys.stdout.write(ca.cert_pem.decode())
-        elif args.admin == "agents":
-            print(f"{'ID':<16} {'ENDPOINTS':<20} {'STATUS':<8} {'CONNECTED SINCE':<20} {'ADDRESS':<22} "
-                  f"{'BYTES IN':>12} {'BYTES OUT':>12}")
-            for a in store.list_agents():
-                status = "revoked" if a["revoked_at"] else ("online" if a["connected_since"] else "offline")
-                since = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["connected_since"]))
-                         if a["connected_since"] else "-")
-                print(f"{a['id']:<16} {','.join(a['endpoints']) or '*':<20} {status:<8} {since:<20} "
-                      f"{a['address'] or '-':<22} {a['bytes_in']:>12} {a['bytes_out']:>12}")
-        elif args.admin == "revoke-agent":
-            if not store.revoke_agent(args.id):
-                return _fail(f"no agent {args.id!r}", 1)
-            print(f"revoked {args.id}: a running relay cuts its link within a second")
-        elif args.admin == "hc":
-            return _admin_hc(args, d, store)
-        elif args.admin == "otp":
-            return _admin_otp(args, d, ca, store)
-        elif args.admin == "api-key":
-            from relayd.control.api import KEY_FILE, new_admin_key
-
-            key = new_admin_key()
-            store.set_admin_key(key)
-            # The file the first start wrote holds the old key now: gone.
-            (d / KEY_FILE).unlink(missing_ok=True)
-            print(key)
-            print("the previous admin API key no longer works (a running relay too)", file=sys.stderr)
-        elif args.admin in cli_zerotrust.ADMIN_COMMANDS:
-            return cli_zerotrust.admin(args, d, store)
-    finally:
-        store.close()
-    return 0
-
-
-def _admin_otp(args: argparse.Namespace, d: Path, ca, store) -> int:
-    """`relayd admin otp create|list|revoke`: the same OTPs as
-    /api/v1/admin/otps (relayd.control.provisioning)."""
-    import orjson
-
-    from relayd.control.provisioning import Otps, Provisioning
-
-    otps = Otps(store)
-    if args.otp == "create":
-        labels = {}
-        for item in args.label or []:
-            k, eq, v = item.partition("=")
-            if not eq or not k:
-                raise ConfigError(f"--label {item!r}: KEY=VALUE")
-            labels[k] = v
-        info = _relay_info(d)
-        est_url = f"https://{info['https']}/.well-known/est" if "https" in info else None
-        if est_url is None:
-            print("this relay has no --https listener: devices cannot reach EST until it has one", file=sys.stderr)
-        body = {"ttl": args.ttl, "labels": labels, **({"device_name": args.name} if args.name else {})}
-        doc = Provisioning(otps, None, lambda: est_url, ca.pin).issue(body, "cli")
-        if args.json:
-            print(orjson.dumps(doc).decode())
-        else:
-            print(doc["otp"])
-            print(f"id {doc['otp_id']}, expires {doc['expires_at']}; on the device: relayd agent --otp {doc['otp']} "
-                  f"--est {est_url or 'https://RELAY'} --pin {doc['ca_sha256']}", file=sys.stderr)
-    elif args.otp == "list":
-        print(f"{'ID':<18} {'STATE':<8} {'EXPIRES':<20} {'NAME':<20} DEVICE")
-        for r in otps.list():
-            exp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["expires_at"]))
-            print(f"{r['otp_id']:<18} {r['state']:<8} {exp:<20} {(r['device_name'] or '-')[:20]:<20} "
-                  f"{r['device_id'] or '-'}")
-    else:
-        done = otps.revoke(args.id)
-        if done is None:
-            return _fail(f"no OTP {args.id!r}", 1)
-        if done is False:
-            return _fail(f"OTP {args.id} enrolled a device already: revoke the device instead", 1)
-        print(f"revoked {args.id}")
-    return 0
-
-
-def _admin_hc(args: argparse.Namespace, d: Path, store) -> int:
-    """``relayd admin hc ...``: hybrid connections and their rules in the
-    data directory (a running relay picks the changes up)."""
-    from relayd.config import parse_duration
-    from relayd.control import sas
-    from relayd.control.hybrid import HybridConnection, check_path
-
-    cmd = args.hc
-    if cmd == "create":
-        opts = {"requires_client_auth": not args.no_client_auth, "websocket": not args.no_websocket,
-                "http": not args.no_http}
-        if args.response_timeout:
-            opts["response_timeout"] = parse_duration(args.response_timeout, "--response-timeout")
-        if args.control_threshold is not None:
-            opts["control_threshold"] = args.control_threshold
-        hc = HybridConnection(args.path, **opts)
-        store.hc_create(hc)
-        print(f"created hybrid connection {hc.path}")
-    elif cmd == "delete":
-        if not store.hc_delete(check_path(args.path)):
-            return _fail(f"no hybrid connection {args.path!r}", 1)
-        print(f"deleted hybrid connection {args.path}: a running relay closes its listeners")
-    elif cmd == "list":
-        cat = store.hc_catalog()
-        try:  # what the running relay wrote about its listeners
-            live = orjson.loads((d / "hybrid-listeners.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            live = {}
-        print("node rules: " + (", ".join(f"{r.name} ({','.join(sorted(r.rights))})" for r in cat.rules) or "-"))
-        print(f"{'PATH':<32} {'CLIENT AUTH':<11} {'WEBSOCKET':<9} {'HTTP':<5} {'TIMEOUT':>8} {'THRESHOLD':>9} "
-              f"{'LISTENERS':>9}  RULES")
-        for hc in cat.connections.values():
-            rules = ", ".join(f"{r.name} ({','.join(sorted(r.rights))})" for r in hc.rules) or "-"
-            print(f"{hc.path:<32} {'yes' if hc.requires_client_auth else 'no':<11} "
-                  f"{'yes' if hc.websocket else 'no':<9} {'yes' if hc.http else 'no':<5} "
-                  f"{hc.response_timeout:>7g}s {hc.control_threshold:>9} {len(live.get(hc.path, [])):>9}  {rules}")
-        for path in sorted(set(live) - {hc.path for hc in cat.connections.values()}):
-            print(f"{path:<32} (from the relay's config) {'':>37} {len(live[path]):>9}")
-        for path, listeners in sorted(live.items()):
-            for lst in listeners:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lst["since"]))
-                print(f"  listener of {path}: {lst['id']} since {since} from {lst['address']}")
-    elif cmd == "rule":
-        scope = check_path(args.path) if args.path else ""
-        if args.rule == "add":
-            rule = sas.SasRule(args.name, args.key or sas.new_key(), rights=sas.parse_rights(args.rights))
-            store.hc_rule_add(scope, rule)
-            print(f"added rule {rule.name} ({','.join(sorted(rule.rights))}) to {scope or 'the node'}")
-            print(f"key: {rule.primary_key}")
-        elif args.rule == "rotate":
-            rule = store.hc_rule_rotate(scope, args.name, args.key or sas.new_key())
-            print(f"rotated rule {rule.name} of {scope or 'the node'}: tokens signed with the previous key "
-                  "stay good until the next rotation")
-            print(f"key: {rule.primary_key}")
-        elif args.rule == "remove":
-            if not store.hc_rule_remove(scope, args.name):
-                return _fail(f"no rule {args.name!r} in {scope or 'the node'}", 1)
-            print(f"removed rule {args.name} from {scope or 'the node'}")
-    elif cmd == "connection-string":
-        cat = store.hc_catalog()
-        scope = check_path(args.path) if args.path else ""
-        if scope:
-            found = cat.find(scope)
-            if found is None or found[1]:
-                return _fail(f"no hybrid connection {args.path!r}", 1)
-            rules = found[0].rules
-        else:
-            rules = cat.rules
-        rule = next((r for r in rules if r.name == args.name), None)
-        if rule is None:
-            return _fail(f"no rule {args.name!r} in {scope or 'the node'}", 1)
-        key = rule.secondary_key if args.secondary else rule.primary_key
-        if not key:
-            return _fail(f"rule {args.name!r} has no secondary key (it was never rotated)", 1)
-        host = args.host or _hc_host(d)
-        print(sas.ConnectionString(f"sb://{host}/", rule.name, key, scope))
-    return 0
-
-
-def _hc_host(d: Path) -> str:
-    """The relay's HTTPS address for connection strings: ``HOST`` (port 443)
-    or ``HOST:PORT``."""
-    info = _relay_info(d)
-    if "https" not in info:
-        raise ConfigError("this relay has no --https listener, where hybrid connections are served")
-    host, _, port = info["https"].rpartition(":")
-    return host if port == "443" else info["https"]
+    """`relayd admin ...`, on a data directory or a remote relay's API
+    (relayd.cli_admin)."""
+    return cli_admin.run(args)
 
 
 # -- demo (the README's first command) -------------------------------------------------------
@@ -520,22 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pin", metavar="SHA256", help="the relay CA's SHA-256 that came with the OTP")
     a.set_defaults(func=cmd_agent)
 
-    ad = sub.add_parser("admin", help="manage a relay's data directory")
+    ad = sub.add_parser("admin", help="manage a relay: its data directory (--data) or its admin API (--api URL)")
+    cli_admin.add_target(ad, top=True)
     asub = ad.add_subparsers(dest="admin", required=True)
     jt = asub.add_parser("join-token", help="print a single-use join token")
-    jt.add_argument("--data", required=True)
     jt.add_argument("--endpoint", action="append", metavar="NAME",
                     help="restrict the agent to this endpoint (repeatable)")
     jt.add_argument("--ttl", default="15m", help="validity (default 15m)")
     jt.add_argument("--transport", choices=["tls", "wss"], default="tls",
                     help="the address the token names: the agents port (tls) or the HTTPS port (wss)")
+    jl = asub.add_parser("join-tokens", help="list join tokens (never their secrets) and the agents they enrolled")
+    jr = asub.add_parser("revoke-join-token", help="revoke an unused join token")
+    jr.add_argument("id")
     cc = asub.add_parser("ca-cert", help="print the relay's CA certificate (PEM)")
-    cc.add_argument("--data", required=True)
-    ag = asub.add_parser("agents", help="list agents")
-    ag.add_argument("--data", required=True)
+    ag = asub.add_parser("agents", help="list agents (with an ID: that agent in detail)")
+    ag.add_argument("id", nargs="?", help="one agent")
     rv = asub.add_parser("revoke-agent", help="revoke an agent: cuts its live link, refuses its certificate")
     rv.add_argument("id")
-    rv.add_argument("--data", required=True)
+    ep = asub.add_parser("endpoints", help="list endpoints with the agents serving them and their traffic")
+    st = asub.add_parser("status", help="the relay: addresses, CA pin, agents online, hybrid listeners")
     hc = asub.add_parser("hc", help="hybrid connections (Azure Relay) and their shared access rules")
     hsub = hc.add_subparsers(dest="hc", required=True)
     c = hsub.add_parser("create", help="create a hybrid connection")
@@ -555,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         r = rsub.add_parser(name, help=what)
         r.add_argument("path", nargs="?", help="the hybrid connection (none: the node)")
         r.add_argument("--name", required=True)
-        r.add_argument("--data", required=True)
+        cli_admin.add_target(r)
         if name != "remove":
             r.add_argument("--key", help="the key to use (default: 32 random bytes, Base64)")
         if name == "add":
@@ -566,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--secondary", action="store_true", help="with the rule's secondary key")
     cs.add_argument("--host", help="HOST[:PORT] to name (default: the relay's HTTPS address)")
     for each in (c, hl, hd, cs):
-        each.add_argument("--data", required=True)
+        cli_admin.add_target(each)
     op = asub.add_parser("otp", help="device provisioning OTPs (docs/device-cloud.md)")
     osub = op.add_subparsers(dest="otp", required=True)
     oc = osub.add_parser("create", help="print a new OTP for one device (its details on stderr)")
@@ -578,11 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     orv = osub.add_parser("revoke", help="revoke an unused OTP")
     orv.add_argument("id")
     for each in (oc, ol, orv):
-        each.add_argument("--data", required=True)
+        cli_admin.add_target(each)
     ak = asub.add_parser("api-key", help="the admin API key (docs/api.md)")
     aks = ak.add_subparsers(dest="api_key", required=True)
     x = aks.add_parser("rotate", help="print a new admin API key; the old one stops working at once")
-    x.add_argument("--data", required=True)
+    for each in (jt, jl, jr, cc, ag, rv, ep, st, x):
+        cli_admin.add_target(each)
     cli_zerotrust.add_admin_parsers(asub)
     ad.set_defaults(func=cmd_admin)
     cli_zerotrust.add_client_parsers(sub)

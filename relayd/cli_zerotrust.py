@@ -12,6 +12,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from relayd.cli_admin import add_target
 from relayd.errors import ConfigError
 
 DEFAULT_CLIENT_DATA = Path.home() / ".relayd-client"
@@ -112,7 +113,7 @@ def add_admin_parsers(ads) -> None:
         leaves = [c for act in top._actions if isinstance(act, argparse._SubParsersAction)
                   for c in act.choices.values()]
         for leaf in leaves or [top]:
-            leaf.add_argument("--data", required=True)
+            add_target(leaf)
 
 
 ADMIN_COMMANDS = {"user", "group", "entitlement", "policy", "revoke", "device", "sessions"}
@@ -135,69 +136,69 @@ def _doc(path: str) -> dict:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def admin(args, d: Path, store) -> int:
+def admin(args, b) -> int:
+    """The zero-trust subcommands, as REST calls to ``b`` (a
+    relayd.cli_admin.Backend: the data directory or a remote relay)."""
+    from relayd.cli_admin import seg, when
+    from relayd.control.api import rfc3339
     from relayd.config import parse_duration
-    from relayd.control import policy as pol
-    from relayd.control import totp
-    from relayd.control.zerotrust import Controller, ZtConfig
-    from relayd.control.ztstore import ZtStore
 
-    zs = ZtStore(store)
-    ctl = Controller(d, zs, ZtConfig())
     a, op = args.admin, getattr(args, "zt", None)
     if a == "user":
+        provider = getattr(args, "provider", "local")
+        user = f"/admin/users/{seg(provider)}/{seg(args.name)}" if op != "list" and op != "add" else ""
         if op == "add":
-            secret = ctl.add_user(args.name, _password(args.password_stdin), groups=args.group, email=args.email,
-                                  with_totp=args.totp)
+            body = {"username": args.name, "password": _password(args.password_stdin), "groups": args.group,
+                    "totp": args.totp, **({"email": args.email} if args.email else {})}
+            u = b.call("POST", "/admin/users", body)
             print(f"user {args.name} added" + (f" (groups {','.join(args.group)})" if args.group else ""))
-            if secret:
-                print(f"authenticator secret: {secret}\n{totp.provisioning_uri(secret, args.name)}")
+            if u.get("totp_secret"):
+                print(f"authenticator secret: {u['totp_secret']}\n{u['totp_uri']}")
         elif op == "list":
             print(f"{'PROVIDER':<10} {'USER':<24} {'TOTP':<5} {'STATE':<8} GROUPS")
-            for u in zs.list_users():
+            for u in b.call("GET", "/admin/users")["items"]:
                 print(f"{u['provider']:<10} {u['username']:<24} {'yes' if u['totp'] else 'no':<5} "
-                      f"{'disabled' if u['disabled_at'] else 'active':<8} {','.join(u['groups'])}")
+                      f"{'disabled' if u['disabled'] else 'active':<8} {','.join(u['groups'])}")
         elif op == "rm":
-            if not ctl.remove_user(args.provider, args.name, actor="cli"):
-                raise ConfigError(f"no user {args.name!r} ({args.provider})")
+            b.call("DELETE", user)
             print(f"user {args.name} removed; their sessions are cut")
         elif op in ("disable", "enable"):
-            if not ctl.set_disabled(args.provider, args.name, op == "disable", actor="cli"):
-                raise ConfigError(f"no user {args.name!r} ({args.provider})")
+            b.call("PATCH", user, {"disabled": op == "disable"})
             print(f"user {args.name} disabled; their sessions are cut" if op == "disable" else
                   f"user {args.name} may sign in again")
         elif op == "passwd":
-            ctl.reset_user(args.name, password=_password(args.password_stdin), actor="cli")
+            b.call("PATCH", user, {"password": _password(args.password_stdin)})
             print("password changed; the user's sessions are cut")
         elif op == "totp":
-            secret = ctl.reset_user(args.name, totp_off=args.off, actor="cli")
+            u = b.call("PATCH", user, {"totp": "off" if args.off else "reset"})
             print("authenticator removed" if args.off else
-                  f"authenticator secret: {secret}\n{totp.provisioning_uri(secret, args.name)}")
+                  f"authenticator secret: {u['totp_secret']}\n{u['totp_uri']}")
     elif a == "group":
-        groups = zs.set_groups(args.provider, args.user, add=args.groups if op == "add" else (),
-                               remove=args.groups if op == "rm" else ())
+        user = f"{seg(args.provider)}/{seg(args.user)}"
+        for g in args.groups:
+            b.call("PUT" if op == "add" else "DELETE", f"/admin/groups/{seg(g)}/members/{user}")
+        groups = b.call("GET", f"/admin/users/{user}")["groups"]
         print(f"{args.user}: {','.join(groups) or '(no groups)'} (effective at the next renewal)")
     elif a in ("entitlement", "policy"):
+        kind = "entitlements" if a == "entitlement" else getattr(args, "kind", None)
         if op == "list":
-            for e in sorted(zs.policy().entitlements.values(), key=lambda e: e["id"]):
+            for e in b.call("GET", "/admin/entitlements")["items"]:
                 print(f"{e['id']:<24} site={e['site']:<12} rev={e.get('rev', 1):<3} conditions="
-                      f"{','.join(e['conditions']) or '-'} actions={len(e['actions'])}")
+                      f"{','.join(e.get('conditions', [])) or '-'} actions={len(e['actions'])}")
         elif op == "set":
-            kind = "entitlements" if a == "entitlement" else args.kind
             doc = _doc(args.file)
-            obj, pv = zs.put_policy(kind, doc.get(kind, [doc])[0] if kind in doc else doc)
-            print(f"{kind} {obj['id']} saved; policy version {pv}")
+            obj = doc.get(kind, [doc])[0] if kind in doc else doc
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
+                raise ConfigError(f"{args.file}: the {kind} object has no id")
+            w = b.call("PUT", f"/admin/{kind}/{seg(obj['id'])}", obj)
+            print(f"{kind} {w['item']['id']} saved; policy version {w['pv']}")
         elif op == "rm":
-            kind = "entitlements" if a == "entitlement" else args.kind
-            pv = zs.delete_policy(kind, args.id)
-            if pv is None:
-                raise ConfigError(f"no {kind} {args.id!r}")
-            print(f"{kind} {args.id} removed; policy version {pv}")
+            w = b.call("DELETE", f"/admin/{kind}/{seg(args.id)}")
+            print(f"{kind} {args.id} removed; policy version {w['pv']}")
         elif op == "import":
-            pv = zs.import_policy(pol.Policy.from_doc(_doc(args.file)))
-            print(f"policy imported; version {pv}")
+            print(f"policy imported; version {b.call('PUT', '/admin/policy', _doc(args.file))['pv']}")
         elif op == "export":
-            sys.stdout.write(pol.to_toml(zs.policy().to_doc()))
+            sys.stdout.write(b.call("GET", "/admin/policy", accept="application/toml"))
     elif a == "revoke":
         sel: dict = {}
         if args.all:
@@ -209,23 +210,25 @@ def admin(args, d: Path, store) -> int:
         for k in ("device", "sid", "site"):
             if getattr(args, k):
                 sel[k] = getattr(args, k)
-        until = time.time() + parse_duration(args.until, "--until") if args.until else None
-        entries = ctl.revoke(args.op, sel, types=args.types.split(","), delay=parse_duration(args.delay, "--delay"),
-                             until=until, reason=args.reason, actor="cli")
+        body = {"op": args.op, "selector": sel, "types": args.types.split(","), "reason": args.reason}
+        if args.op == "renew":
+            body["delay"] = args.delay
+        if args.until:
+            body["until"] = rfc3339(round(time.time() + parse_duration(args.until, "--until")))
+        entries = b.call("POST", "/admin/revocations", body)["entries"]
         print(f"{args.op}: entry {entries[-1]['seq']}; a running relay applies it within a second")
     elif a == "device":
         if op == "list":
-            for dv in zs.list_devices():
+            for dv in b.call("GET", "/admin/devices")["items"]:
                 print(f"{dv['device_id']}  {dv['provider']}/{dv['username']:<20} {dv['hostname'] or '-':<20} "
-                      f"last seen {time.strftime('%Y-%m-%d %H:%M', time.localtime(dv['last_seen']))}")
+                      f"last seen {when(dv['last_seen'], '%Y-%m-%d %H:%M')}")
         else:
-            if not ctl.remove_device(args.id, actor="cli"):
-                raise ConfigError(f"no registered device {args.id!r}")
+            b.call("DELETE", f"/admin/devices/{seg(args.id)}")
             print(f"device {args.id} removed; its tokens are revoked")
     elif a == "sessions":
-        for s in zs.list_sessions():
+        for s in b.call("GET", "/admin/sessions")["items"]:
             print(f"{s['sid']}  {s['provider']}/{s['username']:<20} device {s['device_id']} until "
-                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(s['expires_at']))}")
+                  f"{when(s['expires_at'], '%Y-%m-%d %H:%M')}")
     return 0
 
 

@@ -152,6 +152,9 @@ class Request:
     target: str = ""
     #: Who the route's own ``auth`` found the caller to be (None: the admin key).
     principal: object = None
+    #: Who asks, for audit lines and records: ``api`` (the admin key over
+    #: HTTPS) or ``cli`` (`relayd admin --data` on the relay's host).
+    actor: str = "api"
 
 
 @dataclass(frozen=True)
@@ -295,8 +298,19 @@ class Api:
         return self._answer(self.route_of(path), head.method.decode("latin-1"), ex.client[0],
                             ApiError(413, "too_large", f"the body is over {MAX_BODY // 1024} KiB"))
 
-    def handle(self, method: str, target: str, head, body: bytes, client: str, cred: dict | None = None
-               ) -> http1.Reply:
+    def local(self, method: str, path: str, body: bytes = b"", headers: tuple = ()) -> http1.Reply:
+        """One request of this host's own command line (`relayd admin
+        --data DIR`, relayd.cli_admin): the same dispatch, checks and
+        handlers as over HTTPS, without the admin key (whoever can read the
+        data directory has the database the key guards), for the routes
+        of the admin key only. The database's failures and bugs raise as
+        they are, for the command line to report."""
+        target = PREFIX + path
+        head = http1.RequestHead(method.encode(), target.encode(), b"HTTP/1.1", list(headers))
+        return self.handle(method, target, head, body, "local", local=True)
+
+    def handle(self, method: str, target: str, head, body: bytes, client: str, cred: dict | None = None,
+               local: bool = False) -> http1.Reply:
         path, _, qs = target.partition("?")
         found, template = self.match(path)
         route = template or "-"
@@ -313,7 +327,10 @@ class Api:
             op, params = hits[0]
             query = self._query(op, qs)
             principal = None
-            if callable(op.auth):
+            if local:
+                if op.auth and op.security != "adminKey":
+                    raise ApiError(401, "unauthorized", "this route is for users and devices, not the admin")
+            elif callable(op.auth):
                 principal = op.auth(head, {"client": client, **(cred or {})})
             elif op.auth:
                 self._authorize(head)
@@ -321,7 +338,7 @@ class Api:
                 op.admit(principal, body)
             self._check_params(op, params, query)
             req = Request(method, params, query, None, "", (head.get(b"accept") or b"").decode("latin-1"), client,
-                          principal=principal)
+                          principal=principal, actor="cli" if local else "api")
             req.body, req.media_type = self._body(op, head, body)
             reply = op.handler(req)
         except ApiError as exc:
@@ -331,12 +348,16 @@ class Api:
         except ConfigError as exc:
             return self._answer(route, method, client, ApiError(422, "invalid", str(exc)))
         except (StorageError, sqlite3.Error):
+            if local:
+                raise
             return self._answer(route, method, client, ApiError(503, "unavailable", "the database failed"))
         except Exception as exc:  # a bug: this request's answer only
+            if local:
+                raise
             caught("api", exc, route=route)
             return self._answer(route, method, client, ApiError(500, "internal", "the relay failed"))
         if op.write and reply.status < 300:
-            audit_log.info("admin api write", extra={"actor": "api", "action": op.name, "route": route,
+            audit_log.info("admin api write", extra={"actor": req.actor, "action": op.name, "route": route,
                                                      "target": req.target or "/".join(params.values()),
                                                      "client": client, "status": reply.status})
         metrics.API_REQUESTS.labels(route, _method(method), str(reply.status)).inc()

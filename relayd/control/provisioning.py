@@ -196,7 +196,8 @@ SCHEMAS = {
         "labels": _LABELS}},
     "Otp": {"type": "object", "required": ["otp_id", "otp", "expires_at", "est_url", "ca_sha256"], "properties": {
         "otp_id": {"type": "string"}, "otp": {"type": "string", "description": "the code: shown this once"},
-        "expires_at": {"type": "string"}, "est_url": {"type": "string"},
+        "expires_at": {"type": "string"},
+        "est_url": {"type": ["string", "null"], "description": "null: the relay has no HTTPS port (yet)"},
         "ca_sha256": {"type": "string", "description": "SHA-256 of the relay CA certificate (DER), hex"},
         "device_name": {"type": ["string", "null"]}, "labels": {"type": "object"}}},
     "OtpInfo": {"type": "object", "properties": {
@@ -273,9 +274,9 @@ class Provisioning:
         ]
 
     def _post(self, req: Request):
-        doc = self.issue(req.body or {}, "api")
+        doc = self.issue(req.body or {}, req.actor)
         req.target = doc["otp_id"]
-        metrics.OTPS_ISSUED.labels("api").inc()
+        metrics.OTPS_ISSUED.labels(req.actor).inc()
         return ok(doc, 201)
 
     def _list(self, req: Request):

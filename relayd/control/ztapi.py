@@ -244,18 +244,18 @@ class ZtResources:
             self.zs.set_groups(provider, name, add=sorted(want - have), remove=sorted(have - want))
         secret = None
         if "password" in b:
-            self.ctl.reset_user(name, password=b["password"], actor="api")
+            self.ctl.reset_user(name, password=b["password"], actor=req.actor)
         if "totp" in b:
-            secret = self.ctl.reset_user(name, totp_off=b["totp"] == "off", actor="api")
+            secret = self.ctl.reset_user(name, totp_off=b["totp"] == "off", actor=req.actor)
         if "disabled" in b:
-            self.ctl.set_disabled(provider, name, b["disabled"], actor="api")
+            self.ctl.set_disabled(provider, name, b["disabled"], actor=req.actor)
         out = _user(self.zs.get_user(provider, name) or u)
         if secret:
             out.update(totp_secret=secret, totp_uri=totp.provisioning_uri(secret, name))
         return ok(out)
 
     def delete_user(self, req: Request):
-        if not self.ctl.remove_user(req.params["provider"], req.params["username"], actor="api"):
+        if not self.ctl.remove_user(req.params["provider"], req.params["username"], actor=req.actor):
             raise not_found("user")
         return no_content()
 
@@ -365,7 +365,7 @@ class ZtResources:
         entries = self.ctl.revoke(op, b["selector"], types=b.get("types", TYPES),
                                   delay=parse_duration(b.get("delay", "5m"), "delay"),
                                   until=parse_rfc3339(b["until"], "until") if "until" in b else None,
-                                  reason=b.get("reason", ""), actor="api")
+                                  reason=b.get("reason", ""), actor=req.actor)
         return ok({"entries": [_revocation(e) for e in entries]}, 201)
 
     def list_revocations(self, req: Request):
@@ -376,7 +376,7 @@ class ZtResources:
                              for d in self.zs.list_devices()]})
 
     def delete_device(self, req: Request):
-        if not self.ctl.remove_device(req.params["device_id"], actor="api"):
+        if not self.ctl.remove_device(req.params["device_id"], actor=req.actor):
             raise not_found("device")
         return no_content()
 

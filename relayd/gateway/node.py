@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import ssl
+import time
 from pathlib import Path
 
 import orjson
@@ -32,7 +33,7 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import api, devicegw, deviceproxy, devices, est, provisioning, webhooks
+from relayd.control import admin, api, devicegw, deviceproxy, devices, est, provisioning, webhooks
 from relayd.control.events import LocalBus
 from relayd.control.redisbus import RedisBus
 from relayd.control.ca import CertificateAuthority, write_private
@@ -41,6 +42,7 @@ from relayd.control.store import AsyncStore, Store
 from relayd.core import http1
 from relayd.core.wire import KIND_HTTP
 from relayd.errors import ConfigError
+from relayd.gateway.adminview import NodeView
 from relayd.gateway.agents import AgentPort
 from relayd.gateway.devicegw import DeviceLinks
 from relayd.gateway.devicereg import DeviceRegistry
@@ -58,7 +60,7 @@ from relayd.net.wslink import AGENT_PATH, HttpsPort, agent_link_service
 
 log = logging.getLogger("relayd.relay")
 #: The hybrid connections' listeners now, in the data directory (`relayd admin hc list`).
-LISTENERS_FILE = "hybrid-listeners.json"
+LISTENERS_FILE = admin.LISTENERS_FILE
 #: The device proxy's token keys (a JWK set), on the relay's own names.
 JWKS_PATH = "/.well-known/jwks.json"
 
@@ -102,6 +104,7 @@ class RelayNode:
         self.notifier: webhooks.Notifier | None = None  # events to webhooks, with the HTTPS port
         self._listeners_timer = None
         self._stopping = False
+        self.started_at: float | None = None
         self.stopped = asyncio.Event()
 
     @property
@@ -179,17 +182,27 @@ class RelayNode:
                         "move it somewhere safe (`relayd admin api-key rotate` makes a new one)",
                         extra={"file": str(path)})
 
-    def _write_relay_json(self) -> None:
-        """What `relayd admin join-token` needs: the addresses agents dial
-        (the real ports when bound to port 0)."""
+    def relay_info(self) -> dict:
+        """What `relayd admin` reads of the running relay (relay.json, and
+        the admin API live: relayd.control.admin): the addresses agents dial
+        (the real ports when bound to port 0), the node, and the endpoints."""
         adv = self.cfg.advertised
         if adv[1] == 0:
             adv = (adv[0], self.agents_port)
-        info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0]}
+        info = {"advertised": format_hostport(adv), "hostname": self.cfg.hostname or adv[0], "node": self.node_name,
+                "started_at": self.started_at}
         if self.wss_address:
             info["https"] = self.wss_address
+        endpoints = [{"name": n, "kind": "tcp", "listen": format_hostport((h, self.tcp_ports.get(n, p)))}
+                     for n, (h, p) in sorted(self.cfg.tcp.items())]
+        endpoints += [{"name": n, "kind": "http", "route": r} for n, r in sorted(self.cfg.http.items())]
+        endpoints += [{"name": n, "kind": "site"} for n in sorted(self.cfg.endpoints) if n.startswith("site:")]
+        info["endpoints"] = endpoints
+        return info
+
+    def _write_relay_json(self) -> None:
         tmp = self.data / "relay.json.tmp"
-        tmp.write_bytes(orjson.dumps(info))
+        tmp.write_bytes(orjson.dumps(self.relay_info()))
         tmp.replace(self.data / "relay.json")
 
     @property
@@ -204,6 +217,7 @@ class RelayNode:
         return self.data / "ca" / "ca.crt"
 
     async def start(self) -> None:
+        self.started_at = time.time()
         ctx = self._prepare_data_dir()
         # Every listener is bound first, so that an address in use or not
         # local is one clear error before anything else starts.
@@ -276,6 +290,7 @@ class RelayNode:
 
         self.api = api.Api(self.store.check_admin_key, relayd.__version__)
         self.api.add(ZtResources(controller).ops(), SCHEMAS)
+        self.api.add(admin.AdminResources(self.store, self.ca, self.data, NodeView(self)).ops(), admin.SCHEMAS)
         self._device_gateway()
         self._user_api(controller)
         self._provisioning()
@@ -501,6 +516,10 @@ class RelayNode:
         if not self.reload_certs() and self.certs is not None:
             self.certs.pairs = [(str(c), str(k)) for c, k in old.certs]
             cfg.certs = old.certs
+        try:
+            self._write_relay_json()  # the endpoints `relayd admin endpoints --data` lists
+        except OSError as exc:
+            log.warning("reload: cannot write relay.json: %s", exc.strerror)
         log.info("configuration reloaded", extra={"endpoints": ",".join(sorted(cfg.endpoints))})
 
     def reload_certs(self) -> bool:

@@ -38,10 +38,10 @@ def test_a_schema_name_means_one_schema():
 
 
 def test_the_relays_modules_name_their_schemas_apart():
-    from relayd.control import deviceproxy, devicegw, devices, provisioning, webhooks, ztapi
+    from relayd.control import admin, deviceproxy, devicegw, devices, provisioning, webhooks, ztapi
 
     api = Api(lambda k: False, "t")
-    for module in (ztapi, devices, devicegw, webhooks, provisioning, deviceproxy):
+    for module in (ztapi, devices, devicegw, webhooks, provisioning, deviceproxy, admin):
         api.add([], module.SCHEMAS)
     assert api.schemas["User"] is ztapi.SCHEMAS["User"] and api.schemas["Device"] is ztapi.SCHEMAS["Device"]
 

@@ -295,6 +295,9 @@ def test_the_document_and_the_route_table_are_one(relay, unharmed):
     from relayd.control.devices import SCHEMAS as USER_SCHEMAS, DeviceResources
 
     table.add(DeviceResources(None, None, None).ops(), USER_SCHEMAS)
+    from relayd.control.admin import SCHEMAS as ADMIN_SCHEMAS, AdminResources
+
+    table.add(AdminResources(None, None, None, None).ops(), ADMIN_SCHEMAS)
     assert documented == {(op.method, API + op.path) for op in table.ops}
     # Every documented route exists on the running relay: without a key it
     # answers 401 (the document's own route: 200), never 404 or 405; a
