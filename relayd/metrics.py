@@ -1,7 +1,10 @@
 """Prometheus metrics. Names follow Azure Relay's metrics where one exists
 (listener = agent link, sender = public client), plus latency histograms.
-Labels are bounded: endpoint names come from the relay's config, agent ids
-from its own enrollment table."""
+Labels are bounded by the relay's config and fixed sets of results and
+reasons, never by its population: no label names an agent, a device, a user,
+an address, a path a client chose or a token, so a relay with 10,000 devices
+has the same series as one with ten (tests/ops/test_cardinality.py). What
+each agent did is in its store row (``relayd admin agents``, the admin API)."""
 
 from __future__ import annotations
 
@@ -16,15 +19,16 @@ from relayd.core import http1
 LISTENER_CONNECTIONS = Counter(
     "relayd_listener_connections_total", "Agent link attempts, by result", ["result"])
 ACTIVE_LISTENERS = Gauge("relayd_active_listeners", "Agents connected now")
-AGENT_ONLINE = Gauge("relayd_agent_online", "1 while the agent is connected", ["agent"])
+ENDPOINT_AGENTS = Gauge("relayd_endpoint_agents", "Agents connected now that serve the endpoint (0: nobody "
+                        "serves it)", ["endpoint"])
+DEVICES_ONLINE = Gauge("relayd_devices_online", "Devices (agents with a device record) connected to this relay now")
 SENDER_CONNECTIONS = Counter(
     "relayd_sender_connections_total", "Public connections, by endpoint and result", ["endpoint", "result"])
 ACTIVE_CONNECTIONS = Gauge("relayd_active_connections", "Public connections open now", ["endpoint"])
-STREAMS_OPENED = Counter("relayd_streams_opened_total", "Streams opened to agents", ["endpoint", "agent"])
+STREAMS_OPENED = Counter("relayd_streams_opened_total", "Streams opened to agents", ["endpoint"])
 STREAMS_FAILED = Counter("relayd_streams_failed_total", "Streams that could not be opened", ["endpoint", "reason"])
-STREAMS_ACTIVE = Gauge("relayd_streams_active", "Streams open now", ["endpoint", "agent"])
-BYTES = Counter("relayd_bytes_total", "Bytes carried, counted as they flow",
-                ["endpoint", "agent", "direction"])
+STREAMS_ACTIVE = Gauge("relayd_streams_active", "Streams open now", ["endpoint"])
+BYTES = Counter("relayd_bytes_total", "Bytes carried, counted as they flow", ["endpoint", "direction"])
 ENROLLMENTS = Counter("relayd_enrollments_total", "Agent enrollments and renewals, by result", ["kind", "result"])
 STREAM_OPEN_SECONDS = Histogram(
     "relayd_stream_open_seconds", "Public accept to agent ACK",
@@ -38,6 +42,14 @@ UNAUTHENTICATED = Gauge("relayd_unauthenticated_connections",
                         "Connections on the TLS listeners that have not finished their handshake and first request")
 RESOURCE_EXHAUSTED = Counter("relayd_resource_exhausted_total",
                              "Times a listener ran out of a resource (file descriptors) and paused", ["listener", "resource"])
+# Certificate expiry (docs/operations.md): the relay's own certificates by role
+# (ca, server, user_ca, https with the certificate's name), and the earliest
+# expiry among connected agents' current certificates (kind agent or device).
+CERT_EXPIRY = Gauge("relayd_certificate_expiry_timestamp_seconds",
+                    "When one of the relay's own certificates expires (Unix time)", ["cert", "name"])
+AGENT_CERT_EXPIRY = Gauge("relayd_agent_certificate_expiry_earliest_timestamp_seconds",
+                          "The earliest expiry (Unix time) among the current certificates of the connected agents "
+                          "of this relay's store, renewals included", ["kind"])
 INTERNAL_ERRORS = Counter("relayd_internal_errors_total",
                           "Exceptions caught at a boundary that must not raise (a relayd bug; the offending "
                           "stream or connection was closed, the rest went on)", ["where"])
@@ -164,3 +176,10 @@ CLAIM_CODES = Counter("relayd_claim_codes_total", "Claim codes pushed to devices
 DEVICE_EVENTS = Counter("relayd_device_events_total", "Device events published by this node, by type", ["type"])
 EVENT_BUS_ERRORS = Counter("relayd_event_bus_errors_total", "Event bus failures (Redis unreachable...), by operation",
                            ["op"])
+# Series of closed label sets exist from the start, at 0, so that rates and
+# the alert rules' ratios (configs/prometheus) read 0 rather than nothing
+# before the first event (Prometheus' advice: avoid missing metrics).
+for _result in ("success", "refused", "error"):
+    LISTENER_CONNECTIONS.labels(_result)
+for _result in ("delivered", "failed", "gave_up", "dropped", "not_visible"):
+    WEBHOOK_DELIVERIES.labels(_result)

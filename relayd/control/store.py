@@ -796,6 +796,15 @@ class Store:
                 " WHERE connected_since IS NOT NULL OR address IS NOT NULL"
             )
 
+    def connected_cert_expiry(self) -> dict[str, float]:
+        """The earliest ``cert_not_after`` (the current certificate's, so
+        renewals count) among connected, unrevoked agents: ``{"agent": t,
+        "device": t}``, devices being agents with a dc_devices row; a kind
+        with none connected is left out."""
+        rows = self._read(
+            "SELECT d.id IS NOT NULL, MIN(a.cert_not_after) FROM agents a LEFT JOIN dc_devices d ON d.id = a.id"
+            " WHERE a.connected_since IS NOT NULL AND a.revoked_at IS NULL GROUP BY 1")
+        return {("device" if device else "agent"): float(t) for device, t in rows}
 
     # -- hybrid connections (relayd.control.hybrid) -------------------------
 

@@ -17,7 +17,9 @@ Two background tasks keep the registry honest: revocations are noticed by
 polling the store's revision counter (``relayd admin revoke-agent`` from
 another process cuts a live link within a second), and every agent's status
 (connected since, address, bytes) is written in one transaction every two
-seconds, off the event loop.
+seconds, off the event loop; the same tick reads back the earliest
+certificate expiry of the connected agents (a gauge: renewals that fail show
+there long before an agent is locked out).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class AgentPort:
         #: (up) and when it leaves the registry (a replaced link does not).
         self.on_link: list = []
         self._store_closed = False
+        self._counted: set[str] = set()  # endpoints with a relayd_endpoint_agents series
 
     # -- requests ----------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class AgentPort:
         conn.closed_future.add_done_callback(lambda _f, s=sess: self._on_link_closed(s))
         metrics.LISTENER_CONNECTIONS.labels("success").inc()
         metrics.ACTIVE_LISTENERS.set(len(self.registry))
-        metrics.AGENT_ONLINE.labels(agent_id).set(1)
+        self.count_endpoints()
         log.info("agent connected", extra={"agent": agent_id, "peer": peer, "endpoints": ",".join(sess.endpoints),
                                            "unknown_endpoints": ",".join(unknown)})
         self._set_status(sess, connected=True)
@@ -152,12 +155,23 @@ class AgentPort:
             log.info("agent disconnected", extra={"agent": sess.agent_id, "error": str(err) if err else None})
 
     def _unregister(self, sess: AgentSession) -> None:
-        if self.registry.remove(sess):
-            metrics.AGENT_ONLINE.labels(sess.agent_id).set(0)
+        self.registry.remove(sess)
         metrics.ACTIVE_LISTENERS.set(len(self.registry))
+        self.count_endpoints()
         self._set_status(sess, connected=False)
         for changed in self.on_link:
             changed(sess, False)
+
+    def count_endpoints(self) -> None:
+        """relayd_endpoint_agents for every configured endpoint, 0 included
+        (the "endpoint without agent" alert); endpoints gone by a reload
+        lose their series."""
+        names = set(self.registry.by_endpoint)
+        for name, sessions in self.registry.by_endpoint.items():
+            metrics.ENDPOINT_AGENTS.labels(name).set(len(sessions))
+        for gone in self._counted - names:
+            metrics.ENDPOINT_AGENTS.remove(gone)
+        self._counted = names
 
     # -- control streams ---------------------------------------------------------------
 
@@ -208,6 +222,7 @@ class AgentPort:
 
     def start(self) -> list[asyncio.Task]:
         loop = asyncio.get_running_loop()
+        self.count_endpoints()
         return [loop.create_task(self._watch_revocations()), loop.create_task(self._write_status())]
 
     async def _watch_revocations(self) -> None:
@@ -257,5 +272,12 @@ class AgentPort:
                     for s in self.registry.sessions.values()]
             try:
                 await self.db("set_agent_statuses", rows)
+                expiry = await self.db("connected_cert_expiry")
             except Exception:
                 log.exception("status update failed")
+                continue
+            for kind in ("agent", "device"):
+                if kind in expiry:
+                    metrics.AGENT_CERT_EXPIRY.labels(kind).set(expiry[kind])
+                else:
+                    metrics.AGENT_CERT_EXPIRY.remove(kind)

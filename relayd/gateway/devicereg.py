@@ -64,6 +64,7 @@ class DeviceRegistry:
             self._spawn(self._link_up(sess))
         elif sess in self._up:
             self._up.discard(sess)
+            metrics.DEVICES_ONLINE.dec()
             err = sess.conn.error
             reason = "revoked" if getattr(sess, "revoked", False) else (type(err).__name__ if err else "closed")
             self._publish(Event(DEVICE_DISCONNECTED, sess.agent_id, {
@@ -88,6 +89,7 @@ class DeviceRegistry:
             if sess.conn.closed or self.registry.get(sess.agent_id) is not sess:
                 return
             self._up.add(sess)
+            metrics.DEVICES_ONLINE.inc()
             self._publish(Event(DEVICE_CONNECTED, sess.agent_id, {
                 "device_id": sess.agent_id, "node": self.node, "remote_addr": sess.address,
                 "at": sess.connected_since}))

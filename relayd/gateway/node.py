@@ -36,12 +36,12 @@ from relayd.config import ServeConfig, format_hostport
 from relayd.control import admin, api, devicegw, deviceproxy, devices, est, provisioning, webhooks
 from relayd.control.events import LocalBus
 from relayd.control.redisbus import RedisBus
-from relayd.control.ca import CertificateAuthority, write_private
+from relayd.control.ca import CertificateAuthority, cert_info, write_private
 from relayd.control.enrollment import Enrollment
 from relayd.control.store import AsyncStore, Store
 from relayd.core import http1
 from relayd.core.wire import KIND_HTTP
-from relayd.errors import ConfigError
+from relayd.errors import ConfigError, RelaydError
 from relayd.gateway.adminview import NodeView
 from relayd.gateway.agents import AgentPort
 from relayd.gateway.devicegw import DeviceLinks
@@ -63,6 +63,11 @@ log = logging.getLogger("relayd.relay")
 LISTENERS_FILE = admin.LISTENERS_FILE
 #: The device proxy's token keys (a JWK set), on the relay's own names.
 JWKS_PATH = "/.well-known/jwks.json"
+
+
+def _cert_expiry(role: str, name: str, pem: bytes) -> None:
+    """The expiry gauge of one of the relay's own certificates (the first of ``pem``)."""
+    metrics.CERT_EXPIRY.labels(role, name).set(cert_info(pem)["not_after"].timestamp())
 
 
 class RelayNode:
@@ -103,6 +108,7 @@ class RelayNode:
         self.proxy_gate: DeviceProxy | None = None  # /api/v1/devices/{id}/proxy/..., with the HTTPS port
         self.notifier: webhooks.Notifier | None = None  # events to webhooks, with the HTTPS port
         self._listeners_timer = None
+        self._https_names: set[str] = set()  # serve.certs with a certificate expiry series
         self._stopping = False
         self.started_at: float | None = None
         self.stopped = asyncio.Event()
@@ -143,6 +149,8 @@ class RelayNode:
                 if n and n not in ("0.0.0.0", "::") and n not in names:
                     names.insert(0, n)
             chain, key = self.ca.issue_server_cert(names)
+            _cert_expiry("ca", "", self.ca.cert_pem)
+            _cert_expiry("server", names[0], chain)
             target = self.data / "server.crt"
             target.write_bytes(chain)
             target = self.data / "server.key"
@@ -282,6 +290,7 @@ class RelayNode:
         from relayd.control.ztstore import ZtStore
 
         controller = Controller(self.data, ZtStore(self.store), self.cfg.zerotrust or ZtConfig())
+        _cert_expiry("user_ca", "", controller.user_ca.cert_pem)
         hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
                                   client_ca=str(self.ca_path))
         hctx.load_verify_locations(cadata=controller.user_ca.cert_pem.decode())
@@ -296,6 +305,7 @@ class RelayNode:
         self._provisioning()
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
+            self._https_cert_expiry()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
         self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble, self.cfg.websocket))
@@ -505,6 +515,7 @@ class RelayNode:
                 cfg.http = old.http
         self.registry.set_endpoints(cfg.endpoints)
         self.agent_port.endpoints = cfg.endpoints
+        self.agent_port.count_endpoints()
         if cfg.hybrid != old.hybrid or cfg.hybrid_clock_skew != old.hybrid_clock_skew:
             self.cfg = cfg
             if self.hybrid is not None:
@@ -534,6 +545,7 @@ class RelayNode:
             log.error("certificate reload failed, keeping the previous certificates: %s", exc)
             return False
         log.info("certificates reloaded", extra={"names": ",".join(sorted(names))})
+        self._https_cert_expiry()
         return True
 
     def health(self) -> tuple[bool, dict]:
@@ -553,6 +565,22 @@ class RelayNode:
         if problems:
             detail["problems"] = problems
         return not problems, detail
+
+    def _https_cert_expiry(self) -> None:
+        """relayd_certificate_expiry_timestamp_seconds of the HTTPS port's
+        certificates (serve.certs): one series each, by the name it gives."""
+        seen = set()
+        for cert, _key in self.certs.pairs:
+            try:
+                pem = Path(cert).read_bytes()
+                name = cert_info(pem)["common_name"] or Path(cert).name
+            except (OSError, RelaydError):
+                continue  # the selector has just loaded it: an edit in between; the next reload tells
+            _cert_expiry("https", name, pem)
+            seen.add(name)
+        for name in self._https_names - seen:
+            metrics.CERT_EXPIRY.remove("https", name)
+        self._https_names = seen
 
     async def stop(self, drain: float = 0.0) -> None:
         """Stop accepting, send every agent link GoAway, let open streams

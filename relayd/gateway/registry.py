@@ -34,6 +34,7 @@ class Registry(Protocol):
     to another node."""
 
     sessions: dict[str, AgentSession]
+    by_endpoint: dict[str, list[AgentSession]]  # each endpoint's sessions on this node (the metrics count them)
     on_added: list[Callable[[AgentSession], None]]
 
     def get(self, agent_id: str) -> AgentSession | None: ...

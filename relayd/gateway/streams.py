@@ -61,7 +61,7 @@ class Opening:
 
 
 class _Meter:
-    """One stream's bytes and end, into its (endpoint, agent) metrics."""
+    """One stream's bytes and end, into its endpoint's metrics."""
 
     __slots__ = ("_in", "_out", "_active")
 
@@ -86,7 +86,7 @@ class StreamSeam:
         #: The policy hook: may ``client`` open a stream to ``endpoint``?
         self.allow = allow
         self._waiting: dict[str, list[Opening]] = {}
-        self._children: dict[tuple[str, str], tuple] = {}
+        self._children: dict[str, tuple] = {}
         self._trace_prefix = secrets.token_hex(4) + "-"
         self._trace_seq = 0
         registry.on_added.append(self._agent_added)
@@ -158,12 +158,13 @@ class StreamSeam:
         trace = self._trace()
         st.send_nowait(StreamHeader(kind, endpoint, trace, client, identity, dest).encode())
         agent = sess.agent_id
-        children = self._children.get((endpoint, agent))
+        children = self._children.get(endpoint)
         if children is None:
-            # labels() is a locked dict lookup: resolve once per (endpoint, agent).
-            children = self._children[(endpoint, agent)] = (
-                metrics.BYTES.labels(endpoint, agent, "in"), metrics.BYTES.labels(endpoint, agent, "out"),
-                metrics.STREAMS_OPENED.labels(endpoint, agent), metrics.STREAMS_ACTIVE.labels(endpoint, agent),
+            # labels() is a locked dict lookup: resolve once per endpoint.
+            # Never per agent: one series per device is 10,000 series.
+            children = self._children[endpoint] = (
+                metrics.BYTES.labels(endpoint, "in"), metrics.BYTES.labels(endpoint, "out"),
+                metrics.STREAMS_OPENED.labels(endpoint), metrics.STREAMS_ACTIVE.labels(endpoint),
                 metrics.SENDER_CONNECTIONS.labels(endpoint, "success"))
         children[4].inc()
         children[2].inc()
