@@ -90,6 +90,9 @@ def wrk(url: str, seconds: int, conns: int, close: bool = False, headers=()) -> 
     extra = (["-H", "Connection: close"] if close else []) + [a for h in headers for a in ("-H", h)]
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad:  # error answers are not a measurement of the path
+        raise RuntimeError(f"{url}: {bad.group(1)} answers were not 2xx/3xx")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     p99 = float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
