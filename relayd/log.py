@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import weakref
 
 import orjson
 
@@ -45,6 +46,16 @@ def setup(level: str = "info", stream=None) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
+_RATE_LIMITED: "weakref.WeakSet[RateLimitedLog]" = weakref.WeakSet()
+
+
+def reset_rate_limits() -> None:
+    """Open a new window for every rate-limited logger (each test starts
+    with its own budget of lines)."""
+    for rl in list(_RATE_LIMITED):
+        rl._windows.clear()
+
+
 class RateLimitedLog:
     """A logger for refusals an attacker can trigger at will: at most
     ``burst`` lines per ``interval`` seconds for each message template (the
@@ -52,13 +63,14 @@ class RateLimitedLog:
     reported as ``suppressed`` on the next line that gets through. Metrics
     count every refusal; the log only has to show that they happen."""
 
-    __slots__ = ("logger", "interval", "burst", "_windows")
+    __slots__ = ("logger", "interval", "burst", "_windows", "__weakref__")
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0, burst: int = 5) -> None:
         self.logger = logger
         self.interval = interval
         self.burst = burst
         self._windows: dict[str, list] = {}  # template -> [window start, lines in it, suppressed]
+        _RATE_LIMITED.add(self)
 
     def log(self, level: int, msg: str, *args, extra: dict | None = None) -> bool:
         """Log unless this template is over its budget; True if logged."""

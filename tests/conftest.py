@@ -3,6 +3,7 @@ import importlib
 import pytest
 
 from relayd._build import extensions_disabled
+from relayd.log import reset_rate_limits
 
 #: Builds of the hot modules every core test runs against. With
 #: RELAYD_NO_EXTENSIONS=1 (CI's second axis) only the pure twin exists.
@@ -19,3 +20,11 @@ def yamux_build(name: str):
 def ymx(request):
     """The yamux core module of one build (compiled or pure)."""
     return yamux_build(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _own_log_budget():
+    """Rate-limited refusal lines (relayd.log.RateLimitedLog) start a new
+    window in each test, so that a test that looks for one does not depend
+    on what ran before it."""
+    reset_rate_limits()
