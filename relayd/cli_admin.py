@@ -66,9 +66,9 @@ class Backend:
         is_json = ctype.split(";", 1)[0].strip() == JSON
         if status >= 400:
             raise _refusal(status, orjson.loads(data) if is_json and data else {}, self.where)
-        if not data:
-            return None
-        return orjson.loads(data) if is_json else data.decode("utf-8", "replace")
+        if not is_json:
+            return data.decode("utf-8", "replace")
+        return orjson.loads(data) if data else None
 
     def close(self) -> None:
         pass
@@ -222,8 +222,9 @@ def join_token(args, b: Backend) -> None:
 
 
 def join_tokens(args, b: Backend) -> None:
+    items = b.call("GET", "/admin/join-tokens")["items"]
     print(f"{'ID':<18} {'STATE':<8} {'EXPIRES':<20} {'ENDPOINTS':<20} AGENT")
-    for t in b.call("GET", "/admin/join-tokens")["items"]:
+    for t in items:
         print(f"{t['id']:<18} {t['state']:<8} {when(t['expires_at']):<20} {','.join(t['endpoints']) or '*':<20} "
               f"{t['agent_id'] or '-'}")
 
@@ -252,9 +253,10 @@ def agents(args, b: Backend) -> None:
         for k, v in rows:
             print(f"{k + ':':<19}{v}")
         return
+    items = b.call("GET", "/admin/agents")["items"]
     print(f"{'ID':<16} {'ENDPOINTS':<20} {'STATUS':<8} {'CONNECTED SINCE':<20} {'ADDRESS':<22} "
           f"{'BYTES IN':>12} {'BYTES OUT':>12}")
-    for a in b.call("GET", "/admin/agents")["items"]:
+    for a in items:
         print(f"{a['id']:<16} {','.join(a['endpoints']) or '*':<20} {a['status']:<8} {when(a['connected_since']):<20} "
               f"{a['address'] or '-':<22} {a['bytes_in']:>12} {a['bytes_out']:>12}")
 
@@ -269,9 +271,10 @@ def _n(v) -> str:
 
 
 def endpoints(args, b: Backend) -> None:
+    items = b.call("GET", "/admin/endpoints")["items"]
     print(f"{'NAME':<20} {'KIND':<5} {'ADDRESS':<28} {'AGENTS':>6} {'CONNS':>6} {'STREAMS':>7} {'BYTES IN':>12} "
           f"{'BYTES OUT':>12}")
-    for e in b.call("GET", "/admin/endpoints")["items"]:
+    for e in items:
         print(f"{e['name']:<20} {e['kind']:<5} {e['listen'] or e['route'] or '-':<28} "
               f"{_n(None if e['agents'] is None else len(e['agents'])):>6} {_n(e['connections']):>6} "
               f"{_n(e['streams_active']):>7} {_n(e['bytes_in']):>12} {_n(e['bytes_out']):>12}")
@@ -325,10 +328,11 @@ def hc(args, b: Backend) -> int:
         b.call("DELETE", f"/admin/hybrid-connections/{seg(hc_id(args.path.strip('/')))}")
         print(f"deleted hybrid connection {args.path}: a running relay closes its listeners")
     elif cmd == "list":
-        print("node rules: " + _rights(b.call("GET", "/admin/hybrid-rules")["items"]))
+        rules = b.call("GET", "/admin/hybrid-rules")["items"]
+        items = b.call("GET", "/admin/hybrid-connections")["items"]
+        print("node rules: " + _rights(rules))
         print(f"{'PATH':<32} {'CLIENT AUTH':<11} {'WEBSOCKET':<9} {'HTTP':<5} {'TIMEOUT':>8} {'THRESHOLD':>9} "
               f"{'LISTENERS':>9}  RULES")
-        items = b.call("GET", "/admin/hybrid-connections")["items"]
         yes = {True: "yes", False: "no"}
         for h in items:
             if "websocket" not in h:  # the config's, seen from a data directory
@@ -390,8 +394,9 @@ def otp(args, b: Backend) -> int:
                   f"--est {doc.get('est_url') or 'https://RELAY'} "
                   f"--pin {doc['ca_sha256']}", file=sys.stderr)
     elif args.otp == "list":
+        items = b.call("GET", "/admin/otps")["items"]
         print(f"{'ID':<18} {'STATE':<8} {'EXPIRES':<20} {'NAME':<20} DEVICE")
-        for r in b.call("GET", "/admin/otps")["items"]:
+        for r in items:
             print(f"{r['otp_id']:<18} {r['state']:<8} {when(r['expires_at']):<20} "
                   f"{(r['device_name'] or '-')[:20]:<20} {r['device_id'] or '-'}")
     else:

@@ -155,8 +155,9 @@ def admin(args, b) -> int:
             if u.get("totp_secret"):
                 print(f"authenticator secret: {u['totp_secret']}\n{u['totp_uri']}")
         elif op == "list":
+            items = b.call("GET", "/admin/users")["items"]
             print(f"{'PROVIDER':<10} {'USER':<24} {'TOTP':<5} {'STATE':<8} GROUPS")
-            for u in b.call("GET", "/admin/users")["items"]:
+            for u in items:
                 print(f"{u['provider']:<10} {u['username']:<24} {'yes' if u['totp'] else 'no':<5} "
                       f"{'disabled' if u['disabled'] else 'active':<8} {','.join(u['groups'])}")
         elif op == "rm":

@@ -23,9 +23,10 @@ from there is null.
 
 Rules and hybrid connections of the relay's config file are served but not
 changed here (409: edit the file and reload); a rule added here under a
-name the config uses would be shadowed by it, so that is a 409 too. The
-database's changes reach the running relay within half a second (its
-revision poll), the same path `relayd admin --data` has always taken.
+name the config uses would be shadowed by it, so that is a 409 too. In the
+relay a change is in effect when its answer comes (a revoked agent's link
+is cut, a new hybrid connection takes listeners); from a data directory it
+reaches the running relay within half a second (its revision poll).
 
 In URLs a hybrid connection's path is written with its slashes as ``~``
 (``a/b/c`` is ``a~b~c``; no path holds a ``~``): the HTTPS front door
@@ -286,6 +287,14 @@ class RelayView:
         """{path: {active_connections, bytes_to_listener, bytes_to_sender}}."""
         return {}
 
+    def agent_revoked(self, agent_id: str) -> None:
+        """An agent was revoked: the relay cuts its link (from a data
+        directory: the running relay's revision poll does, within a second)."""
+
+    def hybrid_changed(self) -> None:
+        """Hybrid connections or rules changed in the database: the relay
+        serves them from now on (from a data directory: within a second)."""
+
 
 def _rule_info(rule: sas.SasRule, source: str) -> dict:
     return {"name": rule.name, "rights": sorted(rule.rights), "source": source}
@@ -379,6 +388,7 @@ class AdminResources:
     def revoke_agent(self, req: Request):
         if not self.store.revoke_agent(req.params["agent_id"]):
             raise ApiError(404, "not_found", f"no agent {req.params['agent_id']!r}")
+        self.view.agent_revoked(req.params["agent_id"])
         return ok(self._one_agent(req.params["agent_id"]))
 
     # -- join tokens -------------------------------------------------------------------------------
@@ -497,6 +507,7 @@ class AdminResources:
             where = "the relay's configuration" if hc.key in config.connections else "the data directory"
             raise Conflict(f"hybrid connection {path!r} already exists (in {where})")
         self.store.hc_create(hc)
+        self.view.hybrid_changed()
         item = {"id": hc_id(hc.path), "path": hc.path, "source": "data",
                 **{k: getattr(hc, k) for k in ("requires_client_auth", "websocket", "http", "response_timeout",
                                                 "control_threshold", "max_listeners")}, "rules": []}
@@ -511,6 +522,7 @@ class AdminResources:
         req.target = hc.path
         if not self.store.hc_delete(hc.path):
             raise ApiError(404, "not_found", f"no hybrid connection {hc.path!r}")
+        self.view.hybrid_changed()
         return no_content()
 
     # -- shared access rules (the node's: scope "", or a hybrid connection's) ---------------------------
@@ -557,8 +569,11 @@ class AdminResources:
             raise Conflict(f"the rules of {where} are in the relay's configuration: add it there and reload")
         if any(r.name == b["name"] for r in config):
             raise Conflict(f"the relay's configuration has a rule {b['name']!r} in {where} already")
+        if any(r.name == b["name"] for r in rules):
+            raise Conflict(f"a rule {b['name']!r} exists already in {where}")
         rule = sas.SasRule(b["name"], b.get("key") or sas.new_key(), rights=sas.parse_rights(b["rights"]))
         self.store.hc_rule_add(scope, rule)
+        self.view.hybrid_changed()
         return ok(self._keys(scope, rule, None), 201)
 
     def rotate_rule(self, req: Request):
@@ -567,6 +582,7 @@ class AdminResources:
         if from_config:
             raise Conflict(f"rule {rule.name!r} of {where} is in the relay's configuration: change its key there")
         rule = self.store.hc_rule_rotate(scope, rule.name, (req.body or {}).get("key") or sas.new_key())
+        self.view.hybrid_changed()
         return ok(self._keys(scope, rule, None))
 
     def remove_rule(self, req: Request):
@@ -576,6 +592,7 @@ class AdminResources:
             raise Conflict(f"rule {rule.name!r} of {where} is in the relay's configuration: remove it there")
         if not self.store.hc_rule_remove(scope, rule.name):
             raise ApiError(404, "not_found", f"no rule {rule.name!r} in {where}")
+        self.view.hybrid_changed()
         return no_content()
 
     def rule_keys(self, req: Request):

@@ -117,3 +117,23 @@ class NodeView(RelayView):
         to_sender = sums(metrics.HC_BYTES, "entity", direction="to_sender")
         return {p: {"active_connections": active.get(p, 0), "bytes_to_listener": to_listener.get(p, 0),
                     "bytes_to_sender": to_sender.get(p, 0)} for p in set(active) | set(to_listener) | set(to_sender)}
+
+    def agent_revoked(self, agent_id: str) -> None:
+        def cut() -> None:
+            sess = self.node.sessions.get(agent_id)
+            if sess is not None:
+                sess.conn.abort()  # its link's end unregisters it, as any link's
+
+        self._on_loop(cut)
+
+    def hybrid_changed(self) -> None:
+        try:
+            if asyncio.get_running_loop() is self.loop:
+                self.loop.create_task(self.node.hybrid_catalog_changed())
+                return
+        except RuntimeError:
+            pass  # a worker thread: wait until the relay serves the change
+        try:
+            asyncio.run_coroutine_threadsafe(self.node.hybrid_catalog_changed(), self.loop).result(LOOP_WAIT)
+        except (RuntimeError, concurrent.futures.TimeoutError):
+            pass  # stopping, or busy: the revision poll applies it within a second
