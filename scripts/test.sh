@@ -20,6 +20,7 @@ need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl openssl
     strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins \
     redis-server  # EST clients; the Redis event bus (docs/device-cloud.md)
 command -v npm >/dev/null || need_debs npm
+need_debs prometheus systemd  # Prometheus, promtool and systemd-analyze for configs/ (docs/operations.md)
 setup_venv test
 setup_npm tests/interop/hyco
 setup_npm tests/interop/oidc
