@@ -463,6 +463,11 @@ def test_dashboard_queries_and_alert_rules_against_a_real_prometheus(tmp_path):
         until_sync(check_dashboard, 30, lambda: "dashboard queries without data:\n" + "\n".join(
             f"  {k}\n    -> {v}" for k, v in problems.items()) + "\nscrapes:\n" + prom.targets(), interval=1)
 
+        # The policy judged both flows: the engineer's to the lab's web servers, and port 22.
+        verdicts = {r["metric"]["verdict"] for r in prom.query(
+            'relayd_zt_flow_decisions_total{site="s-lab"} > 0')["data"]["result"]}
+        assert {"allow", "deny"} <= verdicts, verdicts
+
         # The alerts.
         rules = {r["alert"]: r for r in alert_rules()}
         assert set(rules) == FIRING | QUIET | set(NO_SERIES), "classify every alert of the rule file in this test"
