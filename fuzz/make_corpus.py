@@ -810,6 +810,130 @@ def usertoken_seeds() -> dict:
     }
 
 
+# --- ACME and the HTTPS listener's ClientHello peek ------------------------------------------
+
+
+def acme_seeds() -> dict:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    PROBLEM, DIRECTORY, ORDER, AUTHZ, RETRY, CHAIN, ERROR, IN_DIRECTORY = range(8)
+    JSON = 8
+    ns = "urn:ietf:params:acme:error:"
+    token = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
+
+    def js(doc) -> bytes:
+        return json.dumps(doc).encode()
+
+    def cert(name: str, seed: int) -> bytes:
+        # Ed25519 signatures are deterministic: the seed bytes stay the same.
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        when = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(seed).not_valid_before(when).not_valid_after(when + datetime.timedelta(days=90))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                .sign(key, None).public_bytes(Encoding.PEM))
+
+    order = {"status": "pending", "expires": "2030-01-08T00:00:00Z",
+             "identifiers": [{"type": "dns", "value": "app.example"}],
+             "authorizations": ["https://ca.test/acme/authz/1"], "finalize": "https://ca.test/acme/order/1/finalize"}
+    authz = {"status": "pending", "identifier": {"type": "dns", "value": "app.example"},
+             "challenges": [{"type": "http-01", "url": "https://ca.test/chall/1", "status": "pending", "token": token},
+                            {"type": "tls-alpn-01", "url": "https://ca.test/chall/2", "status": "pending",
+                             "token": token},
+                            {"type": "dns-01", "url": "https://ca.test/chall/3", "status": "pending", "token": token}]}
+    nested: object = {"type": ns + "malformed"}
+    for _ in range(30):
+        nested = {"type": ns + "compound", "subproblems": [nested]}
+    return {
+        "problem-rejected": (PROBLEM | JSON, [(js({
+            "type": ns + "rejectedIdentifier", "status": 400, "detail": "Error creating new order",
+            "subproblems": [{"type": ns + "caa", "detail": "CAA record forbids issuance",
+                             "identifier": {"type": "dns", "value": "b.example"}}]}), 0)]),
+        "problem-bad-nonce": (PROBLEM | JSON, [(js({"type": ns + "badNonce", "detail": "JWS has an invalid "
+                                                    "anti-replay nonce"}), 0)]),
+        "problem-rate-limited": (PROBLEM | JSON | 0x90, [(js({"type": ns + "rateLimited", "detail": "too many"}), 0)]),
+        "problem-html": (PROBLEM, [(b"<html><body>502 Bad Gateway</body></html>", 0)]),
+        "problem-not-object": (PROBLEM | JSON, [(b"[1, 2, 3]", 0)]),
+        "problem-control": (PROBLEM | JSON, [(js({"type": ns + "malformed", "detail": "a\x1b[2J\u2028b\nc" * 20}), 0)]),
+        "problem-deep": (PROBLEM | JSON, [(js(nested), 0)]),
+        "problem-typeless": (PROBLEM | JSON, [(b'{"detail": 5, "subproblems": "x"}', 0)]),
+        "directory": (DIRECTORY, [(js({"newNonce": "https://ca.test/acme/new-nonce",
+                                       "newAccount": "https://ca.test/acme/new-acct",
+                                       "newOrder": "https://ca.test/acme/new-order",
+                                       "revokeCert": "https://ca.test/acme/revoke-cert",
+                                       "keyChange": "https://ca.test/acme/key-change",
+                                       "meta": {"termsOfService": "https://ca.test/terms.pdf",
+                                                "caaIdentities": ["ca.test"]}}), 0)]),
+        "directory-http": (DIRECTORY, [(js({"newNonce": "http://ca.test/n", "newAccount": "https://ca.test/a",
+                                            "newOrder": "https://ca.test/o"}), 0)]),
+        "directory-missing": (DIRECTORY, [(js({"newNonce": "https://ca.test/n"}), 0)]),
+        "directory-override": (IN_DIRECTORY, [(b', "newOrder": "https://ca.test/other order"', 0)]),
+        "directory-add": (IN_DIRECTORY, [(b', "meta": []', 0)]),
+        "order-pending": (ORDER, [(js(order), 0)]),
+        "order-valid": (ORDER, [(js(dict(order, status="valid", certificate="https://ca.test/cert/1")), 0)]),
+        "order-valid-no-cert": (ORDER, [(js(dict(order, status="valid")), 0)]),
+        "order-invalid": (ORDER, [(js(dict(order, status="invalid", error={"type": ns + "unauthorized",
+                                                                           "detail": "no"})), 0)]),
+        "order-no-authz": (ORDER, [(js(dict(order, authorizations=[])), 0)]),
+        "authz": (AUTHZ, [(js(authz), 0)]),
+        "authz-failed": (AUTHZ, [(js(dict(authz, status="invalid", challenges=[dict(
+            authz["challenges"][0], status="invalid", error={"type": ns + "connection", "detail": "refused"})])), 0)]),
+        "authz-ip": (AUTHZ, [(js(dict(authz, identifier={"type": "ip", "value": "192.0.2.1"})), 0)]),
+        "authz-wildcard": (AUTHZ, [(js(dict(authz, wildcard=True, identifier={"type": "dns",
+                                                                               "value": "*.app.example"})), 0)]),
+        "authz-bad-token": (AUTHZ, [(js(dict(authz, challenges=[dict(authz["challenges"][0], token="../x")])), 0)]),
+        "authz-upper": (AUTHZ, [(js(dict(authz, identifier={"type": "dns", "value": "APP.Example"})), 0)]),
+        "retry-seconds": (RETRY, [(b"120", 0)]),
+        "retry-date": (RETRY, [(b"Wed, 21 Oct 2015 07:28:00 GMT", 0)]),
+        "retry-negative": (RETRY, [(b"-1", 0)]),
+        "retry-huge": (RETRY, [(b"9" * 40, 0)]),
+        "retry-arabic-digits": (RETRY, [("١٢".encode(), 0)]),
+        "chain": (CHAIN, [(cert("app.example", 1) + cert("Intermediate", 2), 0)]),
+        "chain-crlf": (CHAIN, [(cert("app.example", 1).replace(b"\n", b"\r\n"), 0)]),
+        "chain-with-key": (CHAIN, [(cert("app.example", 1) + b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                                    b"-----END PRIVATE KEY-----\n", 0)]),
+        "chain-truncated": (CHAIN, [(cert("app.example", 1)[:300], 0)]),
+        "error": (ERROR, [(js({"type": ns + "dns", "detail": "NXDOMAIN looking up A for app.example"}), 0)]),
+        "error-string": (ERROR, [(b'"just text"', 0)]),
+    }
+
+
+def tlshello_seeds() -> dict:
+    from fuzz.fuzz_tlshello import GOOD, client_hello
+
+    RAW, AFTER_GOOD = 0, 1
+    return {
+        "good": (RAW, [(GOOD, 0)]),
+        "good-one-byte-reads": (RAW, small_reads(GOOD[:40]) + [(GOOD[40:], 0)]),
+        "good-then-more": (AFTER_GOOD, [(b"\x17\x03\x03\x00\x05hello", 0)]),
+        "good-cut": (RAW, [(GOOD[: len(GOOD) // 2], 0)]),
+        "no-sni": (RAW, [(client_hello(None), 0)]),
+        "no-alpn": (RAW, [(client_hello(alpn=()), 0)]),
+        "upper-case-name": (RAW, [(client_hello(b"App.EXAMPLE"), 0)]),
+        "name-with-space": (RAW, [(client_hello(b"app example"), 0)]),
+        "name-empty": (RAW, [(client_hello(b""), 0)]),
+        "alpn-empty-name": (RAW, [(client_hello(alpn=(b"h2", b"")), 0)]),
+        "second-sni": (RAW, [(client_hello(extensions=b"\x00\x00\x00\x08\x00\x06\x00\x00\x03a.b"), 0)]),
+        "second-alpn": (RAW, [(client_hello(extensions=b"\x00\x10\x00\x05\x00\x03\x02h2"), 0)]),
+        "ext-overrun": (RAW, [(client_hello(extensions=b"\x00\x2a\x00\x09\x00"), 0)]),
+        "grease": (RAW, [(client_hello(extensions=b"\x0a\x0a\x00\x00\xfa\xfa\x00\x01\x00"), 0)]),
+        "session-id-33": (RAW, [(client_hello(session_id=b"\x01" * 33), 0)]),
+        "record-too-long": (RAW, [(b"\x16\x03\x01\x40\x01" + GOOD[5:], 0)]),
+        "record-empty": (RAW, [(b"\x16\x03\x01\x00\x00", 0)]),
+        "spans-records": (RAW, [(GOOD[:3] + (len(GOOD) - 15).to_bytes(2, "big") + GOOD[5:-10], 0)]),
+        "not-client-hello": (RAW, [(GOOD[:5] + b"\x02" + GOOD[6:], 0)]),
+        "application-data": (RAW, [(b"\x17\x03\x03\x00\x10" + b"\x00" * 16, 0)]),
+        "sslv2": (RAW, [(b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10", 0)]),
+        "http": (RAW, [(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 0)]),
+    }
+
+
 HARNESSES = {
     "yamux": yamux_seeds,
     "wsframe": wsframe_seeds,
@@ -825,6 +949,8 @@ HARNESSES = {
     "policy": policy_seeds,
     "ippacket": ippacket_seeds,
     "usertoken": usertoken_seeds,
+    "acme": acme_seeds,
+    "tlshello": tlshello_seeds,
 }
 
 

@@ -9,17 +9,19 @@
 #   bash fuzz/run.sh --long 600 -- -workers=2 -jobs=2   libFuzzer options after --
 #
 # Harnesses: yamux wsframe wsconn http_request http_response preamble http1 hcwire jws est ztsession
-# policy ippacket usertoken. With RELAYD_NO_EXTENSIONS=1 the pure twins are fuzzed alone (no compiled oracle).
+# policy ippacket usertoken acme tlshello. With RELAYD_NO_EXTENSIONS=1 the pure twins are fuzzed alone (no compiled oracle).
 # Exits 1 if any harness finds a crash: the input is in fuzz/artifacts/<harness>/
 # (replay it with `python fuzz/fuzz_<harness>.py FILE`), the log beside it.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
-ALL=(yamux wsframe wsconn http_request http_response preamble http1 hcwire jws est ztsession policy ippacket usertoken)
+ALL=(yamux wsframe wsconn http_request http_response preamble http1 hcwire jws est ztsession policy ippacket usertoken
+     acme tlshello)
 
 # Runs per harness in --short: about 5-15 s each on one core with both builds.
-declare -A SHORT_RUNS=([yamux]=30000 [wsframe]=40000 [wsconn]=20000 [http_request]=20000 [http_response]=15000 [preamble]=30000 [http1]=30000 [hcwire]=30000 [jws]=20000 [est]=60000 [ztsession]=200000 [policy]=80000 [ippacket]=40000 [usertoken]=40000)
+declare -A SHORT_RUNS=([yamux]=30000 [wsframe]=40000 [wsconn]=20000 [http_request]=20000 [http_response]=15000 [preamble]=30000 [http1]=30000 [hcwire]=30000 [jws]=20000 [est]=60000 [ztsession]=200000 [policy]=80000 [ippacket]=40000 [usertoken]=40000
+                   [acme]=40000 [tlshello]=25000)
 
 mode="${1:-}"
 shift || true

@@ -55,6 +55,13 @@ flags, flags winning. Everything a flag can say the file can say too.
     requires_client_auth = true       # also: websocket, http (true), response_timeout ("60s"),
     rules = [{ name = "orders-listen", key = "...", rights = ["listen"] }]   # control_threshold, max_listeners
 
+    [acme]                            # certificates by ACME for the HTTPS port (relay; docs/acme.md)
+    directory = "https://acme-v02.api.letsencrypt.org/directory"
+    email = "ops@example.com"
+    challenge = "http-01"             # or "tls-alpn-01" (on the HTTPS port, which must be port 443)
+    http_listen = "0.0.0.0:80"        # http-01: answers the CA, redirects the rest to HTTPS
+    renew_before = "30d"              # default: a third of the lifetime before expiry
+
     [log]
     level = "info"
 
@@ -202,6 +209,8 @@ class ServeConfig:
     redis: str | None = None
     #: Seconds a device's presence key lives without a refresh.
     redis_presence_ttl: float = 30.0
+    #: [acme]: certificates for the HTTPS port's names (relayd.control.acme.AcmeConfig)
+    acme: object = None
     log_level: str = "info"
 
     @property
@@ -254,6 +263,8 @@ class ServeConfig:
             host = route.split("/", 1)[0]
             if not host or any(c.isspace() for c in route):
                 raise ConfigError(f"config key 'serve.http.{name}': expected HOSTNAME[/PREFIX], got {route!r}")
+        if self.acme is not None and self.https is None:
+            raise ConfigError("config table 'acme': certificates are for the HTTPS port; set serve.https")
         if self.certs and self.https is None:
             raise ConfigError("config key 'serve.certs': certificates are for the HTTPS port; set serve.https")
         for i, (cert, key) in enumerate(self.certs):
@@ -422,7 +433,7 @@ def _mux(table) -> MuxConfig:
 
 def _common(doc: dict, cfg) -> None:
     top = _known(doc, {"serve", "agent", "mux", "admission", "http", "websocket", "splice", "hybrid", "zerotrust",
-                       "log"},
+                       "acme", "log"},
                  "<top>") if doc else {}
     if "splice" in top:
         cfg.splice = _limits(top["splice"], SpliceConfig, "splice", set())
@@ -515,6 +526,8 @@ def load_serve(path: Path | None) -> ServeConfig:
         cfg.hybrid, cfg.hybrid_clock_skew = _hybrid(doc["hybrid"])
     if "zerotrust" in doc:
         cfg.zerotrust = _zerotrust(doc["zerotrust"])
+    if "acme" in doc:
+        cfg.acme = _acme(doc["acme"])
     s = _known(doc.get("serve", {}), _SERVE_KEYS, "serve")
     if "data" in s:
         cfg.data = Path(_str(s["data"], "serve.data"))
@@ -679,6 +692,33 @@ def _zerotrust(t):
                                                                       ("scopes", "groups_claim", "username_claim",
                                                                        "ca") if k in p})
     return z.validate()
+
+
+def _acme(t):
+    from relayd.control.acme import AcmeConfig
+
+    t = _known(t, {"directory", "email", "challenge", "http_listen", "renew_before", "ca", "names", "retry",
+                   "retry_max"}, "acme")
+    a = AcmeConfig()
+    if "directory" not in t:
+        raise ConfigError("config key 'acme.directory' is required (the CA's directory URL, like "
+                          "https://acme-v02.api.letsencrypt.org/directory)")
+    a.directory = t["directory"] if isinstance(t["directory"], str) else ""
+    for k in ("email", "challenge"):
+        if k in t:
+            setattr(a, k, _str(t[k], f"acme.{k}"))
+    if "http_listen" in t:
+        a.http_listen = parse_hostport(t["http_listen"], "acme.http_listen") if t["http_listen"] else None
+    for k in ("renew_before", "retry", "retry_max"):
+        if k in t:
+            setattr(a, k, parse_duration(t[k], f"acme.{k}"))
+    if "ca" in t:
+        a.ca = Path(_str(t["ca"], "acme.ca"))
+    if "names" in t:
+        if not isinstance(t["names"], list) or not all(isinstance(n, str) for n in t["names"]):
+            raise ConfigError("config key 'acme.names': expected a list of host names")
+        a.names = [n.lower() for n in t["names"]]
+    return a.validate()
 
 
 def parse_endpoint_flag(text: str, flag: str) -> tuple[str, tuple[str, int]]:

@@ -155,6 +155,36 @@ def _write_new(path: pathlib.Path, data: bytes, mode: int) -> None:
     _fsync_dir(path.parent)
 
 
+def read_private_key(path: os.PathLike | str):
+    """The unencrypted PEM private key in ``path``, a file only its owner
+    may read (the CA's key, the ACME account key). FileNotFoundError if there
+    is none; ConfigError naming the file otherwise, never quoting it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        # Check the mode of the file actually opened (no race with chmod
+        # or a swapped file between check and read).
+        mode = os.fstat(fd).st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"{path} is accessible by group or others (mode {mode & 0o777:03o});"
+                " run: chmod 600 " + str(path)
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # Never echo the file's content: it is (or was meant to be) a key.
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+
+
 def generate_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
     """A new P-256 key and a CSR for it: ``(key_pem, csr_pem)``."""
     key = _new_key()
@@ -281,30 +311,7 @@ class CertificateAuthority:
 
     @staticmethod
     def _read_key(path: pathlib.Path) -> ec.EllipticCurvePrivateKey:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        try:
-            # Check the mode of the file actually opened (no race with chmod
-            # or a swapped file between check and read).
-            mode = os.fstat(fd).st_mode
-            if mode & 0o077:
-                raise ConfigError(
-                    f"{path} is accessible by group or others (mode {mode & 0o777:03o});"
-                    " run: chmod 600 " + str(path)
-                )
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read()
-        finally:
-            os.close(fd)
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            # Never echo the file's content: it is (or was meant to be) a key.
-            raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+        key = read_private_key(path)
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
             key.curve, ec.SECP256R1
         ):
