@@ -176,6 +176,13 @@ CLAIM_CODES = Counter("relayd_claim_codes_total", "Claim codes pushed to devices
 DEVICE_EVENTS = Counter("relayd_device_events_total", "Device events published by this node, by type", ["type"])
 EVENT_BUS_ERRORS = Counter("relayd_event_bus_errors_total", "Event bus failures (Redis unreachable...), by operation",
                            ["op"])
+ACME_ORDERS = Counter("relayd_acme_orders_total", "ACME certificate orders, by result: valid, refused (the CA's "
+                      "problem document) or error (unreachable, timeout, unreadable answer)", ["result"])
+ACME_ERRORS = Counter("relayd_acme_errors_total", "Failed ACME orders by kind: the problem type's short name "
+                      "(rateLimited, unauthorized, connection ...) or network, timeout, bad_response", ["kind"])
+ACME_CHALLENGES = Counter("relayd_acme_challenge_requests_total", "ACME validation requests the relay answered "
+                          "(served) or had no challenge for (unknown)", ["challenge", "result"])
+
 # Series of closed label sets exist from the start, at 0, so that rates and
 # the alert rules' ratios (configs/prometheus) read 0 rather than nothing
 # before the first event (Prometheus' advice: avoid missing metrics).

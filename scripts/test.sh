@@ -18,7 +18,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl openssl nodejs \
     strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins \
-    redis-server  # EST clients; the Redis event bus (docs/device-cloud.md)
+    redis-server \
+    pebble  # EST clients; the Redis event bus (docs/device-cloud.md); ACME's test server (docs/acme.md)
 command -v npm >/dev/null || need_debs npm
 need_debs prometheus systemd  # Prometheus, promtool and systemd-analyze for configs/ (docs/operations.md)
 setup_venv test

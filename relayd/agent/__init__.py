@@ -214,7 +214,7 @@ class AgentNode:
         ca_file = self._save_ca(ca_pem)
         # 2. Key pair here, secret + CSR over TLS verified against that CA.
         key_pem, csr_pem = generate_key_and_csr("relayd-agent")
-        ctx = tls.client_context(str(ca_file))
+        ctx = tls.relay_client_context(str(ca_file))
         reply = await ask(ctx, wire.EnrollRequest(token.token_id, token.secret, csr_pem.decode()))
         ident = {"agent_id": reply["agent_id"], "relay": tls_addr, "wss": wss_addr or reply.get("wss"),
                  "server_hostname": host}
@@ -252,7 +252,7 @@ class AgentNode:
             ca_file = self._save_ca(ca.public_bytes(Encoding.PEM).decode())
             key_pem, csr_pem = generate_key_and_csr("relayd-agent")
             csr_b64 = base64.b64encode(x509.load_pem_x509_csr(csr_pem).public_bytes(Encoding.DER))
-            body = await est.call(url, "simpleenroll", tls.client_context(str(ca_file)), body=csr_b64,
+            body = await est.call(url, "simpleenroll", tls.relay_client_context(str(ca_file)), body=csr_b64,
                                   authorization=est.basic(otp), timeout=self.cfg.connect_timeout)
             cert = next((c for c in est.read_certs(body) if not _is_ca(c)), None)
         except est.EstUnavailable as exc:
@@ -364,7 +364,7 @@ class AgentNode:
             await self._task
 
     def _tls(self):
-        return tls.client_context(str(self.data / "ca.crt"), cert_file=str(self.data / "agent.crt"),
+        return tls.relay_client_context(str(self.data / "ca.crt"), cert_file=str(self.data / "agent.crt"),
                                   key_file=str(self.data / "agent.key"))
 
     async def _run(self) -> None:

@@ -126,7 +126,7 @@ class Controller:
         if u.scheme != "https" or not u.hostname:
             raise ConfigError(f"controller URL must be https://HOST[:PORT], not {url!r}")
         self.host, self.port = u.hostname, u.port or 443
-        self.ctx = tls.client_context(ca_file, cert_file=cert, key_file=key)
+        self.ctx = tls.relay_client_context(ca_file, cert_file=cert, key_file=key)
 
     def call(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
         conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=30)
@@ -441,7 +441,7 @@ class SiteSession:
 
     async def _connect_to(self, host: str, port: int) -> dict:
         st = self.c.st
-        ctx = tls.client_context(str(st.path("relay-ca.pem")), cert_file=str(st.path("cert.pem")),
+        ctx = tls.relay_client_context(str(st.path("relay-ca.pem")), cert_file=str(st.path("cert.pem")),
                                  key_file=str(st.path("key.pem")))
         mux = MuxConnection(True, name="zt-" + self.site["id"])
         up = ClientUpgrade(mux, f"{host}:{port}", path=SESSION_PATH)

@@ -44,6 +44,7 @@ from relayd.core.wire import KIND_HTTP
 from relayd.errors import ConfigError, RelaydError
 from relayd.gateway.adminview import NodeView
 from relayd.gateway.agents import AgentPort
+from relayd.gateway.certs import ChallengeHttp, HostCerts
 from relayd.gateway.devicegw import DeviceLinks
 from relayd.gateway.devicereg import DeviceRegistry
 from relayd.gateway.deviceproxy import DeviceProxy
@@ -87,6 +88,8 @@ class RelayNode:
         self.metrics_port: int | None = None
         self.https_port: int | None = None
         self.certs: tls.CertSelector | None = None
+        self.host_certs: HostCerts | None = None  # ACME and per-host certificates, with the HTTPS port
+        self.acme_http: ChallengeHttp | None = None  # the plain-HTTP listener of ACME's http-01
         self._servers: list[asyncio.AbstractServer] = []
         self._listeners: list[admission.TlsListener] = []
         self.admission: admission.Admission | None = None
@@ -242,6 +245,8 @@ class RelayNode:
             https_socks = bind(self.cfg.https, "serve.https") if self.cfg.https is not None else None
             tcp_socks = {name: bind(hp, f"serve.tcp.{name}") for name, hp in self.cfg.tcp.items()}
             metrics_socks = bind(self.cfg.metrics, "serve.metrics") if self.cfg.metrics is not None else None
+            acme_socks = bind(self.cfg.acme.http_listen, "acme.http_listen") \
+                if self.cfg.acme is not None and self.cfg.acme.http_listen is not None else None
             # relay.json before the first connection can be accepted: whoever
             # sees a port open may run `relayd admin join-token` at once.
             self.agents_port = agent_socks[0].getsockname()[1]
@@ -263,6 +268,10 @@ class RelayNode:
         self.agents_port = lst.port
         if https_socks is not None:
             self._listeners.append(self._https_port(adm, https_socks, preamble))
+            self.host_certs.start()
+            if acme_socks is not None:
+                self.acme_http = ChallengeHttp(self.host_certs, lambda: int(self.wss_address.rpartition(":")[2]), adm)
+                await self.acme_http.serve(acme_socks)
         self.tcp = TcpEndpoints(self.seam, adm, self.cfg.splice)
         for name, socks in tcp_socks.items():
             await self.tcp.listen(name, socks)
@@ -291,9 +300,13 @@ class RelayNode:
 
         controller = Controller(self.data, ZtStore(self.store), self.cfg.zerotrust or ZtConfig())
         _cert_expiry("user_ca", "", controller.user_ca.cert_pem)
-        hctx = tls.server_context(str(self.data / "server.crt"), str(self.data / "server.key"),
-                                  client_ca=str(self.ca_path))
-        hctx.load_verify_locations(cadata=controller.user_ca.cert_pem.decode())
+
+        def https_context(cert: str, key: str | None = None) -> ssl.SSLContext:
+            ctx = tls.server_context(cert, key, client_ca=str(self.ca_path))
+            ctx.load_verify_locations(cadata=controller.user_ca.cert_pem.decode())
+            return ctx
+
+        hctx = https_context(str(self.data / "server.crt"), str(self.data / "server.key"))
         self.zt = ZtGateway(controller, self.seam, (self.cfg.zerotrust or ZtConfig()).site, self.ca.cert_pem)
         from relayd.control.ztapi import SCHEMAS, ZtResources
 
@@ -304,10 +317,15 @@ class RelayNode:
         self._user_api(controller)
         self._provisioning()
         try:
-            self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path))
+            self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path),
+                                          https_context)
             self._https_cert_expiry()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'serve.certs': cannot load a certificate ({exc})") from None
+        self.host_certs = HostCerts(self.data, self.ca, self.certs, https_context,
+                                    https_context(str(self.data / "server.crt"), str(self.data / "server.key")),
+                                    self.cfg.acme)
+        self.host_certs.set_names(self._names(), [parse_route(n, r).host for n, r in self.cfg.http.items()])
         self._agent_route = Route("", "*", AGENT_PATH, local=agent_link_service(preamble, self.cfg.websocket))
         self.hybrid = HybridGateway(Catalog.merged(self.cfg.hybrid, self.store.hc_catalog()), self._names(),
                                     self.cfg.hybrid_clock_skew)
@@ -320,7 +338,7 @@ class RelayNode:
         return admission.TlsListener(
             adm, "https", socks, hctx,
             lambda ticket: HttpsPort(lambda port, t: HttpConnection(port, t, routes, opener, timeout, limits),
-                                     ticket=ticket, limits=limits))
+                                     ticket=ticket, limits=limits), chooser=self.host_certs)
 
     @property
     def node_name(self) -> str:
@@ -484,7 +502,7 @@ class RelayNode:
         address in use, a certificate that does not load) keeps its old
         state and says so; the rest is applied."""
         old = self.cfg
-        for key in ("agents", "https", "metrics", "data", "http_limits", "admission", "mux"):
+        for key in ("agents", "https", "metrics", "data", "http_limits", "admission", "mux", "acme"):
             if getattr(cfg, key) != getattr(old, key):
                 log.warning("reload: this setting needs a restart; keeping the running value", extra={"key": key})
                 setattr(cfg, key, getattr(old, key))
@@ -527,6 +545,8 @@ class RelayNode:
         if not self.reload_certs() and self.certs is not None:
             self.certs.pairs = [(str(c), str(k)) for c, k in old.certs]
             cfg.certs = old.certs
+        if self.host_certs is not None:
+            self.host_certs.set_names(self._names(), [parse_route(n, r).host for n, r in cfg.http.items()])
         try:
             self._write_relay_json()  # the endpoints `relayd admin endpoints --data` lists
         except OSError as exc:
@@ -605,6 +625,10 @@ class RelayNode:
             lst.close()
         for s in self._servers:
             s.close()
+        if self.host_certs is not None:
+            self.host_certs.stop()
+        if self.acme_http is not None:
+            self.acme_http.close()
         if self.tcp is not None:
             self.tcp.close()
         links = [sess.conn for sess in self.sessions.values()]

@@ -56,7 +56,9 @@ import ssl
 from typing import Callable
 
 from relayd import metrics
+from relayd.core import tlshello
 from relayd.core.config import AdmissionConfig
+from relayd.core.tlshello import ClientHello
 from relayd.errors import ConfigError
 from relayd.log import RateLimitedLog
 from relayd.net import abort_with_reset
@@ -336,15 +338,22 @@ class TlsListener:
 
     ``make_protocol(ticket)`` makes the protocol of an admitted connection;
     it releases the ticket once the connection has proven itself (or at
-    ``connection_lost``)."""
+    ``connection_lost``).
+
+    ``chooser`` (optional) picks by the ClientHello what OpenSSL cannot: while
+    ``chooser.peeking`` is true, the first TLS record of each new connection
+    is peeked at (not consumed) and ``chooser.choose(hello)`` (a
+    relayd.core.tlshello.ClientHello) returns None (the usual context and
+    protocol) or ``(context, make_protocol or None)``."""
 
     def __init__(self, admission: Admission, name: str, socks: list[socket.socket], ctx: ssl.SSLContext,
-                 make_protocol: Callable[[Ticket], asyncio.Protocol]) -> None:
+                 make_protocol: Callable[[Ticket], asyncio.Protocol], chooser=None) -> None:
         self.admission = admission
         self.name = name
         self.socks = socks
         self.ctx = ctx
         self.make_protocol = make_protocol
+        self.chooser = chooser
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self._paused: asyncio.TimerHandle | None = None
@@ -386,10 +395,21 @@ class TlsListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _handshake(self, sock: socket.socket, address: str, ticket: Ticket) -> None:
+        ctx, make, timeout = self.ctx, self.make_protocol, self.admission.cfg.handshake_timeout
         try:
-            await self._loop.connect_accepted_socket(
-                lambda: self.make_protocol(ticket), sock, ssl=self.ctx,
-                ssl_handshake_timeout=self.admission.cfg.handshake_timeout)
+            if self.chooser is not None and self.chooser.peeking:
+                deadline = self._loop.time() + timeout
+                try:
+                    hello = await self._peek_hello(sock, deadline)
+                except asyncio.CancelledError:
+                    sock.close()  # no transport owns it yet
+                    raise
+                choice = self.chooser.choose(hello) if hello is not None else None
+                if choice is not None:
+                    ctx, make = choice[0], choice[1] or make
+                timeout = max(0.1, deadline - self._loop.time())
+            await self._loop.connect_accepted_socket(lambda: make(ticket), sock, ssl=ctx,
+                                                     ssl_handshake_timeout=timeout)
         except asyncio.CancelledError:
             ticket.release()
             raise
@@ -399,6 +419,47 @@ class TlsListener:
             kind = classify_handshake_error(exc)
             metrics.BAD_INPUT.labels(self.name, kind).inc()
             _LOG.info("TLS handshake failed: %s", kind, extra={"listener": self.name, "peer": address})
+
+    async def _peek_hello(self, sock: socket.socket, deadline: float) -> ClientHello | None:
+        """The ClientHello in the first record, left in the socket for the
+        handshake; None when it does not come whole in time or is not one
+        (the handshake then fails or times out as it always would)."""
+        lowat = False
+        try:
+            while True:
+                try:
+                    data = sock.recv(tlshello.RECORD_HEADER + tlshello.MAX_RECORD, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                if data == b"":
+                    return None
+                if data:
+                    total = tlshello.record_length(data)
+                    if total is not None and len(data) >= total:
+                        return tlshello.parse_client_hello(data)
+                    # Readable again only once the whole record is there
+                    # (a peek leaves the bytes, so plain readiness would spin).
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, total or tlshello.RECORD_HEADER)
+                    lowat = True
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    return None
+                ready = self._loop.create_future()
+                self._loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+                try:
+                    await asyncio.wait_for(ready, left)
+                except asyncio.TimeoutError:
+                    return None
+                finally:
+                    self._loop.remove_reader(sock.fileno())
+        except (tlshello.HelloError, OSError):
+            return None
+        finally:
+            if lowat:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass
 
     def _out_of_fds(self, exc: OSError) -> None:
         metrics.RESOURCE_EXHAUSTED.labels(self.name, "file_descriptors").inc()

@@ -38,6 +38,21 @@ def client_context(ca_file: str, *, cert_file: str | None = None, key_file: str 
     return ctx
 
 
+#: The ALPN protocol relayd's own clients (agents over WSS, zero-trust and
+#: EST clients) offer on the HTTPS port: it gets them the relay's own
+#: certificate, which they verify against its CA, where a public one (ACME,
+#: serve.certs) serves the same name to everyone else (relayd.core.tlshello).
+RELAY_ALPN = "relayd"
+
+
+def relay_client_context(ca_file: str, *, cert_file: str | None = None, key_file: str | None = None) -> ssl.SSLContext:
+    """``client_context`` for dialling the relay itself: offers RELAY_ALPN
+    (and http/1.1, for a TLS-terminating proxy in between)."""
+    ctx = client_context(ca_file, cert_file=cert_file, key_file=key_file)
+    ctx.set_alpn_protocols([RELAY_ALPN, "http/1.1"])
+    return ctx
+
+
 def unverified_client_context() -> ssl.SSLContext:
     """Only for fetching a CA certificate whose pin the caller then checks
     (join-token bootstrap); nothing secret is sent over it."""
@@ -59,30 +74,54 @@ class CertSelector:
     listener down.
     """
 
-    def __init__(self, default: ssl.SSLContext, pairs: list[tuple[str, str]], client_ca: str | None) -> None:
+    def __init__(self, default: ssl.SSLContext, pairs: list[tuple[str, str]], client_ca: str | None,
+                 make=None) -> None:
         self.default = default
         self.pairs = list(pairs)
         self.client_ca = client_ca
+        # The contexts a handshake switches to verify client certificates
+        # with their own trust store, so they must trust what the default does.
+        self.make = make or (lambda cert, key: server_context(cert, key, client_ca=client_ca))
         self.by_name: dict[str, ssl.SSLContext] = {}
+        #: Certificates the relay looks after itself (relayd.gateway.certs:
+        #: ACME, its CA's per-host ones), exact names; the files above win.
+        self.managed: dict[str, ssl.SSLContext] = {}
         self.reload()
         default.sni_callback = self._select
 
     def reload(self) -> dict[str, ssl.SSLContext]:
         table: dict[str, ssl.SSLContext] = {}
         for cert, key in self.pairs:
-            ctx = server_context(cert, key, client_ca=self.client_ca)
+            ctx = self.make(cert, key)
             for name in _dns_names(cert):
                 table.setdefault(name.lower(), ctx)
         self.by_name = table
         return table
 
+    def covers(self, name: str) -> bool:
+        """Whether a certificate file (serve.certs) answers for ``name``."""
+        return self._lookup(self.by_name, name.lower()) is not None
+
+    def set_managed(self, name: str, ctx: ssl.SSLContext | None) -> None:
+        """Serve ``ctx`` for ``name`` from the next handshake on (None: no
+        longer); established connections keep what they had."""
+        if ctx is None:
+            self.managed.pop(name, None)
+        else:
+            self.managed[name] = ctx
+
+    @staticmethod
+    def _lookup(table: dict, name: str) -> ssl.SSLContext | None:
+        ctx = table.get(name)
+        if ctx is None and "." in name:
+            ctx = table.get("*." + name.split(".", 1)[1])
+        return ctx
+
     def _select(self, sslobj, server_name, _ctx) -> None:
         if not server_name:
             return None
         name = server_name.lower()
-        ctx = self.by_name.get(name)
-        if ctx is None and "." in name:
-            ctx = self.by_name.get("*." + name.split(".", 1)[1])
+        ctx = self._lookup(self.by_name, name) or self.managed.get(name)
         if ctx is not None:
             sslobj.context = ctx
         return None
