@@ -386,6 +386,8 @@ def test_relayd_agent_enrolls_over_est_carries_traffic_and_renews(tmp_path):
                 await until(lambda: Otps(relay.store).get(otp["otp_id"])["state"] == "used", 20, "no enrollment")
                 dev = Otps(relay.store).get(otp["otp_id"])["device_id"]
                 assert relay.store.query("SELECT name FROM dc_devices WHERE id = ?", (dev,)) == [("edge-1",)]
+                # the relay marks the OTP used before the agent has read the answer and written its files
+                await until((tmp_path / "dev" / "agent.key").exists, 20, "the agent kept no key")
                 assert (tmp_path / "dev" / "agent.key").stat().st_mode & 0o077 == 0
                 await until(lambda: dev in relay.sessions, 20, "the device's tunnel did not come up")
                 for _ in range(3):
