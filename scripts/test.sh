@@ -22,6 +22,8 @@ need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl openssl
     pebble  # EST clients; the Redis event bus (docs/device-cloud.md); ACME's test server (docs/acme.md)
 command -v npm >/dev/null || need_debs npm
 need_debs prometheus systemd  # Prometheus, promtool and systemd-analyze for configs/ (docs/operations.md)
+need_debs podman runc debootstrap  # the container image's test (tests/ops/test_container.py)
+if [ "${RELAYD_ARM64:-}" = 1 ]; then need_debs qemu-user-static binfmt-support; fi  # tests/ops/test_arm64.py (docs/arm64.md)
 setup_venv test
 setup_npm tests/interop/hyco
 setup_npm tests/interop/oidc
