@@ -561,6 +561,17 @@ class Response:
         return self.headers.get("content-type", "")
 
 
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPSConnection whose ``sock`` is the socket from the start, TLS
+    handshake included, so that another thread can shut it down (the
+    standard one detaches the TCP socket while it handshakes)."""
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock.do_handshake()
+
+
 class Transport:
     """Blocking HTTPS to the ACME server: one connection per request,
     bounded answers, nothing followed (no redirects)."""
@@ -582,7 +593,7 @@ class Transport:
         headers = {"User-Agent": "relayd-acme", "Accept": accept}
         if content_type:
             headers["Content-Type"] = content_type
-        conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=self.ctx, timeout=self.timeout)
+        conn = _Connection(u.hostname, u.port or 443, context=self.ctx, timeout=self.timeout)
         with self._lock:
             self._conn = conn
         where = f"{method} {u.hostname}{u.path[:80]}"
@@ -615,7 +626,7 @@ class Transport:
         sock = getattr(conn, "sock", None)
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # under TLS too: the blocked read returns
             except OSError:
                 pass
 

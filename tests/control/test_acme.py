@@ -225,3 +225,39 @@ def test_bad_nonce_is_retried_with_the_nonce_it_came_with():
     client = acme.AcmeClient("https://ca.test/dir", client.key, transport=t)
     with pytest.raises(acme.AcmeError, match="no usable Replay-Nonce"):
         client.register()
+
+
+def test_a_silent_server_times_out_and_stop_cuts_the_request_at_once():
+    """A server that accepts and never answers (not even the TLS handshake):
+    a request ends at its timeout, or at once when stopped from another thread."""
+    import socket
+    import time
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    url = f"https://127.0.0.1:{hole.getsockname()[1]}/dir"
+    try:
+        with pytest.raises(acme.AcmeError) as exc:
+            acme.Transport(None, threading.Event(), timeout=0.3).request("GET", url)
+        assert exc.value.kind == "timeout"
+        cancel = threading.Event()
+        t = acme.Transport(None, cancel)
+        ended = []
+
+        def call():
+            try:
+                t.request("GET", url)
+            except acme.AcmeError as e:
+                ended.append((e.kind, time.monotonic()))
+
+        th = threading.Thread(target=call)
+        th.start()
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        cancel.set()
+        t.abort()
+        th.join(5)
+        assert ended and ended[0][0] == "cancelled" and ended[0][1] - stopped < 1
+    finally:
+        hole.close()
