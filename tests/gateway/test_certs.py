@@ -154,7 +154,7 @@ def test_unreachable_acme_server_keeps_serving_and_retries(tmp_path, caplog):
 @pytest.mark.parametrize("mode, data, why", [
     (0o600, b"garbage", "is not an unencrypted PEM private key"),
     (0o644, None, "accessible by group or others"),
-])
+], ids=["garbage", "mode-644"])
 def test_unusable_account_key_stops_the_start(tmp_path, mode, data, why):
     acme = AcmeConfig(directory="https://127.0.0.1:9/dir", http_listen=None, challenge="tls-alpn-01").validate()
     keyfile = tmp_path / "relay" / "acme" / "account.key"
