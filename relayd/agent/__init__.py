@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from relayd import metrics
 from relayd.config import AgentConfig, format_hostport, parse_hostport
-from relayd.control.ca import cert_info, generate_key_and_csr, pin_of, write_private
+from relayd.control.ca import UNREADABLE, cert_info, generate_key_and_csr, pin_of, write_private
 from relayd.control.jointoken import JoinToken
 from relayd.core import wire
 from relayd.core.wire import KIND_CONTROL, KIND_DIAL, KIND_PACKETS, StreamHeader, VersionMismatch
@@ -208,7 +208,7 @@ class AgentNode:
             raise EnrollmentError("the relay did not send its CA certificate")
         try:
             ca_der = x509.load_pem_x509_certificate(ca_pem.encode()).public_bytes(Encoding.DER)
-        except ValueError:
+        except UNREADABLE:
             raise EnrollmentError("the relay sent an unreadable CA certificate") from None
         self._check_pin(ca_der, token.pin, token.address, "token")
         ca_file = self._save_ca(ca_pem)

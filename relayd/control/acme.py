@@ -58,13 +58,12 @@ from pathlib import Path
 from typing import Callable
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from relayd.control.ca import read_private_key
+from relayd.control.ca import UNREADABLE, read_private_key
 from relayd.errors import ConfigError, RelaydError
 
 #: Bytes of one answer of the ACME server at most (a chain is a few KiB).
@@ -423,7 +422,7 @@ def parse_chain(body: bytes) -> list[x509.Certificate]:
         raise AcmeError("bad_response", "certificate: the chain holds something other than certificates")
     try:
         certs = x509.load_pem_x509_certificates(text)
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+    except UNREADABLE:
         raise AcmeError("bad_response", "certificate: the chain is not PEM certificates") from None
     if not certs or len(certs) > 10:
         raise AcmeError("bad_response", "certificate: expected 1 to 10 certificates in the chain")

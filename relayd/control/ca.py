@@ -43,6 +43,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relayd.errors import AuthError, ConfigError
 
+#: What cryptography raises for bytes that are not a certificate it can read
+#: (InvalidVersion, for a version it does not know, is none of the others).
+UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion)
+
 __all__ = [
     "AGENT_URI_PREFIX",
     "CertificateAuthority",
@@ -201,7 +205,7 @@ def _load_cert(data: bytes) -> x509.Certificate:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except UNREADABLE:
         raise AuthError("malformed certificate") from None
 
 

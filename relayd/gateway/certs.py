@@ -61,7 +61,7 @@ from cryptography import x509
 
 from relayd import metrics
 from relayd.control import acme
-from relayd.control.ca import CertificateAuthority, write_private
+from relayd.control.ca import UNREADABLE, CertificateAuthority, write_private
 from relayd.core import http1
 from relayd.core.tlshello import ClientHello
 from relayd.errors import ConfigError, RelaydError
@@ -216,7 +216,7 @@ class HostCerts:
             try:
                 pem = path.read_bytes()
                 leaf = x509.load_pem_x509_certificates(pem)[0]
-            except (OSError, ValueError, x509.InvalidVersion):
+            except (OSError, *UNREADABLE):
                 continue
             if st.name not in acme.dns_names(leaf) and source == "acme":
                 continue

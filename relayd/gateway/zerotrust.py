@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from relayd import metrics
 from relayd.control import jws
 from relayd.control import policy as pol
+from relayd.control.ca import UNREADABLE
 from relayd.control.zerotrust import Controller, Refused, device_claims, reject, selector_matches, token_facts
 from relayd.core import flowfilter as ff
 from relayd.core import http1
@@ -545,7 +546,7 @@ class UserSession:
         try:
             new = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else b"")
             old = x509.load_der_x509_certificate(self.cert_der)
-        except ValueError:
+        except UNREADABLE:
             raise reject("bad_certificate", "the renewed certificate does not parse") from None
         if not self.gw.ctl.user_ca.issued(new) or new.subject != old.subject \
                 or new.public_key().public_bytes(*_SPKI) != old.public_key().public_bytes(*_SPKI):

@@ -445,3 +445,26 @@ def test_server_cert_cannot_act_as_client(tmp_path, ca, server_chain):
         "localhost",
     )
     assert isinstance(server, ssl.SSLError), server
+
+
+def version_4(cert: x509.Certificate) -> bytes:
+    """``cert`` with its version field set to 4 (the signature no longer
+    matches, but readers refuse the version first)."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    v3 = b"\xa0\x03\x02\x01\x02"
+    assert der.count(v3) >= 1
+    return der.replace(v3, b"\xa0\x03\x02\x01\x03", 1)
+
+
+def test_an_unknown_certificate_version_is_unreadable_not_a_crash(ca):
+    from relayd.control.ca import UNREADABLE, _load_cert
+
+    bad = version_4(x509.load_pem_x509_certificate(ca.cert_pem))
+    with pytest.raises(x509.InvalidVersion):  # not a ValueError: why UNREADABLE lists it
+        x509.load_der_x509_certificate(bad)
+    pem = b"-----BEGIN CERTIFICATE-----\n" + __import__("base64").encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    for data in (bad, pem):
+        with pytest.raises(AuthError):
+            _load_cert(data)
+        with pytest.raises(UNREADABLE):
+            x509.load_pem_x509_certificate(pem)
