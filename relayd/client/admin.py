@@ -42,11 +42,13 @@ def parse_url(url: str) -> tuple[str, int]:
 
 def context(url: str, ca_file: str | None = None, pin: str | None = None) -> ssl.SSLContext:
     """The TLS context that trusts the relay: its CA file, its CA fetched
-    and checked against ``pin``, or the system's CAs."""
+    and checked against ``pin`` (both offering the relay's own ALPN, which
+    gets its own certificate where a public one serves the name), or the
+    system's CAs (the public certificate)."""
     if ca_file and pin:
         raise ConfigError("give --ca FILE or --pin SHA256, not both")
     if ca_file:
-        return tls.client_context(ca_file)
+        return tls.relay_client_context(ca_file)
     if pin:
         from relayd.client.zerotrust import ZtClientError, fetch_ca
 
@@ -59,6 +61,7 @@ def context(url: str, ca_file: str | None = None, pin: str | None = None) -> ssl
             raise TemporaryError(f"cannot reach {host}:{port} for its CA: {exc}") from None
         ctx = ssl.create_default_context(cadata=pem.decode())
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols([tls.RELAY_ALPN, "http/1.1"])
         return ctx
     return ssl.create_default_context()
 
