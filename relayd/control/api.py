@@ -205,7 +205,8 @@ _ERRORS = {400: "Bad request: not JSON, not an object, or a query parameter the 
            403: "Not from here: the caller's network (or role) may not use this route",
            404: "No such route or object",
            405: "The route does not take this method",
-           409: "The object exists already, or something still refers to it",
+           409: "The object exists already, something still refers to it, it was used already, or the relay's "
+                "configuration file owns it",
            412: "The object is not in the state the operation needs (a device that must be online)",
            413: "The body is over the limit",
            415: "The body's media type is not one the route takes",
