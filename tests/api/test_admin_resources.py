@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from openapi_spec_validator import validate as validate_openapi
 
 from relayd.client import hybrid
 from relayd.control import sas
@@ -123,6 +124,18 @@ def live(tmp_path_factory):
 
 def _agent(live, name: str, token: str, **kw):
     return live.submit(start_agent(live.tmp, name, token, {"echo": ("127.0.0.1", live.echo)}, **kw))
+
+
+def test_the_document_is_valid_and_describes_every_new_route(live):
+    validate_openapi(live.document)
+    ops = {(m.upper(), p) for p, item in live.document["paths"].items() for m in item}
+    from relayd.control.admin import AdminResources
+
+    for op in AdminResources(None, None, None, None).ops():
+        assert (op.method, API + op.path) in ops
+        doc = live.document["paths"][API + op.path][op.method.lower()]
+        assert doc["security"] == [{"adminKey": []}] and {"400", "401", "404"} <= set(doc["responses"])
+        assert ("requestBody" in doc) == (op.body is not None)
 
 
 def test_status_ca_and_the_key(live):
