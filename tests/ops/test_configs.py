@@ -40,6 +40,7 @@ RELAYD = Path(sys.executable).with_name("relayd")  # the entry point of the envi
 CHECKED_BY = {
     "relay.toml": "test_relay_configs_load",
     "hybrid.toml": "test_relay_configs_load",
+    "acme.toml": "test_relay_configs_load",
     "zerotrust/relay.toml": "test_relay_configs_load",
     "agent.toml": "test_agent_configs_load",
     "device-agent.toml": "test_agent_configs_load",
@@ -78,6 +79,8 @@ def test_relay_configs_load():
     assert set(hybrid.hybrid.connections) == {"orders", "telemetry/ingest"} and hybrid.hybrid.rules
     assert all(r.primary_key.startswith("REPLACE-") for hc in hybrid.hybrid.connections.values()
                for r in hc.rules + tuple(hybrid.hybrid.rules)), "example keys must read as placeholders"
+    acme = load_serve(CONFIGS / "acme.toml").validate()
+    assert acme.acme.directory.startswith("https://") and acme.acme.challenge == "http-01" and acme.https
     zt = load_serve(CONFIGS / "zerotrust/relay.toml").validate()
     assert zt.zerotrust.site == "s-lab" and "site:s-lab" in zt.endpoints and "corp" in zt.zerotrust.providers
     policy = tomllib.loads((CONFIGS / "zerotrust/policy.toml").read_text())
