@@ -119,29 +119,37 @@ def open_data(data: str):
 
 
 class LocalBackend(Backend):
-    """The relay's route table over its data directory, in this process."""
+    """The relay's route table over its data directory, in this process:
+    the part of it one subcommand calls (``relay``, ``zt`` or ``otp``; the
+    zero-trust part alone takes as long to import as the rest)."""
 
-    def __init__(self, data: str) -> None:
+    def __init__(self, data: str, part: str) -> None:
         import relayd
-        from relayd.control import admin, provisioning, ztapi
+        from relayd.control import admin
         from relayd.control.api import Api
-        from relayd.control.est import PREFIX as EST
-        from relayd.control.ztstore import ZtStore
 
         d, ca, self.store = open_data(data)
         self.where = str(d)
         try:
             view = admin.RelayView(d, self.store)
             self.api = Api(self.store.check_admin_key, relayd.__version__)
-            self.api.add(admin.AdminResources(self.store, ca, d, view).ops(), admin.SCHEMAS)
-            self.api.add(ztapi.ZtResources(_LazyController(d, ZtStore(self.store))).ops(), ztapi.SCHEMAS)
+            if part == "relay":
+                self.api.add(admin.AdminResources(self.store, ca, d, view).ops(), admin.SCHEMAS)
+            elif part == "zt":
+                from relayd.control import ztapi
+                from relayd.control.ztstore import ZtStore
 
-            def est_url() -> str | None:
-                https = view.info().get("https")
-                return f"https://{https}{EST}" if https else None
+                self.api.add(ztapi.ZtResources(_LazyController(d, ZtStore(self.store))).ops(), ztapi.SCHEMAS)
+            else:
+                from relayd.control import provisioning
+                from relayd.control.est import PREFIX as EST
 
-            otps = provisioning.Provisioning(provisioning.Otps(self.store), None, est_url, ca.pin)
-            self.api.add(otps.ops(), provisioning.SCHEMAS)
+                def est_url() -> str | None:
+                    https = view.info().get("https")
+                    return f"https://{https}{EST}" if https else None
+
+                otps = provisioning.Provisioning(provisioning.Otps(self.store), None, est_url, ca.pin)
+                self.api.add(otps.ops(), provisioning.SCHEMAS)
         except BaseException:
             self.store.close()
             raise
@@ -184,7 +192,9 @@ def open_backend(args: argparse.Namespace) -> Backend:
     if data:
         if any(getattr(args, k) for k in REMOTE[1:]):
             raise ConfigError("--api-key, --api-key-file, --ca and --pin go with --api")
-        return LocalBackend(data)
+        from relayd.cli_zerotrust import ADMIN_COMMANDS
+
+        return LocalBackend(data, "zt" if args.admin in ADMIN_COMMANDS else "otp" if args.admin == "otp" else "relay")
     return HttpBackend(args)
 
 
