@@ -121,6 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relayd.net import run
     from relayd.gateway.node import RelayNode
 
+    # A SIGHUP from the start on (a reload right after a start, a log rotation)
+    # is kept for when the relay is up: its default action would end the process.
+    early_hup: list = []
+    signal.signal(signal.SIGHUP, lambda *_: early_hup.append(True))
     cfg = serve_config(args)
     rlog.setup(cfg.log_level)
     logging.getLogger("relayd").info("starting relay", extra={"version": relayd.__version__, **_build.report()})
@@ -129,9 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node = RelayNode(cfg)
         stop = asyncio.Event()
         _signals_to(stop)
-        await node.start()
+        started, asked = False, False
 
         def reload() -> None:
+            nonlocal asked
+            if not started:  # a SIGHUP during the start: applied once it is done
+                asked = True
+                return
             try:
                 new = serve_config(args)  # the config file again, with the same flags on top
             except (ConfigError, OSError) as exc:
@@ -141,6 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             asyncio.get_running_loop().create_task(node.reload(new))
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+        await node.start()
+        started = True
+        if asked or early_hup:
+            reload()
         await stop.wait()
         await node.stop(drain=cfg.drain)
         return 0

@@ -135,3 +135,31 @@ def test_sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_one(tmp
         proc.wait(20)
         log.close()
     assert proc.returncode == 0
+
+
+def test_a_sighup_during_the_start_is_applied_once_the_relay_is_up(tmp_path):
+    """A reload asked for while the relay is still starting (its first log
+    line written, its listeners not yet open) neither ends the process (the
+    default action of SIGHUP) nor gets lost."""
+    agents, one, two = free_port(), free_port(), free_port()
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[serve]\ndata = "{tmp_path / "d"}"\nagents = "127.0.0.1:{agents}"\n'
+                    f'[serve.tcp]\none = "127.0.0.1:{one}"\n')
+    log = open(tmp_path / "relay.log", "w+b")
+    proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=log)
+
+    def wait(pred, what):
+        until_sync(pred, 20, lambda: f"{what}\n{log.seek(0) or log.read().decode()[-2000:]}", interval=0.005)
+
+    try:
+        wait(lambda: b"starting relay" in (log.seek(0) or log.read()), "the relay did not log its start")
+        conf.write_text(conf.read_text() + f'two = "127.0.0.1:{two}"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait(lambda: listening(two), "the reload asked for during the start was not applied")
+        assert listening(one) and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+    assert proc.returncode == 0
