@@ -152,6 +152,15 @@ ZT_FLOW_OPEN_SECONDS = Histogram("relayd_zt_flow_open_seconds", "From a flow's r
 API_REQUESTS = Counter("relayd_api_requests_total", "Requests to the relay's REST API, by route template, method "
                        "and status", ["route", "method", "status"])
 
+# The web console (relayd.control.console): pages by name (a fixed set, "-"
+# for any other path), sessions, sign-ins and refusals by result and reason.
+CONSOLE_REQUESTS = Counter("relayd_console_requests_total", "Requests for the web console's pages and files, by "
+                           "page and status", ["page", "status"])
+CONSOLE_SESSIONS = Gauge("relayd_console_sessions", "Web console sessions open now")
+CONSOLE_SIGNINS = Counter("relayd_console_signins_total", "Web console sign-ins, by result", ["result"])
+CONSOLE_AUTH_REFUSALS = Counter("relayd_console_auth_refusals_total", "Requests with a console session refused, by "
+                                "reason", ["reason"])
+
 # The device gateway and notifications (relayd.control.devicegw, relayd.control.webhooks).
 DEVICE_TOKENS = Counter("relayd_device_tokens_issued_total", "Device tokens pushed to devices", ["when"])
 DEVICE_API_REFUSALS = Counter("relayd_device_api_refusals_total", "Device gateway calls refused, by reason",

@@ -618,9 +618,11 @@ class AdminResources:
                responses={200: ("The CA", _ref("CaCertificate"), (JSON,))}),
             Op("POST", f"{A}/api-key/rotate", self.rotate_key, "rotate_admin_key",
                "A new admin key; the one of this request fails from the next request on", "relay", write=True,
+               session=False,
                responses={200: ("The new key: shown this once", _ref("AdminKey"), (JSON,))},
                description="As `relayd admin api-key rotate`. The admin-api.key file the first start wrote is "
-                           "deleted: it holds the old key."),
+                           "deleted: it holds the old key. Takes the key itself, never a console session "
+                           "(which the rotation ends)."),
             Op("GET", f"{A}/agents", self.list_agents, "list_agents", "Agents, with their link state now", "agents",
                responses={200: ("The agents, oldest first", listing(_ref("Agent")), (JSON,))}),
             Op("GET", f"{A}/agents/{{agent_id}}", self.get_agent, "get_agent", "An agent", "agents", params=agent,

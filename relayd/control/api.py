@@ -17,7 +17,11 @@ each refusal has one status and one place:
 3. the admin key, ``Authorization: Bearer <key>``: 401 with
    ``WWW-Authenticate``. The store keeps its SHA-256 and is read at every
    request, so a rotation by `relayd admin api-key rotate` (another
-   process) takes effect at once; the comparison is constant time;
+   process) takes effect at once; the comparison is constant time. In the
+   relay, a request without the header may carry the web console's session
+   cookie instead, with its CSRF token (relayd.control.console, through
+   ``accept_sessions``), for every route of the key but those marked
+   ``session=False`` (rotating the key, making a session);
 4. the body: 415 for a media type the route does not take, 400 for bytes
    that are not JSON (or TOML where taken) or not an object, 422 for one
    that does not match the route's schema (unknown fields included);
@@ -188,8 +192,12 @@ class Op:
     #: After auth, before the body is parsed: ``(principal, raw body)``,
     #: raising ApiError (a route's own size limit, a rate).
     admit: Callable | None = None
-    #: The OpenAPI security scheme of a route with its own ``auth``.
-    security: str = "adminKey"
+    #: The OpenAPI security scheme of a route with its own ``auth`` (a
+    #: tuple: several schemes, all required together).
+    security: str | tuple = "adminKey"
+    #: A route of the admin key that a web console session may call too
+    #: (relayd.control.console); False for what takes the key itself.
+    session: bool = True
     write: bool = False
     description: str = ""
 
@@ -225,6 +233,10 @@ class Api:
         self.key_ok = key_ok
         self.version = version
         self.ops: list[Op] = []
+        #: ``(head) -> actor | None``: the web console's session in place of
+        #: the key (None: the request carries none; ApiError: refused).
+        self.session_auth: Callable | None = None
+        self._session_security: dict | None = None
         self.security_schemes: dict = {}
         self.schemas: dict = {"Error": {
             "type": "object", "required": ["error", "message"], "additionalProperties": False,
@@ -250,6 +262,14 @@ class Api:
                 raise ValueError(f"schema {name!r} given twice, differently")
         self.ops += ops
         self.schemas.update(schemas or {})
+
+    def accept_sessions(self, auth: Callable, schemes: dict) -> None:
+        """Let the routes of the admin key (but those with ``session=False``)
+        take a web console session too: ``auth(head)`` as ``session_auth``;
+        ``schemes``: its OpenAPI security schemes, all required together."""
+        self.session_auth = auth
+        self.security_schemes.update(schemes)
+        self._session_security = {name: [] for name in schemes}
 
     # -- the route table -----------------------------------------------------------------
 
@@ -291,13 +311,14 @@ class Api:
         """A relayd.net.http_ingress ``buffered`` service."""
         sslobj = ex.conn.transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        return await asyncio.to_thread(self.handle, head.method.decode("latin-1"),
-                                       head.target.decode("latin-1"), head, body, ex.client[0], {"cert": der})
+        return _no_store(await asyncio.to_thread(self.handle, head.method.decode("latin-1"),
+                                                 head.target.decode("latin-1"), head, body, ex.client[0],
+                                                 {"cert": der}))
 
     def too_large(self, head, ex) -> http1.Reply:
         path = head.path.decode("latin-1")
-        return self._answer(self.route_of(path), head.method.decode("latin-1"), ex.client[0],
-                            ApiError(413, "too_large", f"the body is over {MAX_BODY // 1024} KiB"))
+        return _no_store(self._answer(self.route_of(path), head.method.decode("latin-1"), ex.client[0],
+                                      ApiError(413, "too_large", f"the body is over {MAX_BODY // 1024} KiB")))
 
     def local(self, method: str, path: str, body: bytes = b"", headers: tuple = ()) -> http1.Reply:
         """One request of this host's own command line (`relayd admin
@@ -327,19 +348,20 @@ class Api:
                                ((b"Allow", ", ".join(allow).encode()),))
             op, params = hits[0]
             query = self._query(op, qs)
-            principal = None
+            principal, actor = None, "api"
             if local:
+                actor = "cli"
                 if op.auth and op.security != "adminKey":
                     raise ApiError(401, "unauthorized", "this route is for users and devices, not the admin")
             elif callable(op.auth):
                 principal = op.auth(head, {"client": client, **(cred or {})})
             elif op.auth:
-                self._authorize(head)
+                actor = self._authorize(head, op)
             if op.admit is not None:
                 op.admit(principal, body)
             self._check_params(op, params, query)
             req = Request(method, params, query, None, "", (head.get(b"accept") or b"").decode("latin-1"), client,
-                          principal=principal, actor="cli" if local else "api")
+                          principal=principal, actor=actor)
             req.body, req.media_type = self._body(op, head, body)
             reply = op.handler(req)
         except ApiError as exc:
@@ -392,14 +414,21 @@ class Api:
             out[k] = v
         return out
 
-    def _authorize(self, head) -> None:
+    def _authorize(self, head, op: Op) -> str:
+        """The admin key (or a console session where the route takes one):
+        who asks, for audit lines and records."""
         v = head.get(b"authorization")
+        if v is None and self.session_auth is not None and op.session:
+            actor = self.session_auth(head)
+            if actor is not None:
+                return actor
         if v is None or v[:7].lower() != b"bearer " or not v[7:].strip():
             raise ApiError(401, "unauthorized", "this route needs Authorization: Bearer <admin key>",
                            ((b"WWW-Authenticate", REALM.encode()),))
         if not self.key_ok(v[7:].strip().decode("latin-1")):
             raise ApiError(401, "unauthorized", "wrong admin key",
                            ((b"WWW-Authenticate", (REALM + ', error="invalid_token"').encode()),))
+        return "api"
 
     def _body(self, op: Op, head, body: bytes) -> tuple[object, str]:
         if op.body is None:
@@ -545,7 +574,7 @@ class Api:
                     content["text/plain"] = {"schema": {"type": "string"}}
                 responses[str(status)] = {"description": _ERRORS[status], "content": content}
             doc["responses"] = responses
-            doc["security"] = [{op.security if callable(op.auth) else "adminKey": []}] if op.auth else []
+            doc["security"] = self._security(op)
             item[op.method.lower()] = doc
         return {
             "openapi": "3.1.0",
@@ -562,8 +591,26 @@ class Api:
                 **self.security_schemes}},
         }
 
+    def _security(self, op: Op) -> list:
+        if not op.auth:
+            return []
+        if callable(op.auth):
+            names = op.security if isinstance(op.security, tuple) else (op.security,)
+            return [{n: [] for n in names}]
+        if op.session and self._session_security:
+            return [{"adminKey": []}, dict(self._session_security)]
+        return [{"adminKey": []}]
+
     def _openapi(self, req: Request) -> http1.Reply:
         return ok(self.openapi())
+
+
+def _no_store(r: http1.Reply) -> http1.Reply:
+    """Answers of the API hold secrets (a new join token, keys) and live
+    state: no cache keeps them, a browser's included."""
+    if any(k.lower() == b"cache-control" for k, _ in r.headers):
+        return r
+    return http1.Reply(r.status, r.body, r.content_type, tuple(r.headers) + ((b"Cache-Control", b"no-store"),))
 
 
 @functools.lru_cache(maxsize=256)

@@ -31,6 +31,10 @@ RESPONSE_TIMEOUT = 60.0
 CONTROL_THRESHOLD = 64 * 1024
 
 
+#: Paths of the relay's own services on its names (relayd.control.api, relayd.control.console).
+_RESERVED = ("api/v1", "console")
+
+
 def check_path(path: str) -> str:
     """A hybrid connection's path, without slashes at the ends."""
     p = str(path).strip("/") if isinstance(path, str) else ""
@@ -38,6 +42,14 @@ def check_path(path: str) -> str:
             or p.startswith(".relayd"):
         raise ConfigError(f"hybrid connection path {str(path)[:80]!r}: segments of letters, digits, '-', '.' "
                           "and '_' joined by '/', at most 260 characters")
+    low = p.lower()
+    for r in _RESERVED:
+        if low == r or low.startswith(r + "/"):
+            # On the relay's own names these are the relay's: an HTTP-mode
+            # hybrid connection there would take the admin API's requests
+            # (and the console's session cookie) or the console's pages.
+            raise ConfigError(f"hybrid connection path {p[:80]!r}: /{r} is the relay's own (its API and web "
+                              "console)")
     return p
 
 

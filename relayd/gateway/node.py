@@ -33,7 +33,7 @@ import orjson
 import relayd
 from relayd import metrics
 from relayd.config import ServeConfig, format_hostport
-from relayd.control import admin, api, devicegw, deviceproxy, devices, est, provisioning, webhooks
+from relayd.control import admin, api, console, devicegw, deviceproxy, devices, est, provisioning, webhooks
 from relayd.control.events import LocalBus
 from relayd.control.redisbus import RedisBus
 from relayd.control.ca import CertificateAuthority, cert_info, write_private
@@ -99,6 +99,7 @@ class RelayNode:
         self.hybrid: HybridGateway | None = None  # with the HTTPS port
         self.zt: ZtGateway | None = None  # the zero-trust controller API and gateway, with the HTTPS port
         self.api: api.Api | None = None  # the REST API (/api/v1 on the relay's own names), with the HTTPS port
+        self.console: console.Console | None = None  # the web console (/console/), with the HTTPS port
         # the device cloud's events (relayd.control.events): this process, or shared through Redis
         self.bus = LocalBus() if not cfg.redis else RedisBus(cfg.redis, "", cfg.redis_presence_ttl)
         self.devices: DeviceRegistry | None = None  # connection events, presence, claim codes
@@ -316,6 +317,7 @@ class RelayNode:
         self._device_gateway()
         self._user_api(controller)
         self._provisioning()
+        self._console()
         try:
             self.certs = tls.CertSelector(hctx, [(str(c), str(k)) for c, k in self.cfg.certs], str(self.ca_path),
                                           https_context)
@@ -419,6 +421,20 @@ class RelayNode:
         self.api.add(self.provisioning.ops(), provisioning.SCHEMAS)
         self.est = est.EstServer(self.store, self.ca, otps, self.cfg.agent_cert_ttl)
 
+    def _console(self) -> None:
+        """The web console (relayd.control.console): its pages, and its
+        sessions in the admin API in place of the key."""
+        def key_hash():
+            rows = self.store.query("SELECT value FROM meta WHERE key = 'admin_api_sha256'")
+            return rows[0][0] if rows else None
+
+        self.console = console.Console(self.store.check_admin_key, key_hash, ())
+        self.api.add(self.console.ops(), console.Console.SCHEMAS)
+        self.api.accept_sessions(self.console.authorize, console.Console.SECURITY)
+
+    async def _console_page(self, head, body: bytes, ex):
+        return self.console.page(head.method.decode("latin-1"), head.target.decode("latin-1"), head, ex.client[0])
+
     async def _est_serve(self, head, body: bytes, ex):
         sslobj = ex.conn.transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -455,6 +471,14 @@ class RelayNode:
         own = [Route("api", host, api.PREFIX, serve=serve) for host in names]
         own += [Route("est", host, est.PREFIX, serve=est_serve) for host in names]
         own += [Route("otp", host, p, serve=otp_serve) for host in names for p in provisioning.NVIDIA_PATHS]
+        # The console on the relay's names that carry no HTTP endpoint: an
+        # agent's pages must never share its origin (docs/console.md).
+        shared = {r.host for r in endpoints if r.endpoint not in ("device-proxy", "jwks")}
+        for host in sorted(shared & set(names)):
+            log.warning("the web console is not served on %s: HTTP endpoints are there too", host)
+        self.console.hosts = frozenset(n for n in names if n not in shared)
+        page = buffered(self._console_page, 0, too_large=lambda head, ex: self.console.too_large(head, ex.client[0]))
+        own += [Route("console", host, console.PATH, serve=page) for host in self.console.hosts]
         return [self._agent_route] + self.hybrid.routes() + self.zt.routes() + own + endpoints
 
     def _names(self) -> list[str]:

@@ -14,7 +14,9 @@ with the credential its security scheme names:
   The relay pushes its tokens down that tunnel into the agent's memory,
   out of a test's reach, so the test signs one with the relay's own
   ``device-signing.key`` (what the relay does at the push);
-- proxyToken: that user's proxy token from ``POST /token``.
+- proxyToken: that user's proxy token from ``POST /token``;
+- consoleSession (with consoleCsrf): a web console session, from ``POST
+  /admin/console/session`` with the admin key: its cookie and CSRF token.
 
 No operation is skipped. Every answer must be no 5xx (``not_a_server_error``)
 and conform to the document: a documented status, its content type, its body
@@ -47,7 +49,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
-from relayd.control import devicegw
+from relayd.control import console, devicegw
 from tests.tunnel.processes import Proc, free_port, wait_port
 from tests.waiting import until_sync
 
@@ -56,7 +58,7 @@ MAX_EXAMPLES = int(os.environ.get("RELAYD_FUZZ_EXAMPLES", "6"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 PASSWORD = "correct horse battery"
 #: The user's and the device's operations first: the admin's may remove them.
-ORDER = {"proxyToken": 0, "deviceToken": 1, "userToken": 2, None: 3, "adminKey": 4}
+ORDER = {"proxyToken": 0, "deviceToken": 1, "userToken": 2, None: 3, "consoleSession": 4, "adminKey": 5}
 
 
 class Relay:
@@ -85,6 +87,12 @@ class Relay:
             user = self.call("POST", "/users/token", {"username": "fuzz", "password": PASSWORD}, None, 200)["token"]
             device = devicegw.DeviceTokens(devicegw.load_or_create_key(self.data)).issue(self.device_id)[0]
             proxy = self.call("POST", "/token", {}, user, 200)["token"]
+            signin = self.http.post(self.base + API + "/admin/console/session", timeout=15,
+                                    headers={"Authorization": f"Bearer {self.key}"})
+            assert signin.status_code == 201, signin.text[:300]
+            self.console = {"Cookie": f"{console.COOKIE}={signin.cookies[console.COOKIE]}",
+                            console.CSRF_HEADER: signin.json()["csrf"]}
+            self.http.cookies.clear()
             self.creds = {"adminKey": self.key, "userToken": user, "deviceToken": device, "proxyToken": proxy}
             # The device's tunnel is up: a device token is good now.
             until_sync(lambda: self.status("POST", "/device/notifications", {"type": "t"}, device) == 202, 30,
@@ -92,6 +100,12 @@ class Relay:
         except BaseException:
             print(self.stop()[-3000:])
             raise
+
+    def auth(self, scheme: str | None) -> dict:
+        """The headers of the credential a security scheme names."""
+        if scheme is None:
+            return {}
+        return dict(self.console) if scheme == "consoleSession" else {"Authorization": f"Bearer {self.creds[scheme]}"}
 
     def session(self) -> requests.Session:
         s = requests.Session()
@@ -178,7 +192,7 @@ def test_every_operation_with_its_credential(relay):
     calls = []
 
     def run(case, scheme):
-        headers = {"Authorization": f"Bearer {relay.creds[scheme]}"} if scheme else {}
+        headers = relay.auth(scheme)
         response = case.call(base_url=relay.base, session=session, headers=headers, timeout=15, verify=relay.ca)
         calls.append(response.status_code)
         if case.operation.path == API + "/admin/api-key/rotate" and response.status_code == 200:
