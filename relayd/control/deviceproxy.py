@@ -46,6 +46,8 @@ AUDIENCE = "relayd-device-proxy"
 TOKEN_TTL = 300
 #: Clock skew allowed on a token's times (the relay made it: small).
 SKEW = 30
+#: Checked proxy tokens kept (ProxyTokens.verify); the table starts again when full.
+CHECKED_TOKENS = 4096
 #: The most devices one token lists (ask for one device_id beyond that).
 MAX_DEVICES = 100
 ROLES = ("viewer", "operator", "admin", "owner")
@@ -106,6 +108,11 @@ class ProxyTokens:
         self.ttl = ttl
         self.kid = jws.key_id(key.public_key())
         self.keys = {self.kid: key.public_key()}
+        # Tokens whose signature and JSON have been checked, by their exact text: a client
+        # sends the same one with every request, and the signature check is most of a
+        # request's cost. What can change (times, issuer) is checked at every use; what the
+        # user may do now is the store's, asked at every request anyway.
+        self._checked: dict[str, dict] = {}
 
     def issue(self, user_id: str, devs: dict[str, str], now: float | None = None) -> str:
         now = int(now if now is not None else time.time())
@@ -115,7 +122,12 @@ class ProxyTokens:
 
     def verify(self, token: str, now: float | None = None) -> tuple[str, dict[str, str]]:
         """(user id, devs) of a good token; jws.TokenError (``reason``) if not."""
-        claims = jws.verify(token, jws.PROXY, self.keys)
+        claims = self._checked.get(token)
+        if claims is None:
+            claims = jws.verify(token, jws.PROXY, self.keys)
+            if len(self._checked) >= CHECKED_TOKENS:
+                self._checked.clear()
+            self._checked[token] = claims
         if claims.get("aud") != AUDIENCE:
             raise jws.TokenError("audience", "the token is not for the device proxy")
         if claims.get("iss") != self.issuer():
