@@ -23,6 +23,7 @@ need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl openssl
 command -v npm >/dev/null || need_debs npm
 need_debs prometheus systemd  # Prometheus, promtool and systemd-analyze for configs/ (docs/operations.md)
 need_debs podman runc debootstrap  # the container image's test (tests/ops/test_container.py)
+need_debs chromium chromium-driver libnss3-tools  # the web console in a browser (tests/ops/test_console_browser.py)
 if [ "${RELAYD_ARM64:-}" = 1 ]; then need_debs qemu-user-static binfmt-support; fi  # tests/ops/test_arm64.py (docs/arm64.md)
 setup_venv test
 setup_npm tests/interop/hyco
