@@ -392,17 +392,23 @@ def otp(args, b: Backend) -> int:
             if not eq or not k:
                 raise ConfigError(f"--label {item!r}: KEY=VALUE")
             labels[k] = v
-        body = {"ttl": args.ttl, "labels": labels, **({"device_name": args.name} if args.name else {})}
-        doc = b.call("POST", "/admin/otps", body)
-        if doc.get("est_url") is None:
-            print("this relay has no --https listener: devices cannot reach EST until it has one", file=sys.stderr)
-        if args.json:
-            print(orjson.dumps(doc).decode())
+        body = {"ttl": args.ttl, "labels": labels}
+        if args.count != 1:  # a fleet: one request, one transaction
+            if args.name:
+                body["device_name_prefix"] = args.name
+            docs = b.call("POST", "/admin/otps/batch", {**body, "count": args.count})["items"]
         else:
-            print(doc["otp"])
-            print(f"id {doc['otp_id']}, expires {doc['expires_at']}; on the device: relayd agent --otp {doc['otp']} "
-                  f"--est {doc.get('est_url') or 'https://RELAY'} "
-                  f"--pin {doc['ca_sha256']}", file=sys.stderr)
+            docs = [b.call("POST", "/admin/otps", {**body, **({"device_name": args.name} if args.name else {})})]
+        if docs[0].get("est_url") is None:
+            print("this relay has no --https listener: devices cannot reach EST until it has one", file=sys.stderr)
+        for doc in docs:
+            print(orjson.dumps(doc).decode() if args.json else doc["otp"])
+        doc = docs[0]
+        if not args.json:
+            ids = f"id {doc['otp_id']}" if len(docs) == 1 else f"ids {doc['otp_id']} to {docs[-1]['otp_id']}"
+            code = doc["otp"] if len(docs) == 1 else "OTP"
+            print(f"{ids}, expires {doc['expires_at']}; on the device: relayd agent --otp {code} "
+                  f"--est {doc.get('est_url') or 'https://RELAY'} --pin {doc['ca_sha256']}", file=sys.stderr)
     elif args.otp == "list":
         items = b.call("GET", "/admin/otps")["items"]
         print(f"{'ID':<18} {'STATE':<8} {'EXPIRES':<20} {'NAME':<20} DEVICE")

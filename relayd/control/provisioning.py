@@ -58,6 +58,8 @@ RATE, BURST = 2.0, 60.0
 TAG = "provisioning"
 #: NVIDIA's OTP paths (its provisioning server's, and its gateway's).
 NVIDIA_PATHS = ("/admin/api/otp", "/api/otp")
+#: The most OTPs one POST /admin/otps/batch makes.
+MAX_BATCH = 1000
 
 
 def new_otp() -> str:
@@ -120,17 +122,23 @@ class Otps:
     def create(self, device_name: str | None = None, ttl: float = DEFAULT_TTL, labels: dict | None = None,
                actor: str = "api", now: float | None = None) -> tuple[dict, str]:
         """A new OTP: (its row, the code; shown this once)."""
+        return self.create_many([device_name], ttl, labels, actor, now)[0]
+
+    def create_many(self, device_names: list, ttl: float = DEFAULT_TTL, labels: dict | None = None,
+                    actor: str = "api", now: float | None = None) -> list[tuple[dict, str]]:
+        """One new OTP for each of ``device_names`` (None: named by its id
+        later), in one transaction: [(row, code)]."""
         now = time.time() if now is None else now
         ttl = parse_ttl(ttl)
-        code = new_otp()
-        otp_id = "otp-" + secrets.token_hex(6)
+        made = [("otp-" + secrets.token_hex(6), name, new_otp()) for name in device_names]
         with self.store.transaction() as db:
             # Spent and dead codes are kept a week for the record, then go.
             db.execute("DELETE FROM dc_otps WHERE expires_at < ?", (now - MAX_TTL,))
-            db.execute(f"INSERT INTO dc_otps ({_COLUMNS}, otp_sha256) VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?)",
-                       (otp_id, device_name, orjson.dumps(labels or {}).decode(), now, now + ttl, actor,
-                        otp_hash(code)))
-        return self.get(otp_id, now), code
+            db.executemany(f"INSERT INTO dc_otps ({_COLUMNS}, otp_sha256)"
+                           " VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?)",
+                           [(otp_id, name, orjson.dumps(labels or {}).decode(), now, now + ttl, actor, otp_hash(code))
+                            for otp_id, name, code in made])
+        return [(self.get(otp_id, now), code) for otp_id, _, code in made]
 
     def get(self, otp_id: str, now: float | None = None) -> dict | None:
         rows = self.store.query(f"SELECT {_COLUMNS} FROM dc_otps WHERE id = ?", (otp_id,))
@@ -194,6 +202,13 @@ SCHEMAS = {
                         "description": "the device's name (default: its id)"},
         "ttl": {"type": ["string", "integer"], "description": "lifetime: a duration such as 24h (default), at most 7d"},
         "labels": _LABELS}},
+    "OtpBatchRequest": {"type": "object", "additionalProperties": False, "required": ["count"], "properties": {
+        "count": {"type": "integer", "minimum": 1, "maximum": MAX_BATCH},
+        "device_name_prefix": {"type": "string", "minLength": 1, "maxLength": 64,
+                               "description": "names the devices PREFIX1, PREFIX2, ... (zero-padded; default: "
+                                              "each device's id)"},
+        "ttl": {"type": ["string", "integer"], "description": "lifetime: a duration such as 24h (default), at most 7d"},
+        "labels": _LABELS}},
     "Otp": {"type": "object", "required": ["otp_id", "otp", "expires_at", "est_url", "ca_sha256"], "properties": {
         "otp_id": {"type": "string"}, "otp": {"type": "string", "description": "the code: shown this once"},
         "expires_at": {"type": "string"},
@@ -250,13 +265,15 @@ class Provisioning:
         return "admin"
 
     def issue(self, body: dict, actor: str) -> dict:
+        return self.issue_many(body, actor, [body.get("device_name")])[0]
+
+    def issue_many(self, body: dict, actor: str, names: list) -> list[dict]:
         if len(body.get("labels") or {}) > 32:
             raise ConfigError("body.labels: at most 32 labels")
-        row, code = self.otps.create(body.get("device_name"), parse_ttl(body.get("ttl", DEFAULT_TTL)),
-                                     body.get("labels"), actor)
-        return {"otp_id": row["otp_id"], "otp": code, "expires_at": rfc3339(row["expires_at"]),
-                "est_url": self.est_url(), "ca_sha256": self.pin.removeprefix("sha256:"),
-                "device_name": row["device_name"], "labels": row["labels"]}
+        made = self.otps.create_many(names, parse_ttl(body.get("ttl", DEFAULT_TTL)), body.get("labels"), actor)
+        est_url, pin = self.est_url(), self.pin.removeprefix("sha256:")
+        return [{"otp_id": row["otp_id"], "otp": code, "expires_at": rfc3339(row["expires_at"]), "est_url": est_url,
+                 "ca_sha256": pin, "device_name": row["device_name"], "labels": row["labels"]} for row, code in made]
 
     def ops(self) -> list[Op]:
         common = dict(tag=TAG, auth=self._auth, security="adminKey", errors=(401, 403, 429))
@@ -266,6 +283,12 @@ class Provisioning:
                responses={201: ("The OTP: shown this once", {"$ref": "#/components/schemas/Otp"}, (JSON,))},
                description="Admin key as Bearer or PROV-ADMIN. The code enrolls one device over EST "
                            "(/.well-known/est/simpleenroll) before it expires.", **common),
+            Op("POST", "/admin/otps/batch", self._post_batch, "createOtps", "Issue OTPs for many devices at once",
+               body={"$ref": "#/components/schemas/OtpBatchRequest"}, write=True,
+               responses={201: ("The OTPs: shown this once", listing({"$ref": "#/components/schemas/Otp"}),
+                                (JSON,))},
+               description=f"Up to {MAX_BATCH} OTPs in one request (one transaction; one request of the "
+                           "admin client's rate limit), for provisioning a fleet.", **common),
             Op("GET", "/admin/otps", self._list, "listOtps", "List OTPs (never the codes)",
                responses={200: ("The OTPs", listing({"$ref": "#/components/schemas/OtpInfo"}),
                                 (JSON,))}, **common),
@@ -278,6 +301,15 @@ class Provisioning:
         req.target = doc["otp_id"]
         metrics.OTPS_ISSUED.labels(req.actor).inc()
         return ok(doc, 201)
+
+    def _post_batch(self, req: Request):
+        body = req.body
+        prefix, n = body.get("device_name_prefix"), body["count"]
+        names = [f"{prefix}{i:0{len(str(n))}d}" if prefix else None for i in range(1, n + 1)]
+        items = self.issue_many(body, req.actor, names)
+        req.target = f"{n} OTPs"
+        metrics.OTPS_ISSUED.labels(req.actor).inc(n)
+        return ok({"items": items}, 201)
 
     def _list(self, req: Request):
         return ok({"items": [_info(r) for r in self.otps.list()]})

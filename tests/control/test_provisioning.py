@@ -148,6 +148,17 @@ def test_cli_otp_create_list_revoke(tmp_path):
     assert "revoked" in cli("list").stdout
     assert cli("revoke", "otp-000000000000").returncode != 0
     assert cli("create", "--ttl", "30d").returncode != 0
+    # a fleet: one request, one code a line, names PREFIX001 ...
+    r = cli("create", "--count", "120", "--name", "cam-", "--label", "batch=7")
+    codes = r.stdout.split()
+    assert r.returncode == 0 and len(codes) == len(set(codes)) == 120 and all(len(c) == 26 for c in codes)
+    assert "ids otp-" in r.stderr and "--otp OTP" in r.stderr
+    docs = [orjson.loads(line) for line in cli("create", "--count", "3", "--json").stdout.splitlines()]
+    assert len(docs) == 3 and all(d["device_name"] is None and d["est_url"] for d in docs)
+    listing = cli("list").stdout
+    assert "cam-001" in listing and "cam-120" in listing
+    for bad in ("0", "1001", "x"):
+        assert cli("create", "--count", bad).returncode != 0
 
 
 def test_config_keys(tmp_path):
