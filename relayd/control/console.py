@@ -327,9 +327,9 @@ class Console:
                                if why != "unknown" else "no such console session: sign in")
         token = head.get(CSRF_HEADER.lower().encode())
         if token is None:
-            raise self._refuse(403, "forbidden", "no_csrf", f"a console session needs {CSRF_HEADER}")
+            raise self._refuse(403, "csrf", "no_csrf", f"a console session needs {CSRF_HEADER}")
         if not hmac.compare_digest(token, found.csrf.encode()):
-            raise self._refuse(403, "forbidden", "bad_csrf", f"wrong {CSRF_HEADER}")
+            raise self._refuse(403, "csrf", "bad_csrf", f"wrong {CSRF_HEADER}")
         return found
 
     def authorize(self, head) -> str | None:

@@ -89,6 +89,11 @@
       throw new SignedOut();
     }
     const data = r.status === 204 ? null : await r.json().catch(() => null);
+    if (r.status === 403 && data && data.error === "csrf") {
+      // The browser holds one console cookie: a sign-in in another tab replaced this tab's.
+      signedOut("This tab's session was replaced by a sign-in in another tab: sign in again.");
+      throw new SignedOut();
+    }
     if (!r.ok) throw new ApiError(r.status, (data && data.message) || r.statusText);
     return data;
   }
