@@ -129,7 +129,8 @@ def test_sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_one(tmp
         conf.write_text("[serve\nbroken")
         proc.send_signal(signal.SIGHUP)
         wait(lambda: b"does not load" in (log.seek(0) or log.read()), "a bad file was not reported")
-        assert listening(one) and listening(two) and proc.poll() is None
+        state = (proc.poll(), listening(one), listening(two))
+        assert state == (None, True, True), f"(exit, one, two) = {state}\n{log.seek(0) or log.read().decode()[-3000:]}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
