@@ -9,6 +9,7 @@ TCP stream and kept-alive HTTPS connection through the agent go on."""
 import base64
 import os
 import socket
+import ssl
 import time
 
 from relayd.control import sas
@@ -108,12 +109,18 @@ def test_oversized_and_malformed_control_messages_are_counted_and_ignored(stack,
 
 def test_a_sender_that_talks_before_its_answer_is_cut(stack, unharmed):
     lst = listener(stack)
-    s = stack.tls(ATTACKER)
-    s.sendall(upgrade("hc1?sb-hc-action=connect", f"ServiceBusAuthorization: {token()}\r\n") + MARKER * 10000)
-    got = read_all(s)
-    assert not got.startswith(b"HTTP/1.1 101"), got[:100]
-    s.close()
-    lst.close()
+    try:
+        s = stack.tls(ATTACKER)
+        try:
+            s.sendall(upgrade("hc1?sb-hc-action=connect", f"ServiceBusAuthorization: {token()}\r\n") + MARKER * 10000)
+        except (ssl.SSLError, ConnectionError):
+            got = b""  # cut while it was still talking (a loaded machine gets there first)
+        else:
+            got = read_all(s)
+        assert not got.startswith(b"HTTP/1.1 101"), got[:100]
+        s.close()
+    finally:
+        lst.close()  # else the next test's request would go to this listener
 
 
 def test_hostile_http_mode_requests(stack, unharmed):
