@@ -298,6 +298,9 @@ def test_the_document_and_the_route_table_are_one(relay, unharmed):
     from relayd.control.admin import SCHEMAS as ADMIN_SCHEMAS, AdminResources
 
     table.add(AdminResources(None, None, None, None).ops(), ADMIN_SCHEMAS)
+    from relayd.control.console import Console
+
+    table.add(Console(lambda k: False, lambda: None, ()).ops(), Console.SCHEMAS)
     assert documented == {(op.method, API + op.path) for op in table.ops}
     # Every documented route exists on the running relay: without a key it
     # answers 401 (the document's own route: 200), never 404 or 405; a
