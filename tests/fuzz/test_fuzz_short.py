@@ -1,7 +1,9 @@
 """The short fuzz run of CI: ``bash fuzz/run.sh --short HARNESS`` for each
-harness, a fixed number of runs from the committed seeds with a fixed seed,
-on whichever build is active (compiled against pure, or the pure twin alone
-under RELAYD_NO_EXTENSIONS=1)."""
+harness, a fixed number of runs from the committed seeds with a fixed seed.
+With the compiled build each input runs through the compiled module and its
+pure twin and their outcomes are compared, so both builds are fuzzed in that
+one pass: the run is marked ``once`` (scripts/test.sh's pure pass, where only
+the twin exists, would fuzz the same twin again)."""
 
 import os
 import platform
@@ -20,6 +22,7 @@ if not (sys.platform == "linux" and platform.machine() == "x86_64"):
     pytest.importorskip("atheris")
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("h", sorted(make_corpus.HARNESSES))
 def test_short_fuzz_run_finds_no_crash(h):
     env = dict(os.environ, PYTHON=sys.executable)
