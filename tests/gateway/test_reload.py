@@ -109,58 +109,62 @@ def test_http_routes_swap_for_the_next_request_on_a_kept_alive_connection(tmp_pa
     run(main())
 
 
+class Served:
+    """``relayd serve --config FILE`` as a process, with one TCP endpoint
+    (``one``) and a free port for another (``two``)."""
+
+    def __init__(self, tmp_path, interval: float = 0.05) -> None:
+        agents, self.one, self.two = free_port(), free_port(), free_port()
+        self.conf = tmp_path / "relay.toml"
+        self.conf.write_text(f'[serve]\ndata = "{tmp_path / "d"}"\nagents = "127.0.0.1:{agents}"\n'
+                             f'[serve.tcp]\none = "127.0.0.1:{self.one}"\n')
+        self.log = open(tmp_path / "relay.log", "w+b")
+        self.interval = interval
+        self.proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait(self, pred, what: str) -> None:
+        until_sync(pred, 20, lambda: f"{what}\n{self.text()[-2000:]}", interval=self.interval)
+
+    def add_two(self) -> None:
+        self.conf.write_text(self.conf.read_text() + f'two = "127.0.0.1:{self.two}"\n')
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+        self.log.close()
+        return self.proc.returncode
+
+
 def test_sighup_reloads_the_config_file_and_a_bad_file_keeps_the_running_one(tmp_path):
-    agents, one, two = free_port(), free_port(), free_port()
-    conf = tmp_path / "relay.toml"
-    conf.write_text(f'[serve]\ndata = "{tmp_path / "d"}"\nagents = "127.0.0.1:{agents}"\n'
-                    f'[serve.tcp]\none = "127.0.0.1:{one}"\n')
-    log = open(tmp_path / "relay.log", "w+b")
-    proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=log)
-
-    def wait(pred, what):
-        until_sync(pred, 20, lambda: f"{what}\n{log.seek(0) or log.read().decode()[-2000:]}")
-
+    r = Served(tmp_path)
     try:
-        wait(lambda: listening(one), "the relay did not start")
-        conf.write_text(conf.read_text() + f'two = "127.0.0.1:{two}"\n')
-        proc.send_signal(signal.SIGHUP)
-        wait(lambda: listening(two), "the added endpoint did not start listening")
-        conf.write_text("[serve\nbroken")
-        proc.send_signal(signal.SIGHUP)
-        wait(lambda: b"does not load" in (log.seek(0) or log.read()), "a bad file was not reported")
-        state = (proc.poll(), listening(one), listening(two))
-        assert state == (None, True, True), f"(exit, one, two) = {state}\n{log.seek(0) or log.read().decode()[-3000:]}"
+        r.wait(lambda: listening(r.one), "the relay did not start")
+        r.add_two()
+        r.wait(lambda: listening(r.two), "the added endpoint did not start listening")
+        r.conf.write_text("[serve\nbroken")
+        r.proc.send_signal(signal.SIGHUP)
+        r.wait(lambda: "does not load" in r.text(), "a bad file was not reported")
+        state = (r.proc.poll(), listening(r.one), listening(r.two))
+        assert state == (None, True, True), f"(exit, one, two) = {state}\n{r.text()[-3000:]}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-        log.close()
-    assert proc.returncode == 0
+        assert r.stop() == 0
 
 
 def test_a_sighup_during_the_start_is_applied_once_the_relay_is_up(tmp_path):
     """A reload asked for while the relay is still starting (its first log
     line written, its listeners not yet open) neither ends the process (the
     default action of SIGHUP) nor gets lost."""
-    agents, one, two = free_port(), free_port(), free_port()
-    conf = tmp_path / "relay.toml"
-    conf.write_text(f'[serve]\ndata = "{tmp_path / "d"}"\nagents = "127.0.0.1:{agents}"\n'
-                    f'[serve.tcp]\none = "127.0.0.1:{one}"\n')
-    log = open(tmp_path / "relay.log", "w+b")
-    proc = subprocess.Popen([sys.executable, "-m", "relayd.cli", "serve", "--config", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=log)
-
-    def wait(pred, what):
-        until_sync(pred, 20, lambda: f"{what}\n{log.seek(0) or log.read().decode()[-2000:]}", interval=0.005)
-
+    r = Served(tmp_path, interval=0.005)
     try:
-        wait(lambda: b"starting relay" in (log.seek(0) or log.read()), "the relay did not log its start")
-        conf.write_text(conf.read_text() + f'two = "127.0.0.1:{two}"\n')
-        proc.send_signal(signal.SIGHUP)
-        wait(lambda: listening(two), "the reload asked for during the start was not applied")
-        assert listening(one) and proc.poll() is None
+        r.wait(lambda: "starting relay" in r.text(), "the relay did not log its start")
+        r.add_two()
+        r.wait(lambda: listening(r.two), "the reload asked for during the start was not applied")
+        assert listening(r.one) and r.proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-        log.close()
-    assert proc.returncode == 0
+        assert r.stop() == 0
