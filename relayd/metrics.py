@@ -53,6 +53,13 @@ AGENT_CERT_EXPIRY = Gauge("relayd_agent_certificate_expiry_earliest_timestamp_se
 INTERNAL_ERRORS = Counter("relayd_internal_errors_total",
                           "Exceptions caught at a boundary that must not raise (a relayd bug; the offending "
                           "stream or connection was closed, the rest went on)", ["where"])
+#: Every place relayd.log.caught is called from (tests/ops/test_cardinality.py
+#: keeps the list whole): each has its series from the start, at 0, so that an
+#: alert on its increase has data before the first bug.
+CAUGHT_AT = ("api", "device_proxy", "est", "event_handler", "http_gate", "http_local", "http_request",
+             "http_response", "mux_event", "mux_meter", "mux_resume", "mux_sink_reset", "packet_link", "zt_poll")
+for _where in CAUGHT_AT:
+    INTERNAL_ERRORS.labels(_where)
 
 
 async def serve_metrics(sock, health: Callable[[], tuple[bool, dict]] | None = None) -> asyncio.AbstractServer:

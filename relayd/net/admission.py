@@ -350,6 +350,7 @@ class TlsListener:
                  make_protocol: Callable[[Ticket], asyncio.Protocol], chooser=None) -> None:
         self.admission = admission
         self.name = name
+        metrics.RESOURCE_EXHAUSTED.labels(name, "file_descriptors")  # at 0 until it happens: alerts have data
         self.socks = socks
         self.ctx = ctx
         self.make_protocol = make_protocol

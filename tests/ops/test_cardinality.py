@@ -102,3 +102,18 @@ def test_series_do_not_grow_with_agents_and_devices(tmp_path, monkeypatch):
             await relay.stop()
 
     run(main())
+
+
+def test_every_caught_place_has_its_series_from_the_start():
+    """relayd_internal_errors_total{where} exists at 0 for each place that
+    calls relayd.log.caught, so that the RelaydInternalErrors alert has data
+    before the first bug (configs/prometheus/relayd-alerts.yml)."""
+    import pathlib
+    import re
+
+    from relayd import metrics
+
+    root = pathlib.Path(relayd.__file__).parent
+    used = {m for p in root.rglob("*.py") for m in re.findall(r'caught\("([a-z_]+)"', p.read_text())}
+    assert used == set(metrics.CAUGHT_AT), f"relayd.metrics.CAUGHT_AT must list exactly {sorted(used)}"
+    assert all(REGISTRY.get_sample_value("relayd_internal_errors_total", {"where": w}) is not None for w in used)
