@@ -53,6 +53,9 @@ from relayd.control import console, devicegw
 from tests.tunnel.processes import Proc, free_port, wait_port
 from tests.waiting import until_sync
 
+# The API's document and handlers are the same in both builds: fuzzed once (the compiled pass).
+pytestmark = pytest.mark.once
+
 API = "/api/v1"
 MAX_EXAMPLES = int(os.environ.get("RELAYD_FUZZ_EXAMPLES", "6"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
