@@ -99,11 +99,11 @@ def wrk(url: str, seconds: int, conns: int, close: bool = False, headers=()) -> 
     return rps, p99
 
 
-def download(url: str, headers=(), size: int = 0) -> float:
+def download(url: str, headers=(), size: int = 0, timeout: float = 300) -> float:
     """Gbit/s of one download; RuntimeError when fewer than ``size`` bytes came."""
     t0 = time.perf_counter()
     r = subprocess.run(["curl", "-sk", *[a for h in headers for a in ("-H", h)], "-o", "/dev/null",
-                        "-w", "%{size_download}", url], capture_output=True, text=True, timeout=300)
+                        "-w", "%{size_download}", url], capture_output=True, text=True, timeout=timeout)
     got = int(r.stdout or 0)
     if got < size:
         raise RuntimeError(f"{url}: downloaded {got} of {size} bytes")
