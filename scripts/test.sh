@@ -11,6 +11,9 @@
 #  3. The suite against the pure-Python twins (RELAYD_NO_EXTENSIONS=1).
 #  4. The core tests against a debug build (bounds checks, C asserts, -O0),
 #     then the optimised build is restored.
+#  5. The short benchmark (bench/ci.py, about 2 minutes): relayd against the
+#     Go tunnel, HAProxy and nginx in one run; fails only when a ratio falls
+#     below its floor in bench/floors.toml. JSON in bench/results/ci.json.
 # Fails when any run fails or when a run collected no test. Extra args go to
 # every pytest run (e.g. -x, -k yamux).
 set -euo pipefail
@@ -23,6 +26,7 @@ need_debs golang-go golang-github-hashicorp-yamux-dev tinyproxy wrk curl openssl
 command -v npm >/dev/null || need_debs npm
 need_debs prometheus systemd  # Prometheus, promtool and systemd-analyze for configs/ (docs/operations.md)
 need_debs podman runc debootstrap  # the container image's test (tests/ops/test_container.py)
+need_debs iperf3 haproxy nginx-light  # the short benchmark's peers (bench/ci.py)
 need_debs chromium chromium-driver libnss3-tools  # the web console in a browser (tests/ops/test_console_browser.py)
 if [ "${RELAYD_ARM64:-}" = 1 ]; then need_debs qemu-user-static binfmt-support; fi  # tests/ops/test_arm64.py (docs/arm64.md)
 setup_venv test
@@ -56,3 +60,5 @@ run_pytest "debug build: core and HTTP ingress" -p no:cacheprovider tests/core t
 log "restoring the optimised build"
 "$PY" setup.py -q build_ext --inplace --force >/dev/null 2>&1 || { "$PY" setup.py build_ext --inplace --force; exit 1; }
 log "all test runs passed"
+log "short benchmark: ratios against peers in the same run, floors in bench/floors.toml"
+"$PY" bench/ci.py --out bench/results/ci.json
