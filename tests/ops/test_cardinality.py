@@ -4,7 +4,9 @@ a user, an address, a path a client chose, a token), and a relay's series do
 not grow with the number of agents and devices connected. Per-agent numbers
 live in the store (``relayd admin agents``, the admin API), not in metrics.
 The gauges that replaced the per-agent one are checked on the way: agents
-per endpoint, devices online, the certificate expiry gauges."""
+per endpoint, devices online, the certificate expiry gauges. The relay does
+this with 10,000 registered devices in its database, none of which any
+series names."""
 
 from __future__ import annotations
 
@@ -57,6 +59,20 @@ def _series() -> set:
             if fam.name.startswith("relayd_") for s in fam.samples}
 
 
+#: The fleet the issue names: registered devices that no series may name.
+FLEET = 10_000
+
+
+def _register_fleet(store, n: int) -> set[str]:
+    """``n`` enrolled devices (agents with a dc_devices row, as EST enrollment
+    makes them), offline; their ids."""
+    ids = {f"dv-{i:012x}" for i in range(n)}
+    for i, agent_id in enumerate(sorted(ids)):
+        store.add_agent(agent_id, ["device"], 10**9 + i, time.time() + 86400)
+        store.register_device(agent_id, f"cam-{i}")
+    return ids
+
+
 @pytest.mark.once
 def test_series_do_not_grow_with_agents_and_devices(tmp_path, monkeypatch):
     monkeypatch.setattr(agents_mod, "STATUS_INTERVAL", 0.1)
@@ -67,6 +83,10 @@ def test_series_do_not_grow_with_agents_and_devices(tmp_path, monkeypatch):
             fleet = []
             try:
                 base_devices = value("relayd_devices_online")
+                # A fleet of 10,000 registered devices in the relay's database
+                # (enrolled, offline): no series may name one, and the relay
+                # serves the online ones below as usual.
+                fleet_ids = await asyncio.to_thread(_register_fleet, relay.store, FLEET)
                 for i in range(2):  # one agent, one device: every kind of series exists
                     fleet.append(await start_device(tmp_path, relay, f"a{i}", {"echo": ("127.0.0.1", svc)},
                                                     device=bool(i)))
@@ -84,6 +104,10 @@ def test_series_do_not_grow_with_agents_and_devices(tmp_path, monkeypatch):
                 grown = _series() - before
                 assert not grown, f"series that came with more agents: {sorted(grown)[:10]}"
                 assert len(relay.seam._children) == 1  # the metric children cached per endpoint only
+                values = {v for fam in REGISTRY.collect() if fam.name.startswith("relayd_")
+                          for smp in fam.samples for v in smp.labels.values()}
+                named = values & (fleet_ids | {f"cam-{i}" for i in range(FLEET)})
+                assert not named, f"series that name registered devices: {sorted(named)[:5]}"
                 for kind in ("agent", "device"):
                     t = value("relayd_agent_certificate_expiry_earliest_timestamp_seconds", kind=kind)
                     assert time.time() + 3000 < t < time.time() + 3700, (kind, t)
