@@ -12,7 +12,10 @@ and no script run; the agent is revoked from the console, leaves the page
 as revoked and its tunnel is cut under a live TCP connection; a hybrid
 connection's key is rotated from the console (the key shown once is the
 relay's new primary, the old one its secondary) while a real listener
-(`relayd hc forward -R`) is shown; every page is visited and shot.
+(`relayd hc forward -R`) is shown; of two sign-ins of a user (`relayd
+login`), one session is killed from the console and then the user is
+signed out everywhere (both revocations recorded as the console's); every
+page is visited and shot.
 
 Chromium trusts the relay's CA through an NSS database of its own (a HOME
 made for the test: Chromium on Linux reads ``~/.pki/nssdb``), so TLS is
@@ -37,7 +40,7 @@ import time
 import pytest
 
 from tests.adversarial.stack import EchoHandler, _Server
-from tests.tunnel.processes import Proc, free_port, wait_port
+from tests.tunnel.processes import RELAYD, Proc, free_port, wait_port
 from tests.waiting import until_sync
 
 pytestmark = [pytest.mark.once,
@@ -46,6 +49,7 @@ pytestmark = [pytest.mark.once,
                                         "(scripts/test.sh installs them)")]
 
 XSS = "<img src=x onerror=alert(1)>"
+PASSWORD = "correct horse battery"
 XSS_LABEL = "<script>alert(2)</script>"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGES = ["overview", "agents", "endpoints", "hybrid", "users"]
@@ -139,7 +143,7 @@ def test_the_console_in_chromium(tmp_path, shots):
     t0 = time.monotonic()
     relay = Relay(tmp_path)
     driver = None
-    secrets = {relay.key}
+    secrets = {relay.key, PASSWORD}
     try:
         # What the operator set up elsewhere: a hybrid connection with a listener, a user, a device's OTP.
         relay.api("POST", "/hybrid-connections", {"path": "orders"}, 201)
@@ -148,7 +152,7 @@ def test_the_console_in_chromium(tmp_path, shots):
         secrets.add(rule["primary_key"])
         relay.start(["hc", "forward", "-R", f"127.0.0.1:{relay.echo.server_address[1]}", "--ca", relay.ca],
                     {"RELAYD_HC_CONNECTION": rule["primary_connection_string"]})
-        relay.api("POST", "/users", {"username": "alice", "password": "correct horse battery", "groups": ["ops"],
+        relay.api("POST", "/users", {"username": "alice", "password": PASSWORD, "groups": ["ops"],
                                      "email": "alice@example.com"}, 201)
         otp = relay.api("POST", "/otps", {"device_name": XSS, "labels": {"note": XSS_LABEL}}, 201)
         secrets.add(otp["otp"])
@@ -252,10 +256,36 @@ def test_the_console_in_chromium(tmp_path, shots):
         driver.find_element(By.ID, "secret-close").click()
         shot("hybrid")
 
-        # -- users and sessions
+        # -- users and sessions: alice signs in twice (`relayd login`); one
+        # session is killed from the console, then "sign out everywhere" the other
+        for n in (1, 2):
+            login = subprocess.run(RELAYD + ["login", relay.base, "--user", "alice", "--password-stdin", "--ca",
+                                             relay.ca, "--data", str(tmp_path / f"alice{n}")],
+                                   input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+            assert login.returncode == 0, login.stderr
+        sids = [x["sid"] for x in relay.api("GET", "/sessions")["items"]]
+        assert len(sids) == 2
         driver.get(relay.base + "/console/users")
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-user='local/alice']"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-sid]")) == 2)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-user='local/alice'] [data-action=kill-user]"))
         shot("users")
+
+        def confirm(css: str) -> None:  # two clicks: the first arms the button
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            wait.until(lambda d: "Confirm" in d.find_element(By.CSS_SELECTOR, css).text)
+            driver.find_element(By.CSS_SELECTOR, css).click()
+
+        confirm(f"tr[data-sid='{sids[0]}'] button[data-action=kill]")
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, f"tr[data-sid='{sids[0]}']"))
+        assert [x["sid"] for x in relay.api("GET", "/sessions")["items"]] == [sids[1]]
+        confirm("tr[data-user='local/alice'] button[data-action=kill-user]")
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "tr[data-sid]"))
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-action=kill-user]"))
+        assert relay.api("GET", "/sessions")["items"] == []
+        kills = [(e["op"], e["selector"], e["reason"]) for e in relay.api("GET", "/revocations")["items"]]
+        assert kills == [("kill", {"sid": sids[0]}, "killed from the web console"),
+                         ("kill", {"user": ["local", "alice"]}, "killed from the web console")], kills
+        shot("users-killed")
 
         # -- every page came up without an error in the console, then sign out
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
@@ -267,7 +297,7 @@ def test_the_console_in_chromium(tmp_path, shots):
         assert "Signed out" in text("#signin-message")
         assert sorted(p.stem for p in shots.glob("*.png")) == sorted(
             ["signin", "overview", "agents-join-token", "agents", "agents-revoked", "endpoints", "hybrid-rotated",
-             "hybrid", "users"])
+             "hybrid", "users", "users-killed"])
         assert set(PAGES) <= {p.stem.split("-")[0] for p in shots.glob("*.png")} | {"overview"}
     finally:
         if driver is not None:

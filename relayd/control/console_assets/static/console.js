@@ -346,6 +346,10 @@
 
   views.users = async function () {
     const [users, sessions, devices] = await Promise.all([api("GET", "/users"), api("GET", "/sessions"), api("GET", "/devices")]);
+    const live = new Set(sessions.items.map((s) => s.provider + "/" + s.username));
+    // A kill is a revocation (POST /revocations): the session's tokens stop working and its
+    // live flows are cut at once on this relay, at the next refresh of the revocation view elsewhere.
+    const kill = (selector) => api("POST", "/revocations", { op: "kill", selector, reason: "killed from the web console" });
     return [
       h("h1", {}, "Users & sessions"),
       h("h2", {}, "Users"),
@@ -357,6 +361,8 @@
         ["Authenticator", (u) => (u.totp ? "TOTP" : "–")],
         ["State", (u) => h("span", { class: "badge " + (u.disabled ? "revoked" : "online") }, u.disabled ? "disabled" : "enabled")],
         ["Added", (u) => when(u.created_at)],
+        ["", (u) => (live.has(u.provider + "/" + u.username) ? confirmButton("user:" + u.provider + "/" + u.username,
+          "Sign out everywhere", () => kill({ user: [u.provider, u.username] }), { data: { action: "kill-user" } }) : "")],
       ], users.items, "No user yet: `relayd admin user add`.", (u) => ({ data: { user: u.provider + "/" + u.username } })),
       h("h2", {}, "Live sessions"),
       table([
@@ -367,7 +373,8 @@
         ["Expires", (s) => when(s.expires_at)],
         ["Methods", (s) => chips(s.methods)],
         ["From", (s) => h("td", { class: "mono" }, s.login_ip || "–")],
-      ], sessions.items, "No live zero-trust session."),
+        ["", (s) => confirmButton("session:" + s.sid, "Kill", () => kill({ sid: s.sid }), { data: { action: "kill" } })],
+      ], sessions.items, "No live zero-trust session.", (s) => ({ data: { sid: s.sid } })),
       h("h2", {}, "Users' devices"),
       table([
         ["Device", (d) => h("td", { class: "mono" }, d.device_id)],
