@@ -1,6 +1,8 @@
 """An ARM64 (Jetson-class) agent: relayd installed from the checkout into an
 ARM64 Debian root file system and run there under qemu user-mode
-emulation, against an x86-64 relay on this machine.
+emulation, against an x86-64 relay on this machine; and the container
+image built for arm64 from the unchanged Dockerfile, its agent container
+against the same kind of relay (the second test, tests/ops/images.py).
 
 The rootfs is a minbase bookworm from debootstrap (--arch=arm64); inside it,
 as on a board, Debian's python3, python3-dev and gcc, a venv, and relayd
@@ -26,16 +28,19 @@ qemu-user-static package makes it on a machine with systemd, and stays.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.ops.images import LIMITS, Podman, build_image
 from tests.ops.rootfs import SCRATCH, EchoService, debootstrap, need, remove_tree, run, transfer_ok
 from tests.tunnel.processes import Proc, cli, free_port, stop_pid, wait_agents_online, wait_port
 from tests.waiting import until_sync
@@ -65,6 +70,24 @@ def binfmt_aarch64() -> None:
         run(["update-binfmts", "--enable", "qemu-aarch64"], 30)
     with open("/proc/sys/fs/binfmt_misc/qemu-aarch64") as f:
         assert f.readline().strip() == "enabled", "the qemu-aarch64 binfmt handler is disabled"
+
+
+def check_version(version: str) -> None:
+    """`relayd version` of an ARM64 build: aarch64, and every hot module compiled."""
+    print(version)
+    assert "(CPython, aarch64)" in version, version
+    for module in ("yamux", "wsframe", "h1proxy", "flowfilter"):
+        assert f"relayd.core._{module}: compiled" in version, version
+
+
+def start_relay(scratch: Path, procs: list) -> tuple[int, str]:
+    """This checkout's x86-64 relay on loopback, its endpoint echo: (the
+    endpoint's public port, a join token for it). The relay joins ``procs``."""
+    agents, public = free_port(), free_port()
+    procs.append(Proc(["serve", "--data", str(scratch / "relay"), "--agents", f"127.0.0.1:{agents}",
+                       "--tcp", f"echo=127.0.0.1:{public}"]))
+    wait_port(agents)
+    return public, cli("admin", "join-token", "--data", str(scratch / "relay"), "--endpoint", "echo").stdout.strip()
 
 
 def test_arm64_agent_under_qemu_against_an_x86_64_relay():
@@ -107,19 +130,10 @@ def test_arm64_agent_under_qemu_against_an_x86_64_relay():
         inside("cd /src && printf '[build_ext]\\nparallel = %s\\n' \"$(nproc)\" > /tmp/build_ext.cfg"
                " && DIST_EXTRA_CONFIG=/tmp/build_ext.cfg CFLAGS=-g0 /opt/relayd/bin/pip install -q --no-build-isolation .",
                3600, "install")
-        version = run(["chroot", str(rootfs), "/opt/relayd/bin/relayd", "version"], 300).stdout.decode()
-        print(version)
-        assert "(CPython, aarch64)" in version, version
-        for module in ("yamux", "wsframe", "h1proxy", "flowfilter"):
-            assert f"relayd.core._{module}: compiled" in version, version
+        check_version(run(["chroot", str(rootfs), "/opt/relayd/bin/relayd", "version"], 300).stdout.decode())
 
         t0 = time.monotonic()
-        agents, public = free_port(), free_port()
-        relay = Proc(["serve", "--data", str(scratch / "relay"), "--agents", f"127.0.0.1:{agents}",
-                      "--tcp", f"echo=127.0.0.1:{public}"])
-        procs.append(relay)
-        wait_port(agents)
-        token = cli("admin", "join-token", "--data", str(scratch / "relay"), "--endpoint", "echo").stdout.strip()
+        public, token = start_relay(scratch, procs)
         with EchoService() as echo:
             with open(scratch / "agent.log", "wb") as out:
                 agent = subprocess.Popen([shutil.which("chroot"), str(rootfs), "/opt/relayd/bin/relayd", "agent",
@@ -144,6 +158,56 @@ def test_arm64_agent_under_qemu_against_an_x86_64_relay():
     finally:
         for p in reversed(procs):
             p.stop() if isinstance(p, Proc) else stop_pid(p)
+        remove_tree(scratch)
+        timings["total"] = time.monotonic() - t_all
+        print("seconds:", {k: round(v, 1) for k, v in timings.items()})
+
+
+def test_arm64_image_runs_an_agent_against_an_x86_64_relay():
+    """The Dockerfile, unchanged, built for arm64 (linux/arm64, as a Jetson
+    board runs it) on an arm64 slim base under qemu: the image says aarch64
+    with the compiled core, and an agent container from it serves an x86-64
+    relay (this checkout's build) through which a SHA-256-checked transfer
+    runs; stopping the container is a clean exit of relayd."""
+    need("podman", "runc", "debootstrap", "qemu-aarch64-static", "update-binfmts",
+         packages="podman runc debootstrap qemu-user-static binfmt-support")
+    binfmt_aarch64()  # with flag F: the handler works inside the build's and the run's containers
+    scratch = Path(tempfile.mkdtemp(prefix="relayd-arm64-image-", dir=SCRATCH))
+    podman = Podman(scratch)
+    tag = f"localhost/relayd-test-arm64:{uuid.uuid4().hex[:8]}"
+    agent = f"relayd-test-arm64-agent-{tag[-8:]}"
+    procs: list[Proc] = []
+    timings: dict[str, float] = {}
+    t_all = time.monotonic()
+    try:
+        timings.update(build_image(podman, scratch, tag, arch="arm64"))
+        meta = json.loads(podman.out("image", "inspect", tag))[0]
+        assert (meta["Os"], meta["Architecture"]) == ("linux", "arm64"), (meta["Os"], meta["Architecture"])
+        print(f"arm64 image {int(meta['Size']) / 1e6:.1f} MB")
+        check_version(podman.out("run", "--rm", "--network", "host", "--no-healthcheck", *LIMITS, tag, "version",
+                                 timeout=300))
+
+        t0 = time.monotonic()
+        public, token = start_relay(scratch, procs)
+        with EchoService() as echo:
+            podman("run", "-d", "--name", agent, "--network", "host", "--no-healthcheck", *LIMITS,
+                   "-v", f"{agent}:/var/lib/relayd", tag, "agent", "--data", "/var/lib/relayd", "--join", token,
+                   "--endpoint", f"echo=127.0.0.1:{echo.port}")
+            try:
+                wait_agents_online(scratch / "relay", 1, timeout=180)
+            except AssertionError:
+                raise AssertionError(podman.logs(agent)) from None
+            ok, seconds = transfer_ok(public, TRANSFER, timeout=300)
+            assert ok, "the transfer through the arm64 agent container did not arrive intact"
+            print(f"{TRANSFER >> 20} MiB through the arm64 agent container in {seconds:.1f}s")
+            podman("stop", "--time", "30", agent, timeout=90)
+            assert podman.out("inspect", "--format", "{{.State.ExitCode}}", agent) == "0", podman.logs(agent)
+        timings["traffic"] = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.stop()
+        for args in (["rm", "-a", "-f", "-v", "-t", "0"], ["volume", "prune", "-f"], ["rmi", "-a", "-f"]):
+            subprocess.run(podman.cmd + args, capture_output=True, timeout=120)
         remove_tree(scratch)
         timings["total"] = time.monotonic() - t_all
         print("seconds:", {k: round(v, 1) for k, v in timings.items()})

@@ -1,37 +1,27 @@
 """The container image (Dockerfile at the root), built and run for real.
 
-No registry is reachable here, so the test makes the base image the
-Dockerfile names: a minbase bookworm from debootstrap, trimmed as Debian's
-slim images are (no docs, man pages, locales, apt lists or caches), imported
-as docker.io/library/debian:bookworm-slim. podman builds the Dockerfile
-unchanged on it, then runs a relay container and an agent container from the
-image (host network, loopback ports) and carries a SHA-256-checked transfer
-through the tunnel. It also checks the image's HEALTHCHECK turns healthy,
-that both processes run as the image's unprivileged user, that a stop is a
-clean exit of PID 1, and reports the image's size.
+The image is built as tests/ops/images.py says (a debootstrapped slim base
+under the name the Dockerfile starts FROM; podman builds the Dockerfile
+unchanged on it). The first test runs a relay container and an agent
+container from the image (host network, loopback ports) and carries a
+SHA-256-checked transfer through the tunnel. It also checks the image's
+HEALTHCHECK turns healthy, that both processes run as the image's
+unprivileged user, that a stop is a clean exit of PID 1, and reports the
+image's size.
 
 The same image, with Debian's systemd added, then boots as three hosts with
 systemd as PID 1 and runs configs/systemd's units as a server would (the
 second test; docs/operations.md "Tested under systemd"). The image is built
 once for both.
 
-Everything podman makes lives in the test's own storage root (--root,
---runroot under one scratch folder), so removing that folder removes all of
-it and nothing else; the rootfs goes with it. ../shared/notes/containers.md
-(the podman flags this machine needs) explains the set-up.
-
-The build reaches Debian and PyPI through the host's network. The base image
-trusts what the host trusts (its CA bundle goes to
-/usr/local/share/ca-certificates), so that a TLS-inspecting egress the host
-is configured for works inside the build too; a plain host adds nothing.
+Everything podman makes lives in the test's own storage root, removed with
+its scratch folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import ssl
 import subprocess
 import tempfile
 import time
@@ -41,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from relayd.control.jointoken import JoinToken
-from tests.ops.rootfs import MIRROR, SCRATCH, EchoService, debootstrap, need, remove_tree, run, transfer_ok
+from tests.ops.images import BASE, LIMITS, Podman, build_image
+from tests.ops.rootfs import SCRATCH, EchoService, need, remove_tree, transfer_ok
 from tests.tunnel.processes import free_port
 from tests.waiting import listening, until_sync
 
@@ -49,86 +40,11 @@ pytestmark = [pytest.mark.once, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-BASE = "docker.io/library/debian:bookworm-slim"
-#: The limits podman's defaults exceed on this machine (containers.md).
-LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 #: The image's user (Dockerfile: useradd --uid 10001).
 UID = 10001
 #: What the image may add to its base (Python, the venv): a regression guard, not a target.
 MAX_ADDED = 120 * 1024 * 1024
 TRANSFER = 32 * 1024 * 1024
-
-#: dpkg leaves these out, as Debian's slim images do (the build's own packages too).
-DPKG_SLIM = """\
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-path-include /usr/share/locale/locale.alias
-path-exclude /usr/share/lintian/*
-"""
-#: apt drops downloaded packages after installing, as in Debian's images.
-APT_CLEAN = 'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
-SOURCES = """\
-Types: deb
-URIs: {mirror}
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-
-
-def slim(rootfs: Path, mirror: str) -> None:
-    """Trim a minbase to what Debian's slim image holds, and trust the host's CAs."""
-    (rootfs / "etc/dpkg/dpkg.cfg.d/slim").write_text(DPKG_SLIM)
-    (rootfs / "etc/apt/apt.conf.d/clean").write_text(APT_CLEAN)
-    (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
-    (rootfs / "etc/apt/sources.list.d/debian.sources").write_text(SOURCES.format(mirror=mirror))
-    for sub in ("usr/share/man", "usr/share/info", "usr/share/lintian", "var/lib/apt/lists", "var/log"):
-        for p in (rootfs / sub).glob("*"):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    for p in (rootfs / "usr/share/locale").glob("*"):
-        if p.name != "locale.alias":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for p in sorted((rootfs / "usr/share/doc").rglob("*"), reverse=True):
-        if p.is_dir() and not p.is_symlink():
-            if not any(p.iterdir()):
-                p.rmdir()
-        elif p.name != "copyright":
-            p.unlink()
-    for p in list((rootfs / "var/cache/apt").glob("*.bin")) + list((rootfs / "var/cache/apt/archives").glob("*.deb")):
-        p.unlink()
-    bundle = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-    if os.path.isfile(bundle):
-        dest = rootfs / "usr/local/share/ca-certificates"
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(bundle, dest / "host-trust.crt")
-
-
-class Podman:
-    """podman with this machine's flags and a storage root of the test's own."""
-
-    def __init__(self, scratch: Path) -> None:
-        self.cmd = ["podman", "--root", str(scratch / "storage"), "--runroot", str(scratch / "run"),
-                    "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
-
-    def __call__(self, *args: str, timeout: float = 120, **kw):
-        return run(self.cmd + list(args), timeout, **kw)
-
-    def out(self, *args: str, timeout: float = 120) -> str:
-        return self(*args, timeout=timeout).stdout.decode().strip()
-
-    def logs(self, name: str) -> str:
-        res = subprocess.run(self.cmd + ["logs", "--tail", "40", name], capture_output=True, timeout=30)
-        return (res.stdout + res.stderr).decode(errors="replace")
-
 
 def process_uids(podman: Podman, name: str) -> set[int]:
     """The real, effective, saved and file-system uids of a container's PID 1, read on the host."""
@@ -152,23 +68,8 @@ def image():
     scratch = Path(tempfile.mkdtemp(prefix="relayd-image-", dir=SCRATCH))
     podman = Podman(scratch)
     tag = f"localhost/relayd-test:{uuid.uuid4().hex[:8]}"
-    timings: dict[str, float] = {}
     try:
-        timings["debootstrap"] = debootstrap(scratch / "rootfs", scratch / "debootstrap.log")
-        slim(scratch / "rootfs", MIRROR)
-        t0 = time.monotonic()
-        tar = run(["tar", "-C", str(scratch / "rootfs"), "-c", "."], 300).stdout
-        podman("import", "-", BASE, input=tar, timeout=300)
-        del tar
-        remove_tree(scratch / "rootfs")
-        timings["import"] = time.monotonic() - t0
-
-        t0 = time.monotonic()
-        # docker format: OCI images have no HEALTHCHECK; --layers=false: one
-        # layer per stage, nothing cached between runs; --jobs 2: both stages' apt steps at once.
-        podman("build", "--format", "docker", "--layers=false", "--jobs", "2", "--network", "host", *LIMITS,
-               "-t", tag, str(ROOT), timeout=1200, log=scratch / "build.log")
-        timings["build"] = time.monotonic() - t0
+        timings = build_image(podman, scratch, tag)
         print("seconds:", {k: round(v, 1) for k, v in timings.items()})
         yield Image(podman, tag, scratch)
     finally:
