@@ -214,20 +214,20 @@ class Machine:
 
 
 def test_systemd_units_run_the_relay_and_the_agent_hardened(image):
-    """configs/systemd under a real systemd: two containers booted with
-    systemd as PID 1 (the relay's host and the agent's, sharing one private
-    network namespace with nothing but loopback) install the units, the
-    sysusers file and the example configs the way the units' comments say
-    (only the relay's public address edited, and the agent's join token put
-    in its config for the first start), and then: the agent enrolls and comes
-    online; a SHA-256-checked transfer keeps going across `systemctl reload
-    relayd` (which starts a new endpoint); each main process runs as its
-    dedicated user with no new privileges, a seccomp filter and only the
-    capability its unit grants (the relay binds 443 with it), and can write
-    its data directory but not /etc; a killed agent is restarted and comes
-    back; `systemctl stop` is a clean exit 0 for both; a configuration error
-    (exit status 2) is not restarted; no journal line carries the join
-    token."""
+    """configs/systemd under a real systemd: three containers booted with
+    systemd as PID 1 (the relay's host, an agent's and a device's, sharing
+    one private network namespace with nothing but loopback) run the units'
+    own install lines in a checkout of configs/ with only the edits the
+    comments ask for (the relay's public address; the agent's join token, the
+    device's OTP, EST address and pin, in their configs for the first start),
+    and then: the agent and the device enroll and come online; a
+    SHA-256-checked transfer keeps going across `systemctl reload relayd`
+    (which starts a new endpoint); each main process runs as its dedicated
+    user with no new privileges, a seccomp filter and only the capability its
+    unit grants (the relay binds 443 with it), and can write its data
+    directory but not /etc; a killed agent is restarted and comes back;
+    `systemctl stop` is a clean exit 0 for each; a configuration error (exit
+    status 2) is not restarted; no journal holds the join token or the OTP."""
     podman, tag = image.podman, image.tag
     work = image.scratch / "systemd"
     (work / "build").mkdir(parents=True)
