@@ -49,8 +49,8 @@ pytestmark = [
     pytest.mark.once,
     pytest.mark.timeout(5400),
     pytest.mark.skipif(os.environ.get("RELAYD_ARM64") != "1",
-                       reason="ARM64 agent under qemu takes tens of minutes: RELAYD_ARM64=1 runs it "
-                              "(command and last result in docs/arm64.md)"),
+                       reason="the ARM64 agent and image under qemu take 7-25 minutes each: RELAYD_ARM64=1 runs "
+                              "them (the command and the last results in docs/arm64.md)"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
