@@ -1,7 +1,7 @@
 """Debian root file systems made by debootstrap for the operations tests (the
 container image's base, an ARM64 board under qemu), removed without ever
-reaching through a mount, and the traffic those tests carry: an echo service
-on loopback and a SHA-256-checked transfer.
+reaching through a mount (the traffic those tests carry is in
+tests/ops/traffic.py).
 
 The tests need root (debootstrap, mount, podman's storage): each skips with
 the reason when it cannot run here; scripts/test.sh installs the packages.
@@ -9,13 +9,9 @@ the reason when it cannot run here; scripts/test.sh installs the packages.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import socket
-import socketserver
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -84,61 +80,3 @@ def remove_tree(path: Path) -> None:
     left = mounts_under(path)
     assert not left, f"still mounted, {path} left in place: {left}"
     run(["rm", "-rf", "--one-file-system", str(path)], 300)
-
-
-class EchoService:
-    """A TCP echo service on 127.0.0.1 (one thread per connection); its
-    ``port`` while in a ``with`` block."""
-
-    class _Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            sock = self.request
-            sock.settimeout(120)
-            while data := sock.recv(1 << 16):
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-
-    def __enter__(self) -> "EchoService":
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._Handler)
-        self._srv.daemon_threads = True
-        self.port = self._srv.server_address[1]
-        self._thread = threading.Thread(target=self._srv.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._srv.shutdown()
-        self._srv.server_close()
-        self._thread.join(5)
-
-
-def transfer_ok(port: int, size: int, timeout: float = 120) -> tuple[bool, float]:
-    """Send ``size`` random bytes to 127.0.0.1:``port`` (an echo service
-    through the tunnel) while reading the echo; (SHA-256 and length equal,
-    seconds)."""
-    sent, got = hashlib.sha256(), hashlib.sha256()
-    received = 0
-    t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-
-        def send() -> None:
-            left = size
-            while left:
-                chunk = os.urandom(min(left, 1 << 20))
-                sent.update(chunk)
-                sock.sendall(chunk)
-                left -= len(chunk)
-            sock.shutdown(socket.SHUT_WR)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        try:
-            while data := sock.recv(1 << 18):
-                got.update(data)
-                received += len(data)
-        except (ConnectionError, socket.timeout):
-            pass
-        sender.join(timeout)
-    return received == size and sent.digest() == got.digest(), time.monotonic() - t0

@@ -41,7 +41,8 @@ from pathlib import Path
 import pytest
 
 from tests.ops.images import LIMITS, Podman, build_image
-from tests.ops.rootfs import SCRATCH, EchoService, debootstrap, need, remove_tree, run, transfer_ok
+from tests.ops.rootfs import SCRATCH, debootstrap, need, remove_tree, run
+from tests.ops.traffic import EchoService, transfer
 from tests.tunnel.processes import Proc, cli, free_port, stop_pid, wait_agents_online, wait_port
 from tests.waiting import until_sync
 
@@ -149,9 +150,9 @@ def test_arm64_agent_under_qemu_against_an_x86_64_relay():
                 wait_agents_online(scratch / "relay", 1, timeout=180)
             except AssertionError:
                 raise AssertionError((scratch / "agent.log").read_text(errors="replace")[-3000:]) from None
-            ok, seconds = transfer_ok(public, TRANSFER, timeout=300)
-            assert ok, "the transfer through the ARM64 agent did not arrive intact"
-            print(f"{TRANSFER >> 20} MiB through the ARM64 agent in {seconds:.1f}s")
+            result = transfer(public, TRANSFER, timeout=300)
+            assert result["ok"], f"the transfer through the ARM64 agent did not arrive intact: {result}"
+            print(f"{TRANSFER >> 20} MiB through the ARM64 agent in {result['seconds']:.1f}s")
             stop_pid(agent, grace=30)
             assert agent.returncode == 0, (scratch / "agent.log").read_text(errors="replace")[-3000:]
         timings["traffic"] = time.monotonic() - t0
@@ -197,9 +198,9 @@ def test_arm64_image_runs_an_agent_against_an_x86_64_relay():
                 wait_agents_online(scratch / "relay", 1, timeout=180)
             except AssertionError:
                 raise AssertionError(podman.logs(agent)) from None
-            ok, seconds = transfer_ok(public, TRANSFER, timeout=300)
-            assert ok, "the transfer through the arm64 agent container did not arrive intact"
-            print(f"{TRANSFER >> 20} MiB through the arm64 agent container in {seconds:.1f}s")
+            result = transfer(public, TRANSFER, timeout=300)
+            assert result["ok"], f"the transfer through the arm64 agent container did not arrive intact: {result}"
+            print(f"{TRANSFER >> 20} MiB through the arm64 agent container in {result['seconds']:.1f}s")
             podman("stop", "--time", "30", agent, timeout=90)
             assert podman.out("inspect", "--format", "{{.State.ExitCode}}", agent) == "0", podman.logs(agent)
         timings["traffic"] = time.monotonic() - t0
